@@ -1,0 +1,2191 @@
+#!/usr/bin/env python3
+"""ppbackup: privacy-preserving backups for small organisations.
+
+One nightly cycle, every step checked:
+
+1. dump each MySQL/MariaDB and PostgreSQL database and tar the chosen folders, compressed as they
+   stream, into ``~/backups.insecure/latest`` (0700/0600, kept at most 24 hours, for rollbacks);
+2. encrypt each file to the *public* keys of the configured recipients into ``~/backups/dayN``, with
+   hard links in ``~/backups/wkM`` and a SHA-256 manifest per run: this host cannot read its history;
+3. apply retention, rsync ``~/backups`` to the remote and check the copy against the manifest;
+4. mail the admins the outcome.
+
+Run ``ppbackup`` (same as ``ppbackup run``) from cron; ``ppbackup --help`` lists the other commands
+(check, status, verify, decrypt, demo, watch). The configuration is the shell-style
+``~/ppbackup.cfg`` (``KEY=value``); it is parsed and never executed.
+
+Exit codes: 0 success, 1 the run failed, 2 bad configuration or usage, 3 a bug (with traceback),
+75 another run holds the lock, 130/143 interrupted by SIGINT/SIGTERM.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import datetime as dt
+import difflib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import pwd
+import re
+import secrets
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import IO, Any, Callable, Iterator, Mapping, NoReturn, Sequence
+
+import gnupg
+
+__version__ = '1.0.0'
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_BUG = 3
+EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
+
+BLOCK = 1 << 20  # Python touches bytes, where it must, a MiB at a time
+TAIL_BYTES = 4096  # enough of a dump's end to find its trailer
+STDERR_TAIL_LINES = 15
+PLAINTEXT_MAX_AGE = 24 * 3600
+KEY_EXPIRY_WARN_DAYS = 30
+SHRINK_WARN_RATIO = 0.5
+SSH_CONNECT_TIMEOUT = 20
+RSYNC_IO_TIMEOUT = 300
+KILL_GRACE = 5.0
+TMP_PREFIX = '.ppbackup-tmp-'
+RUN_PREFIX = '.ppbackup-run-'
+LOCK_NAME = '.ppbackup.lock'
+STATE_NAME = 'state.json'
+MANIFEST_SUFFIX = '.sha256'
+PARTIAL_DIR = '.ppbackup-partial'
+DEFAULT_CONFIG = '~/ppbackup.cfg'
+
+# The end-of-dump lines that prove a dump ran to completion (a truncated dump lacks them).
+TRAILERS = {
+    'psql': b'-- PostgreSQL database dump complete',
+    'mysql': b'-- Dump completed',
+}
+COMPRESSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    # name: (compress argv, decompress argv, file extension)
+    'zstd': (('zstd', '-q', '-T0', '-3', '-c'), ('zstd', '-q', '-d', '-c'), '.zst'),
+    'gzip': (('gzip', '-c', '-6'), ('gzip', '-d', '-c'), '.gz'),
+    'bzip2': (('bzip2', '-c', '-9'), ('bzip2', '-d', '-c'), '.bz2'),
+    'xz': (('xz', '-T0', '-c', '-3'), ('xz', '-d', '-c'), '.xz'),
+    'none': ((), (), ''),
+}
+# What must never reach a mail or a log even when a program prints it.
+SECRET_PATTERNS = (
+    re.compile(r'(?i)(pass(?:word|wd)?|pwd|secret|token)(\s*[=:]\s*)(\S+)'),
+    re.compile(r'(?i)(identified\s+by\s+)(\'[^\']*\'|"[^"]*"|\S+)'),
+    re.compile(r'(://[^:/@\s]+:)([^@\s]+)(@)'),
+)
+
+log = logging.getLogger('ppbackup')
+
+
+class BackupError(Exception):
+    """A failure the user can act on: ``step`` names where, the message says what and what to do."""
+
+    exit_code = EXIT_FAILED
+
+    def __init__(self, message: str, *, step: str = '', detail: str = '') -> None:
+        super().__init__(message)
+        self.step = step
+        self.detail = detail
+
+
+class ConfigError(BackupError):
+    """Bad configuration or usage: nothing was done."""
+
+    exit_code = EXIT_USAGE
+
+
+class LockedError(BackupError):
+    """Another run holds the lock."""
+
+    exit_code = EXIT_LOCKED
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def mask_secrets(text: str) -> str:
+    """Given text from a program, return it with passwords and tokens replaced by ``***``."""
+    text = SECRET_PATTERNS[0].sub(lambda m: m.group(1) + m.group(2) + '***', text)
+    text = SECRET_PATTERNS[1].sub(lambda m: m.group(1) + '***', text)
+    return SECRET_PATTERNS[2].sub(lambda m: m.group(1) + '***' + m.group(3), text)
+
+
+def human_size(size: float) -> str:
+    """Given a byte count, return it as B, KiB, MiB or GiB."""
+    for unit in ('B', 'KiB', 'MiB', 'GiB'):
+        if size < 1024 or unit == 'GiB':
+            return f'{size:.0f} {unit}' if unit == 'B' else f'{size:.1f} {unit}'
+        size /= 1024
+    return f'{size:.1f} TiB'  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------------------------------
+# Configuration: one table of keys; the parser, the errors, the example file and the README follow it.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Key:
+    name: str
+    kind: str  # text, words, emails, bool, int, choice, path
+    default: str
+    required: bool
+    help: str
+
+
+KEYS: tuple[Key, ...] = (
+    Key('BACKUP_NAME', 'text', '', True,
+        'Name of this backup; it starts every file name (letters, digits, ".", "_", "-").'),
+    Key('BACKUP_REMOTE', 'text', '', True,
+        'rsync destination for ~/backups: user@host:folder, or a local folder.'),
+    Key('BACKUP_GPG_RECIPIENT', 'words', '', True,
+        'Public keys to encrypt to: full fingerprints (pinned) or user ids/emails (must be valid).'),
+    Key('BACKUP_FILES', 'words', '', False,
+        'Folders and files to archive, relative to $HOME or absolute; the crontab is added.'),
+    Key('BACKUP_BINARIES', 'words', '', False,
+        'Folders archived separately, kept in day slots only (not in week slots).'),
+    Key('BACKUP_MYSQL_DB', 'words', '', False,
+        'MySQL/MariaDB databases to dump; credentials come from ~/.my.cnf.'),
+    Key('BACKUP_PSQL_DB', 'words', '', False,
+        'PostgreSQL databases to dump; credentials come from ~/.pgpass or the PG* variables.'),
+    Key('BACKUP_ADMIN_EMAILS', 'emails', '', False,
+        'Comma-separated addresses that get a mail after every run (via mailx).'),
+    Key('ONLY_ONE_DAY', 'bool', '0', False,
+        '1: keep only the latest run, in backups/day0, with no week slots.'),
+    Key('BACKUP_LIMIT_MB', 'int', '0', False,
+        'Remove whole older runs, oldest first, until ~/backups fits in this many MB (0: no limit).'),
+    Key('BACKUP_COMPRESSION', 'choice:zstd,gzip,bzip2,xz,none', 'zstd', False,
+        'Compressor applied as each dump streams.'),
+    Key('BACKUP_DIR', 'path', '~/backups', False,
+        'Folder of encrypted slots (dayN, wkM); this is what goes to the remote.'),
+    Key('BACKUP_INSECURE_DIR', 'path', '~/backups.insecure', False,
+        'Private folder (0700) for the latest plaintext, kept at most 24 hours.'),
+    Key('BACKUP_GNUPGHOME', 'path', '', False,
+        'GnuPG home holding the recipients\' public keys (default: $GNUPGHOME or ~/.gnupg).'),
+    Key('BACKUP_MAIL_ON_SUCCESS', 'bool', '1', False,
+        '0: mail only on failure or warnings.'),
+    Key('BACKUP_DUMP_TIMEOUT', 'int', '21600', False,
+        'Seconds one dump or archive (with its encryption) may take before it is killed.'),
+    Key('BACKUP_SYNC_TIMEOUT', 'int', '21600', False,
+        'Seconds the transfer to the remote may take before it is killed.'),
+    Key('BACKUP_SYSLOG', 'bool', '0', False,
+        '1: also log to syslog.'),
+)
+KEYS_BY_NAME = {key.name: key for key in KEYS}
+NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
+EMAIL_RE = re.compile(r'^[^@\s,\-][^@\s,]*@[^@\s,]+$')
+FINGERPRINT_RE = re.compile(r'^(0x)?[0-9A-Fa-f]{40}$')
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    path: Path
+    home: Path
+    name: str
+    remote: str
+    recipients: tuple[str, ...]
+    files: tuple[str, ...] = ()
+    binaries: tuple[str, ...] = ()
+    mysql_dbs: tuple[str, ...] = ()
+    psql_dbs: tuple[str, ...] = ()
+    admin_emails: tuple[str, ...] = ()
+    only_one_day: bool = False
+    limit_mb: int = 0
+    compression: str = 'zstd'
+    backup_dir: Path = Path('~/backups')
+    insecure_dir: Path = Path('~/backups.insecure')
+    gnupghome: Path = Path('~/.gnupg')
+    mail_on_success: bool = True
+    dump_timeout: int = 21600
+    sync_timeout: int = 21600
+    syslog: bool = False
+
+
+def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tuple[str, int, int]:
+    """Given config text at the start of a value, return (value, end position, end line).
+
+    Quotes, backslashes and $VAR/${VAR} of known names are honoured as a shell would; anything that
+    would run code is refused. Raise ValueError with the reason.
+    """
+    out: list[str] = []
+    quote = ''
+    while pos < len(text):
+        char = text[pos]
+        if quote == "'":
+            if char == "'":
+                quote = ''
+            else:
+                out.append(char)
+                line += char == '\n'
+            pos += 1
+            continue
+        if char == '`':
+            raise ValueError('backticks would run a command; ppbackup never runs the config')
+        if char == '\\':
+            nxt = text[pos + 1: pos + 2]
+            if quote == '"' and nxt not in ('$', '`', '"', '\\', '\n'):
+                out.append('\\')
+            elif nxt != '\n':
+                out.append(nxt)
+            line += nxt == '\n'
+            pos += 2
+            continue
+        if char == '$':
+            match = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))').match(
+                text, pos)
+            if text.startswith('$(', pos):
+                raise ValueError('$(...) would run a command; ppbackup never runs the config')
+            if text.startswith('${', pos) and not match:
+                raise ValueError('only plain ${NAME} expansion is supported')
+            if match:
+                var = match.group(1) or match.group(2)
+                if var not in known:
+                    raise ValueError(f'${var} is not an earlier key, HOME or USER')
+                out.append(known[var])
+                pos = match.end()
+                continue
+            out.append(char)
+            pos += 1
+            continue
+        if quote == '"':
+            if char == '"':
+                quote = ''
+            else:
+                out.append(char)
+                line += char == '\n'
+            pos += 1
+            continue
+        if char in '"\'':
+            quote = char
+            pos += 1
+            continue
+        if char in ' \t\n#':
+            break
+        if char in ';&|<>()':
+            raise ValueError(f'unquoted {char!r}: quote the value')
+        out.append(char)
+        pos += 1
+    if quote:
+        raise ValueError(f'unterminated {quote} quote')
+    return ''.join(out), pos, line
+
+
+def parse_assignments(text: str, environ: Mapping[str, str]) -> tuple[list[tuple[str, str, int]],
+                                                                      list[tuple[int, str]]]:
+    """Given shell-style config text, return ([(key, value, line)], [(line, error)]).
+
+    Supports KEY=value, export, quotes, comments and $VAR of earlier keys, HOME and USER.
+    """
+    assignments: list[tuple[str, str, int]] = []
+    errors: list[tuple[int, str]] = []
+    known = {name: environ[name] for name in ('HOME', 'USER') if name in environ}
+    assign_re = re.compile(r'[ \t]*(?:export[ \t]+)?([A-Za-z_][A-Za-z0-9_]*)=')
+    pos, line = 0, 1
+    while pos < len(text):
+        end_of_line = text.find('\n', pos)
+        end_of_line = len(text) if end_of_line < 0 else end_of_line
+        stripped = text[pos:end_of_line].strip()
+        if not stripped or stripped.startswith('#'):
+            pos, line = end_of_line + 1, line + 1
+            continue
+        match = assign_re.match(text, pos)
+        if not match:
+            errors.append((line, f'not a KEY=value assignment: {stripped[:60]!r}'))
+            pos, line = end_of_line + 1, line + 1
+            continue
+        start_line = line
+        try:
+            value, pos, line = _scan_value(text, match.end(), line, known)
+            rest_end = text.find('\n', pos)
+            rest = text[pos: len(text) if rest_end < 0 else rest_end]
+            if rest.strip() and not rest.strip().startswith('#'):
+                raise ValueError('a space in an unquoted value: quote the whole value')
+            # A trailing comment needs whitespace before it, as in the shell: a#b is one word.
+            if rest.strip().startswith('#') and rest[:1] not in (' ', '\t'):
+                raise ValueError('"#" inside an unquoted value: quote the value')
+        except ValueError as error:
+            errors.append((start_line, f'{match.group(1)}: {error}'))
+            rest_end = text.find('\n', match.end())
+            pos = len(text) if rest_end < 0 else rest_end + 1
+            line = start_line + 1
+            continue
+        assignments.append((match.group(1), value, start_line))
+        known[match.group(1)] = value
+        pos = len(text) if rest_end < 0 else rest_end + 1
+        line += 1
+    return assignments, errors
+
+
+def _convert(key: Key, raw: str, home: Path) -> tuple[Any, str]:
+    """Given a key and its raw string, return (typed value, error or '')."""
+    kind = key.kind
+    if kind == 'text':
+        return raw.strip(), ''
+    if kind == 'words':
+        try:
+            return tuple(shlex.split(raw)), ''
+        except ValueError as error:
+            return (), f'cannot split into words: {error}'
+    if kind == 'emails':
+        emails = tuple(part.strip() for part in raw.split(',') if part.strip())
+        bad = [email for email in emails if not EMAIL_RE.match(email)]
+        return emails, f'not an email address: {", ".join(bad)}' if bad else ''
+    if kind == 'bool':
+        lowered = raw.strip().lower()
+        if lowered in ('1', 'yes', 'true', 'on'):
+            return True, ''
+        if lowered in ('', '0', 'no', 'false', 'off'):
+            return False, ''
+        return False, f'expected 1 or 0, got {raw!r}'
+    if kind == 'int':
+        if not re.fullmatch(r'[0-9]+', raw.strip()):
+            return 0, f'expected a whole number, got {raw!r}'
+        return int(raw.strip()), ''
+    if kind.startswith('choice:'):
+        choices = kind.split(':', 1)[1].split(',')
+        if raw.strip() not in choices:
+            return raw, f'expected one of {", ".join(choices)}, got {raw!r}'
+        return raw.strip(), ''
+    if kind == 'path':
+        text = raw.strip()
+        if text.startswith('~/') or text == '~':
+            return home / text[2:], ''
+        return home / text, ''  # an absolute path stays absolute
+    raise AssertionError(f'unknown kind {kind}')  # pragma: no cover
+
+
+def config_path_from(argument: str | None) -> Path:
+    """Given --config (or None), return the config path: the argument, $PPBACKUP_CONFIG or ~/..."""
+    chosen = argument or os.environ.get('PPBACKUP_CONFIG') or DEFAULT_CONFIG
+    return Path(os.path.expanduser(chosen))
+
+
+def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
+    """Given a config path, return the validated Config. Raise ConfigError listing every problem."""
+    environ = os.environ if environ is None else environ
+    home = Path(environ.get('HOME') or os.path.expanduser('~'))
+    env = {'HOME': str(home), 'USER': environ.get('USER') or pwd.getpwuid(os.getuid()).pw_name}
+    try:
+        info = path.stat()
+        text = path.read_text(encoding='utf-8')
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f'cannot read config {path}: {error}. Copy ppbackup.cfg.example there, '
+                          'or name another file with --config.', step='config') from error
+    problems: list[str] = []
+    if info.st_mode & 0o022:
+        problems.append(f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o});'
+                        f' whoever can write it can redirect the backups: chmod 600 {path}')
+    if info.st_uid != os.getuid():
+        problems.append(f'{path} is owned by uid {info.st_uid}, not by this user; refusing it')
+    assignments, errors = parse_assignments(text, env)
+    problems += [f'{path}:{line}: {message}' for line, message in errors]
+    raw: dict[str, str] = {}
+    for name, value, line in assignments:
+        if name not in KEYS_BY_NAME:
+            close = difflib.get_close_matches(name, KEYS_BY_NAME, n=1, cutoff=0.6)
+            hint = f'; did you mean {close[0]}?' if close else ''
+            problems.append(f'{path}:{line}: unknown key {name}{hint}')
+            continue
+        raw[name] = value
+    values: dict[str, Any] = {}
+    for key in KEYS:
+        text_value = raw.get(key.name, key.default)
+        if key.required and not text_value.strip():
+            problems.append(f'{path}: {key.name} is required: {key.help}')
+            continue
+        value, message = _convert(key, text_value, home)
+        if message:
+            problems.append(f'{path}: {key.name}: {message}')
+        values[key.name] = value
+    if not problems:
+        problems += _check_values(values)
+    if problems:
+        raise ConfigError(f'{len(problems)} problem(s) in the configuration', step='config',
+                          detail='\n'.join(problems))
+    gnupghome = values['BACKUP_GNUPGHOME'] if raw.get('BACKUP_GNUPGHOME', '').strip() else Path(
+        environ.get('GNUPGHOME') or home / '.gnupg')
+    return Config(
+        path=path, home=home, name=values['BACKUP_NAME'], remote=values['BACKUP_REMOTE'],
+        recipients=values['BACKUP_GPG_RECIPIENT'], files=values['BACKUP_FILES'],
+        binaries=values['BACKUP_BINARIES'], mysql_dbs=values['BACKUP_MYSQL_DB'],
+        psql_dbs=values['BACKUP_PSQL_DB'], admin_emails=values['BACKUP_ADMIN_EMAILS'],
+        only_one_day=values['ONLY_ONE_DAY'], limit_mb=values['BACKUP_LIMIT_MB'],
+        compression=values['BACKUP_COMPRESSION'], backup_dir=values['BACKUP_DIR'],
+        insecure_dir=values['BACKUP_INSECURE_DIR'], gnupghome=gnupghome,
+        mail_on_success=values['BACKUP_MAIL_ON_SUCCESS'],
+        dump_timeout=values['BACKUP_DUMP_TIMEOUT'], sync_timeout=values['BACKUP_SYNC_TIMEOUT'],
+        syslog=values['BACKUP_SYSLOG'])
+
+
+def _check_values(values: Mapping[str, Any]) -> list[str]:
+    """Given typed config values, return the problems that involve their meaning."""
+    problems = []
+    if not NAME_RE.match(values['BACKUP_NAME']):
+        problems.append('BACKUP_NAME: use letters, digits, ".", "_" and "-", not starting with "-"')
+    if values['BACKUP_REMOTE'].startswith('-'):
+        problems.append('BACKUP_REMOTE: must not start with "-" (it would be taken as an option)')
+    for name in ('BACKUP_MYSQL_DB', 'BACKUP_PSQL_DB', 'BACKUP_GPG_RECIPIENT'):
+        for word in values[name]:
+            if word.startswith('-'):
+                problems.append(f'{name}: {word!r} must not start with "-"')
+            if name != 'BACKUP_GPG_RECIPIENT' and '/' in word:
+                problems.append(f'{name}: {word!r} must not contain "/"')
+    if not (values['BACKUP_FILES'] or values['BACKUP_MYSQL_DB'] or values['BACKUP_PSQL_DB']):
+        problems.append('nothing to back up: set BACKUP_FILES, BACKUP_MYSQL_DB or BACKUP_PSQL_DB')
+    backup_dir, insecure_dir = values['BACKUP_DIR'], values['BACKUP_INSECURE_DIR']
+    if backup_dir == insecure_dir or insecure_dir in backup_dir.parents \
+            or backup_dir in insecure_dir.parents:
+        problems.append('BACKUP_DIR and BACKUP_INSECURE_DIR must be separate folders: plaintext '
+                        'must never be synced')
+    for name in ('BACKUP_DUMP_TIMEOUT', 'BACKUP_SYNC_TIMEOUT'):
+        if values[name] < 1:
+            problems.append(f'{name}: must be at least 1 second')
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes: every child goes through here. Argv lists only; each pipeline gets its own process group
+# so that a timeout or a signal stops all of it; every exit status is checked.
+# ---------------------------------------------------------------------------------------------------
+
+_live_groups: set[int] = set()
+_live_lock = threading.Lock()
+
+
+def _kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
+    """Given a process group, send SIGTERM, then SIGKILL to whatever is left after ``grace``."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline:
+            os.killpg(pgid, 0)
+            time.sleep(0.05)
+        os.killpg(pgid, signal.SIGKILL)
+
+
+def kill_all_children() -> None:
+    """Stop every process group this run started (used on signals and fatal errors)."""
+    with _live_lock:
+        groups = list(_live_groups)
+    for pgid in groups:
+        _kill_group(pgid, grace=1.0)
+
+
+def _program_missing(program: str) -> BackupError:
+    return BackupError(f'{program} is not installed or not on PATH; install it (see README '
+                       '"Prerequisites") or fix PATH')
+
+
+class Pipeline:
+    """Processes started in one process group, killed together, each one's stderr kept for errors.
+
+    Use as a context manager: leaving it kills whatever still runs. ``check()`` waits for every
+    process and raises BackupError naming the first real failure, with the tail of its stderr.
+    """
+
+    def __init__(self, what: str, step: str, timeout: float | None = None) -> None:
+        self.what = what
+        self.step = step
+        self.timeout = timeout
+        self.pgid = 0
+        self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+        self.timed_out = False
+        self._timer: threading.Timer | None = None
+
+    def start(self, argv: Sequence[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        """Given an argv and Popen arguments, start it in this pipeline's group and return it."""
+        if not shutil.which(argv[0]):
+            raise _program_missing(argv[0])
+        stderr = tempfile.TemporaryFile()
+        kwargs.setdefault('stdin', subprocess.DEVNULL)
+        try:
+            proc = subprocess.Popen(list(argv), stderr=stderr, process_group=self.pgid, **kwargs)
+        except OSError as error:
+            stderr.close()
+            raise BackupError(f'cannot start {argv[0]}: {error}', step=self.step) from error
+        if not self.pgid:
+            self.pgid = proc.pid
+            with _live_lock:
+                _live_groups.add(self.pgid)
+            if self.timeout:
+                self._timer = threading.Timer(self.timeout, self._expire)
+                self._timer.daemon = True
+                self._timer.start()
+        self.procs.append((proc, stderr))
+        return proc
+
+    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
+        """Given a process started elsewhere in this group (python-gnupg's gpg), track it."""
+        self.procs.append((proc, tempfile.TemporaryFile()))
+
+    def _expire(self) -> None:
+        self.timed_out = True
+        if self.pgid:
+            _kill_group(self.pgid)
+
+    def stderr_tail(self, proc_index: int) -> str:
+        """Given a process index, return the last lines of its stderr, secrets masked."""
+        stderr = self.procs[proc_index][1]
+        stderr.seek(0, os.SEEK_END)
+        stderr.seek(max(0, stderr.tell() - 8192))
+        lines = stderr.read().decode('utf-8', 'replace').splitlines()[-STDERR_TAIL_LINES:]
+        return mask_secrets('\n'.join(lines))
+
+    def check(self, allowed: Mapping[int, Sequence[int]] | None = None) -> list[int]:
+        """Wait for every process; return their exit codes, or raise BackupError for a failure.
+
+        ``allowed`` maps a process index to extra exit codes that count as success (tar's 1).
+        A process killed by SIGPIPE is a victim, not a cause, when another one failed first.
+        """
+        codes = [proc.wait() for proc, _ in self.procs]
+        if self.timed_out:
+            raise BackupError(f'{self.what}: timeout after {self.timeout:.0f} s; the process group '
+                              'was killed', step=self.step, detail=self._all_tails())
+        allowed = allowed or {}
+        failed = [index for index, code in enumerate(codes)
+                  if code != 0 and code not in allowed.get(index, ())]
+        causes = [index for index in failed if codes[index] != -signal.SIGPIPE] or failed
+        if causes:
+            index = causes[0]
+            proc = self.procs[index][0]
+            program = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+            code = codes[index]
+            how = f'was killed by {signal.Signals(-code).name}' if code < 0 else f'exited {code}'
+            tail = self.stderr_tail(index)
+            hint = ' (disk full)' if 'No space left' in tail else ''
+            raise BackupError(f'{self.what}: {program} {how}{hint}',
+                              step=self.step, detail=tail)
+        return codes
+
+    def _all_tails(self) -> str:
+        return '\n'.join(self.stderr_tail(index) for index in range(len(self.procs)))
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._timer:
+            self._timer.cancel()
+        if self.pgid:
+            if any(proc.poll() is None for proc, _ in self.procs):
+                _kill_group(self.pgid)
+            for proc, _ in self.procs:
+                with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                    proc.wait(timeout=KILL_GRACE)
+            with _live_lock:
+                _live_groups.discard(self.pgid)
+        for proc, stderr in self.procs:
+            stderr.close()
+            for stream in (proc.stdin, proc.stdout):
+                if stream:
+                    with contextlib.suppress(OSError):
+                        stream.close()
+
+
+def run_command(argv: Sequence[str], *, what: str, step: str, timeout: float = 60,
+                input_bytes: bytes | None = None, env: Mapping[str, str] | None = None,
+                cwd: Path | None = None, ok_codes: Sequence[int] = (0,)) -> tuple[int, str]:
+    """Given an argv, run it to completion; return (exit code, stdout text).
+
+    Raise BackupError when it exits with a code outside ``ok_codes`` or outlives ``timeout``.
+    """
+    with Pipeline(what, step, timeout) as pipe:
+        proc = pipe.start(argv, stdin=subprocess.PIPE if input_bytes is not None else
+                          subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          env=dict(env) if env is not None else None, cwd=cwd)
+        out, _ = proc.communicate(input_bytes)
+        codes = pipe.check({0: [code for code in ok_codes if code]})
+        return codes[0], out.decode('utf-8', 'replace')
+
+
+def _widen_pipe(stream: IO[bytes] | None) -> None:
+    # Larger pipes mean fewer wake-ups per MiB; not every kernel lets us, and that is fine.
+    if stream is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(stream.fileno(), fcntl.F_SETPIPE_SZ, BLOCK)
+
+
+@dataclasses.dataclass
+class Streamed:
+    raw_bytes: int
+    tail: bytes
+    codes: list[int]
+
+
+def stream_to_file(producer: Sequence[str], compressor: Sequence[str], out_fd: int, *, what: str,
+                   step: str, timeout: float, cwd: Path | None = None,
+                   allowed: Sequence[int] = ()) -> Streamed:
+    """Given a producer argv and a compressor argv, stream producer | compressor into ``out_fd``.
+
+    Python sits between the two only to count the bytes, keep the last few KiB (for the trailer check)
+    and report progress; it copies in large blocks. Raise BackupError if any process fails.
+    """
+    with Pipeline(what, step, timeout) as pipe:
+        source = pipe.start(producer, stdout=subprocess.PIPE, cwd=cwd)
+        sink = pipe.start(compressor, stdin=subprocess.PIPE, stdout=out_fd) if compressor else None
+        assert source.stdout is not None
+        _widen_pipe(source.stdout)
+        dest_fd = sink.stdin.fileno() if sink and sink.stdin else out_fd
+        if sink:
+            _widen_pipe(sink.stdin)
+        count, tail = 0, b''
+        progress = Progress(what)
+        broken = False
+        try:
+            while block := os.read(source.stdout.fileno(), BLOCK):
+                count += len(block)
+                tail = (tail + block[-TAIL_BYTES:])[-TAIL_BYTES:]
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(dest_fd, view):]
+                progress.update(count)
+        except BrokenPipeError:
+            broken = True  # the compressor died; check() names it
+        except OSError as error:
+            if error.errno != errno.ENOSPC:
+                raise
+            raise BackupError(f'{what}: disk full while writing', step=step) from error
+        finally:
+            progress.done(count)
+            if sink and sink.stdin:
+                with contextlib.suppress(OSError):
+                    sink.stdin.close()
+            if broken or pipe.timed_out:
+                source.stdout.close()
+        codes = pipe.check({0: allowed})
+        return Streamed(count, tail, codes)
+
+
+class Progress:
+    """On a terminal, log bytes so far and the rate every few seconds; under cron, nothing."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.start = self.last = time.monotonic()
+        self.enabled = log.isEnabledFor(logging.INFO) and sys.stderr.isatty()
+
+    def update(self, count: int) -> None:
+        now = time.monotonic()
+        if self.enabled and now - self.last >= 3:
+            self.last = now
+            log.info('  %s: %s so far, %s/s', self.what, human_size(count),
+                     human_size(count / max(now - self.start, 1e-6)))
+
+    def done(self, count: int) -> None:
+        if self.enabled and time.monotonic() - self.start >= 3:
+            self.update(count)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys: every recipient is resolved to one fingerprint and checked before the first dump.
+# ---------------------------------------------------------------------------------------------------
+
+_thread_pipeline = threading.local()
+
+
+class GnuPG(gnupg.GPG):  # type: ignore[misc]
+    """python-gnupg, with its gpg children in a tracked process group (for timeouts and signals)."""
+
+    def _open_subprocess(self, args: list[str], passphrase: bool = False) -> subprocess.Popen[bytes]:
+        if not shutil.which(self.gpgbinary):
+            raise _program_missing(self.gpgbinary)
+        proc = subprocess.Popen(self.make_args(args, passphrase), stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
+                                process_group=0)
+        pipeline: Pipeline | None = getattr(_thread_pipeline, 'current', None)
+        with _live_lock:
+            _live_groups.add(proc.pid)
+        if pipeline is not None:
+            pipeline.pgid = pipeline.pgid or proc.pid
+        threading.Thread(target=self._forget_group, args=(proc,), daemon=True).start()
+        return proc
+
+    @staticmethod
+    def _forget_group(proc: subprocess.Popen[bytes]) -> None:
+        proc.wait()
+        with _live_lock:
+            _live_groups.discard(proc.pid)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipient:
+    spec: str
+    fingerprint: str
+    uid: str
+    expires: dt.datetime | None
+    encryption_keyids: frozenset[str]
+    keygrips: frozenset[str]
+
+
+def open_gnupg(gnupghome: Path) -> GnuPG:
+    """Given a GnuPG home, return a GnuPG handle. Raise BackupError if gpg or the home is unusable."""
+    if not shutil.which('gpg'):
+        raise BackupError('gpg is not installed or not on PATH; install gnupg', step='keys')
+    try:
+        info = gnupghome.stat()
+    except OSError as error:
+        raise BackupError(f'GnuPG home {gnupghome} is missing or unreadable: {error}; import the '
+                          'recipients\' public keys there, or set BACKUP_GNUPGHOME',
+                          step='keys') from error
+    # root reads any folder, so look at the mode too: a home chmod-ed 000 is a broken set-up.
+    if not stat.S_ISDIR(info.st_mode) or (info.st_mode & 0o500) != 0o500 or not os.access(
+            gnupghome, os.R_OK | os.X_OK):
+        raise BackupError(f'GnuPG home {gnupghome} is not a readable folder (mode '
+                          f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it', step='keys')
+    try:
+        gpg = GnuPG(gpgbinary='gpg', gnupghome=str(gnupghome))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BackupError(f'gpg cannot use {gnupghome}: {error}', step='keys') from error
+    gpg.buffer_size = BLOCK  # python-gnupg's 16 KiB default makes encryption CPU-bound in Python
+    return gpg
+
+
+def _timestamp(value: str) -> dt.datetime | None:
+    return dt.datetime.fromtimestamp(int(value)) if value and value.isdigit() else None
+
+
+def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient], list[str]]:
+    """Given recipient specs, return (resolved recipients, warnings).
+
+    A full fingerprint is pinned; a user id or email must match one key that gpg holds valid. Raise
+    BackupError naming each key that is missing, expired, revoked or cannot encrypt.
+    """
+    keys = gpg.list_keys()
+    problems: list[str] = []
+    recipients: list[Recipient] = []
+    now = dt.datetime.now()
+    for spec in specs:
+        pinned = bool(FINGERPRINT_RE.match(spec))
+        wanted = spec.upper().removeprefix('0X')
+        if pinned:
+            matches = [key for key in keys if key['fingerprint'] == wanted]
+        else:
+            needle = spec.lower()
+            matches = [key for key in keys if any(needle in uid.lower() for uid in key['uids'])]
+        if not matches:
+            problems.append(f'recipient {spec}: no such public key in the keyring; import it')
+            continue
+        if len(matches) > 1:
+            problems.append(f'recipient {spec}: matches {len(matches)} keys; give a full fingerprint')
+            continue
+        key = matches[0]
+        validity = key.get('trust', '')
+        if validity in ('r', 'e', 'i', 'd', 'n'):
+            why = {'r': 'revoked', 'e': 'expired', 'i': 'invalid', 'd': 'disabled',
+                   'n': 'not valid'}[validity]
+            problems.append(f'recipient {spec} ({key["fingerprint"]}): key is {why}')
+            continue
+        if not pinned and validity not in ('f', 'u'):
+            problems.append(f'recipient {spec}: key {key["fingerprint"]} is not valid in this keyring '
+                            '(gpg would refuse it); give its full fingerprint to pin it, or sign it')
+            continue
+        subkeys = [sub for sub in key.get('subkey_info', {}).values()] or []
+        usable = [sub for sub in subkeys if 'e' in sub.get('cap', '') and sub.get('trust', '') not in
+                  ('r', 'e', 'i', 'd') and not (_timestamp(sub.get('expires', '')) or
+                                                dt.datetime.max) <= now]
+        if 'e' in key.get('cap', '') and 'E' in key.get('cap', ''):
+            usable.append({'keyid': key['keyid'], 'expires': key.get('expires', ''),
+                           'keygrip': key.get('keygrip', '')})
+        if 'E' not in key.get('cap', '') or not usable:
+            problems.append(f'recipient {spec} ({key["fingerprint"]}): no usable encryption key '
+                            '(expired, revoked or missing subkey)')
+            continue
+        primary_expiry = _timestamp(key.get('expires', ''))
+        sub_expiry = [_timestamp(sub.get('expires', '')) for sub in usable]
+        latest_sub = None if any(exp is None for exp in sub_expiry) else max(
+            exp for exp in sub_expiry if exp is not None)
+        expiries = [exp for exp in (primary_expiry, latest_sub) if exp is not None]
+        grips = {sub.get('keygrip', '') for sub in subkeys} | {key.get('keygrip', '')}
+        recipients.append(Recipient(
+            spec=spec, fingerprint=key['fingerprint'], uid=(key['uids'] or [''])[0],
+            expires=min(expiries) if expiries else None,
+            encryption_keyids=frozenset(sub['keyid'].upper() for sub in usable),
+            keygrips=frozenset(grip for grip in grips if grip)))
+    if problems:
+        raise BackupError('; '.join(problems), step='keys',
+                          detail='The run stopped before any dump: it never encrypts to fewer '
+                                 'recipients than configured.')
+    return recipients, key_warnings(recipients, Path(gpg.gnupghome))
+
+
+def key_warnings(recipients: Sequence[Recipient], gnupghome: Path) -> list[str]:
+    """Given resolved recipients, return warnings: keys expiring soon, secret keys on this host."""
+    warnings = []
+    soon = dt.datetime.now() + dt.timedelta(days=KEY_EXPIRY_WARN_DAYS)
+    for recipient in recipients:
+        if recipient.expires and recipient.expires <= soon:
+            days = max(0, (recipient.expires - dt.datetime.now()).days)
+            warnings.append(f'recipient key {recipient.fingerprint} ({recipient.uid}) expires in '
+                            f'{days} days, on {recipient.expires:%Y-%m-%d}: extend it and re-import')
+        # gpg keeps each secret key as private-keys-v1.d/KEYGRIP.key; looking there needs no agent.
+        if any((gnupghome / 'private-keys-v1.d' / f'{grip}.key').exists()
+               for grip in recipient.keygrips):
+            warnings.append(f'the SECRET key of recipient {recipient.fingerprint} is on this host: '
+                            'anyone with this host can read its backup history; move it off')
+    return warnings
+
+
+def packet_recipients(path: Path, gnupghome: Path) -> list[str]:
+    """Given an encrypted file, return the key ids its public-key packets are addressed to.
+
+    Raise BackupError if gpg cannot parse the file as OpenPGP data.
+    """
+    code, out = run_command(['gpg', '--homedir', str(gnupghome), '--batch', '--no-tty',
+                             '--list-only', '--list-packets', '--', str(path)],
+                            what=f'gpg --list-packets {path.name}', step='verify', timeout=120)
+    keyids = re.findall(r':pubkey enc packet: .*keyid ([0-9A-Fa-f]{16})', out)
+    if ':encrypted data packet:' not in out and ':aead encrypted packet:' not in out:
+        raise BackupError(f'{path.name}: no encrypted data packet: not an OpenPGP backup',
+                          step='verify')
+    return [keyid.upper() for keyid in keyids]
+
+
+def check_addressed_to(keyids: Sequence[str], recipients: Sequence[Recipient]) -> str:
+    """Given packet key ids and the recipients, return '' if they match one to one, else why not."""
+    unmatched = list(recipients)
+    for keyid in keyids:
+        owner = next((rec for rec in unmatched if keyid in rec.encryption_keyids), None)
+        if owner is None:
+            return f'addressed to an unexpected key {keyid}'
+        unmatched.remove(owner)
+    if unmatched:
+        return 'not addressed to ' + ', '.join(rec.fingerprint for rec in unmatched)
+    return ''
+
+
+# ---------------------------------------------------------------------------------------------------
+# Folders: private by construction, symlinks never followed, temporaries renamed into place.
+# ---------------------------------------------------------------------------------------------------
+
+
+def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
+    """Given a folder, create it if needed and make it ``mode``. Raise BackupError if it is a symlink
+    or not ours: plaintext must not land anywhere else."""
+    try:
+        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        info = path.lstat()
+    except OSError as error:
+        raise BackupError(f'cannot create {path}: {error.strerror}', step='prepare') from error
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        raise BackupError(f'{path} is a symlink or not a folder; refusing to follow it. Remove it '
+                          'and run again', step='prepare')
+    if info.st_uid != os.getuid():
+        raise BackupError(f'{path} is owned by uid {info.st_uid}, not by this user', step='prepare')
+    if stat.S_IMODE(info.st_mode) != mode:
+        try:
+            os.chmod(path, mode)
+        except OSError as error:
+            raise BackupError(f'cannot chmod {path}: {error.strerror}', step='prepare') from error
+
+
+def create_private_file(path: Path) -> int:
+    """Given a path, create it new (never through a symlink), 0600, and return its fd."""
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
+    except OSError as error:
+        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+        raise BackupError(f'cannot create {path}: {error.strerror}{hint}', step='prepare') from error
+
+
+def temp_name(final: Path) -> Path:
+    """Given a final path, return a unique temporary path beside it that a later run sweeps."""
+    return final.with_name(f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}')
+
+
+def remove_path(path: Path) -> None:
+    """Given a path, remove it (a folder recursively) without following symlinks; ignore missing."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+
+
+def sweep(config: Config) -> list[str]:
+    """Remove plaintext older than 24 hours and the temporaries of killed runs; return what went.
+
+    Runs first in every invocation that holds the lock, even one that then fails.
+    """
+    removed = []
+    now = time.time()
+    if config.insecure_dir.is_dir() and not config.insecure_dir.is_symlink():
+        for entry in config.insecure_dir.iterdir():
+            if entry.name.startswith((RUN_PREFIX, TMP_PREFIX)):
+                remove_path(entry)
+                removed.append(str(entry))
+            elif entry.name == 'latest':
+                if entry.is_symlink() or not entry.is_dir():
+                    remove_path(entry)  # planted: never follow it
+                    removed.append(str(entry))
+                elif now - entry.lstat().st_mtime > PLAINTEXT_MAX_AGE:
+                    remove_path(entry)
+                    removed.append(str(entry))
+    if config.backup_dir.is_dir() and not config.backup_dir.is_symlink():
+        for slot in [config.backup_dir, *config.backup_dir.iterdir()]:
+            if slot.is_dir() and not slot.is_symlink():
+                for entry in slot.iterdir():
+                    if entry.name.startswith(TMP_PREFIX):
+                        remove_path(entry)
+                        removed.append(str(entry))
+    return removed
+
+
+@contextlib.contextmanager
+def run_lock(config: Config) -> Iterator[None]:
+    """Hold the run lock (flock, released by the kernel if we die). Raise LockedError if taken."""
+    ensure_private_dir(config.insecure_dir)
+    lock_path = config.insecure_dir / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise LockedError(f'another ppbackup run holds {lock_path}; nothing was done',
+                              step='lock') from error
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What one run makes: the artifacts, their slots and the manifest.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Artifact:
+    kind: str  # mysql, psql, files, binaries
+    label: str  # what messages call it: "psql shop", "files"
+    filename: str  # plaintext name in latest/: NAME-KIND-HHxx.EXT
+    argv: tuple[str, ...]
+    cwd: Path | None = None
+    trailer: bytes | None = None
+    weekly: bool = True
+    tar_warning_ok: bool = False
+
+
+@dataclasses.dataclass
+class Made:
+    artifact: Artifact
+    plain_path: Path
+    raw_bytes: int
+    encrypted_tmp: Path
+    encrypted_name: str
+    size: int = 0
+    sha256: str = ''
+    warnings: list[str] = dataclasses.field(default_factory=list)
+
+
+def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
+    """Given the run's time, return (day slot, week slot or None with ONLY_ONE_DAY)."""
+    if config.only_one_day:
+        return 'day0', None
+    return f'day{when.isoweekday()}', f'wk{when.isocalendar().week}'
+
+
+def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Artifact]:
+    """Given the config and run time, return what to dump or archive, in order."""
+    hour = f'{when:%H}xx'
+    ext = COMPRESSORS[config.compression][2]
+    artifacts = []
+    for kind, dbs in (('mysql', config.mysql_dbs), ('psql', config.psql_dbs)):
+        for db in dbs:
+            name_kind = kind if len(dbs) == 1 else f'{kind}-{db}'
+            argv: tuple[str, ...]
+            if kind == 'mysql':
+                # --single-transaction: a consistent InnoDB snapshot without locking the site.
+                argv = ('mysqldump', '--single-transaction', '--quick', '--routines', '--events',
+                        '--triggers', '--hex-blob', '--default-character-set=utf8mb4', '--', db)
+            else:
+                # --no-password: fail at once instead of waiting on a prompt nobody sees.
+                argv = ('pg_dump', '--no-password', '--format=plain', f'--dbname={db}')
+            artifacts.append(Artifact(kind, f'{kind} {db}', f'{config.name}-{name_kind}-{hour}.sql{ext}',
+                                      argv, trailer=TRAILERS[kind]))
+    for kind, paths in (('files', config.files), ('binaries', config.binaries)):
+        if not paths:
+            continue
+        argv = ('tar', '--create', '--file=-')
+        if kind == 'files':
+            # The crontab travels with the files, as the old script did.
+            argv += ('--directory', str(rundir), 'crontab')
+        # After "--" a name is a name, even one that looks like --checkpoint-action=...
+        argv += ('--directory', str(config.home), '--', *paths)
+        artifacts.append(Artifact(kind, kind, f'{config.name}-{kind}-{hour}.tar{ext}', argv,
+                                  cwd=config.home, weekly=kind == 'files', tar_warning_ok=True))
+    return artifacts
+
+
+def check_paths(config: Config) -> None:
+    """Raise BackupError naming every configured path that does not exist."""
+    missing = [path for path in (*config.files, *config.binaries)
+               if not os.path.lexists(config.home / path)]
+    if missing:
+        raise BackupError('missing path(s) in BACKUP_FILES/BACKUP_BINARIES: ' + ', '.join(
+            str(config.home / path) for path in missing), step='archive')
+
+
+def check_credential_files(config: Config) -> None:
+    """Raise BackupError if ~/.pgpass or ~/.my.cnf is readable by others: its passwords would leak,
+    and libpq ignores such a .pgpass, which would then fail at the prompt."""
+    for name, used in (('.pgpass', config.psql_dbs), ('.my.cnf', config.mysql_dbs)):
+        path = Path(os.environ.get('PGPASSFILE', config.home / name)) if name == '.pgpass' else \
+            config.home / name
+        if used and path.exists() and path.stat().st_mode & 0o077:
+            raise BackupError(f'{path} is readable by group or others: chmod 600 {path}',
+                              step='dump')
+
+
+def save_crontab(rundir: Path) -> None:
+    """Write the user's crontab (empty if none) into the run folder for the files archive."""
+    text = ''
+    if shutil.which('crontab'):
+        with contextlib.suppress(BackupError):
+            code, text = run_command(['crontab', '-l'], what='crontab -l', step='archive',
+                                     timeout=30, ok_codes=(0, 1))
+            text = text if code == 0 else ''
+    fd = create_private_file(rundir / 'crontab')
+    with os.fdopen(fd, 'w') as handle:
+        handle.write(text)
+
+
+def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Path, int, list[str]]:
+    """Given an artifact, stream it through the compressor into the run folder.
+
+    Return (plaintext path, uncompressed bytes, warnings). Raise BackupError if any process fails,
+    or a dump lacks its end-of-dump trailer.
+    """
+    path = rundir / artifact.filename
+    fd = create_private_file(path)
+    try:
+        streamed = stream_to_file(artifact.argv, COMPRESSORS[config.compression][0], fd,
+                                  what=artifact.label, step=f'dump {artifact.label}',
+                                  timeout=config.dump_timeout, cwd=artifact.cwd,
+                                  allowed=(1,) if artifact.tar_warning_ok else ())
+        os.fsync(fd)
+    except OSError as error:
+        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+        raise BackupError(f'{artifact.label}: cannot write {path}: {error.strerror}{hint}',
+                          step=f'dump {artifact.label}') from error
+    finally:
+        os.close(fd)
+    warnings = []
+    if artifact.trailer is not None:
+        if streamed.raw_bytes == 0:
+            raise BackupError(f'{artifact.label}: the dump is empty', step=f'dump {artifact.label}')
+        if artifact.trailer not in streamed.tail:
+            raise BackupError(f'{artifact.label}: the dump is truncated (no end-of-dump line '
+                              f'{artifact.trailer.decode()!r})', step=f'dump {artifact.label}')
+    if streamed.codes and streamed.codes[0] == 1:
+        warnings.append(f'{artifact.label}: tar warned that files changed while being read')
+    return path, streamed.raw_bytes, warnings
+
+
+def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Sequence[Recipient],
+                     timeout: float, label: str) -> tuple[int, str]:
+    """Given a plaintext file, encrypt it to exactly ``recipients`` into ``encrypted``.
+
+    Return (size, SHA-256). Raise BackupError if gpg fails or the result is addressed to anyone else.
+    """
+    step = f'encrypt {label}'
+    os.close(create_private_file(encrypted))  # gpg --yes overwrites our own new file, not a symlink
+    pipe = Pipeline(f'gpg {label}', step, timeout)
+    _thread_pipeline.current = pipe
+    try:
+        with pipe:
+            result = gpg.encrypt_file(
+                str(plain), [rec.fingerprint for rec in recipients], armor=False,
+                always_trust=True,  # every key was checked by resolve_recipients
+                output=str(encrypted),
+                # gpg compresses by default, and compressing zstd output again only burns CPU.
+                # gpg.conf must not add anyone: no encrypt-to, no hidden key ids.
+                extra_args=['--compress-algo', 'none', '--no-encrypt-to', '--no-throw-keyids'])
+            if pipe.timed_out:
+                raise BackupError(f'{label}: encryption timed out after {timeout} s', step=step)
+    finally:
+        _thread_pipeline.current = None
+    if not result.ok or getattr(result, 'returncode', None):
+        tail = mask_secrets('\n'.join((result.stderr or '').splitlines()[-STDERR_TAIL_LINES:]))
+        hint = ' (disk full)' if 'No space left' in tail else ''
+        raise BackupError(f'{label}: gpg failed: {result.status}{hint}', step=step, detail=tail)
+    mismatch = check_addressed_to(packet_recipients(encrypted, Path(gpg.gnupghome)), recipients)
+    if mismatch:
+        raise BackupError(f'{label}: ciphertext {mismatch}; refusing it', step=step)
+    with open(encrypted, 'rb') as handle:
+        digest = hashlib.file_digest(handle, 'sha256').hexdigest()
+    return encrypted.stat().st_size, digest
+
+
+def make_artifact(artifact: Artifact, config: Config, rundir: Path, slot_dir: Path, gpg: GnuPG,
+                  recipients: Sequence[Recipient]) -> Made:
+    """Given an artifact, dump it into the run folder and encrypt it beside its day slot."""
+    log.info('dump %s', artifact.label)
+    plain, raw_bytes, warnings = dump_artifact(artifact, config, rundir)
+    name = artifact.filename + '.gpg'
+    made = Made(artifact, plain, raw_bytes, temp_name(slot_dir / name), name, warnings=warnings)
+    log.info('encrypt %s', artifact.label)
+    try:
+        made.size, made.sha256 = encrypt_artifact(plain, made.encrypted_tmp, gpg, recipients,
+                                                  config.dump_timeout, artifact.label)
+    except BaseException:
+        remove_path(made.encrypted_tmp)
+        raise
+    return made
+
+
+def manifest_name(config: Config, when: dt.datetime) -> str:
+    return f'{config.name}-{when:%H}xx{MANIFEST_SUFFIX}'
+
+
+def write_file_atomically(path: Path, data: bytes, mtime: float) -> None:
+    """Given bytes, write them to a temporary name, fsync, stamp ``mtime`` and rename into place."""
+    tmp = temp_name(path)
+    fd = create_private_file(tmp)
+    try:
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.utime(tmp, (mtime, mtime))
+        os.replace(tmp, path)
+    except OSError as error:
+        remove_path(tmp)
+        raise BackupError(f'cannot write {path}: {error.strerror}', step='commit') from error
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """Given a manifest, return {file name: sha256}."""
+    entries = {}
+    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
+        match = re.match(r'^([0-9a-f]{64}) [ *](.+)$', line)
+        if match:
+            entries[match.group(2)] = match.group(1)
+    return entries
+
+
+def manifest_bytes(entries: Mapping[str, str]) -> bytes:
+    return ''.join(f'{digest}  {name}\n' for name, digest in sorted(entries.items())).encode()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Retention: runs in slots, identified by their manifests, removed only after a successful run.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class SlotRun:
+    slot: Path
+    manifest: Path
+    files: list[str]
+    time: float
+
+
+def slot_runs(slot: Path) -> list[SlotRun]:
+    """Given a slot folder, return its runs (one per manifest), oldest first."""
+    runs = []
+    if slot.is_dir() and not slot.is_symlink():
+        for manifest in slot.glob('*' + MANIFEST_SUFFIX):
+            if manifest.name.startswith('.') or not manifest.is_file():
+                continue
+            runs.append(SlotRun(slot, manifest, sorted(read_manifest(manifest)),
+                                manifest.lstat().st_mtime))
+    return sorted(runs, key=lambda run: run.time)
+
+
+def all_slots(backup_dir: Path) -> list[Path]:
+    """Given the backups folder, return its dayN/wkM slot folders."""
+    if not backup_dir.is_dir():
+        return []
+    return sorted((p for p in backup_dir.iterdir() if re.fullmatch(r'(day|wk)[0-9]+', p.name)
+                   and p.is_dir() and not p.is_symlink()), key=lambda p: (p.name[0], len(p.name),
+                                                                          p.name))
+
+
+def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
+    """Given this run's files (never removed), return the files retention removes, in order.
+
+    A day slot drops earlier days' runs; a week slot keeps only this run; ONLY_ONE_DAY keeps only
+    this run in day0; BACKUP_LIMIT_MB then drops whole runs, oldest first, until the rest fits.
+    """
+    day_name, week_name = slot_names(config, when)
+    doomed: list[Path] = []
+    today = when.date()
+    for slot_name in (day_name, week_name):
+        if slot_name is None:
+            continue
+        slot = config.backup_dir / slot_name
+        if not slot.is_dir():
+            continue
+        for entry in slot.iterdir():
+            if entry in keep or entry.name.startswith('.'):
+                continue
+            info = entry.lstat()
+            if stat.S_ISDIR(info.st_mode):
+                continue
+            same_day = dt.datetime.fromtimestamp(info.st_mtime).date() == today
+            if slot_name == day_name and not config.only_one_day and same_day:
+                continue  # runs earlier the same day stay
+            doomed.append(entry)
+    if config.limit_mb:
+        doomed += _over_limit(config, keep, set(doomed))
+    return doomed
+
+
+def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path]:
+    """Return whole runs to remove, oldest first, until the disk use fits BACKUP_LIMIT_MB."""
+    def usage(excluded: set[Path]) -> int:
+        seen: set[tuple[int, int]] = set()
+        total = 0
+        for slot in all_slots(config.backup_dir):
+            for entry in slot.iterdir():
+                if entry in excluded or not entry.is_file() or entry.is_symlink():
+                    continue
+                info = entry.lstat()
+                if (info.st_dev, info.st_ino) not in seen:  # hard links count once
+                    seen.add((info.st_dev, info.st_ino))
+                    total += info.st_blocks * 512
+        return total
+
+    limit = config.limit_mb * 1024 * 1024
+    removed = set(doomed)
+    extra: list[Path] = []
+    runs = sorted((run for slot in all_slots(config.backup_dir) for run in slot_runs(slot)),
+                  key=lambda run: run.time)
+    for run in runs:
+        if usage(removed) <= limit:
+            break
+        paths = [run.manifest, *(run.slot / name for name in run.files)]
+        if any(path in keep for path in paths):
+            continue  # the latest run is never pruned
+        new = [path for path in paths if path not in removed and os.path.lexists(path)]
+        removed.update(new)
+        extra += new
+    return extra
+
+
+# ---------------------------------------------------------------------------------------------------
+# Transfer: rsync -a the backups folder, as the old script did, then prove the copy by checksum.
+# ---------------------------------------------------------------------------------------------------
+
+
+def rsync_base(config: Config) -> list[str]:
+    """Return rsync's argv start: archive mode, hard links kept, and an ssh that fails fast."""
+    argv = ['rsync', '-a', '-H', f'--timeout={RSYNC_IO_TIMEOUT}', f'--partial-dir={PARTIAL_DIR}']
+    if ':' in config.remote.split('/', 1)[0]:
+        rsh = os.environ.get('RSYNC_RSH', 'ssh')
+        if Path(shlex.split(rsh)[0]).name == 'ssh':
+            # BatchMode: never wait on a password or host-key prompt under cron.
+            rsh += f' -o BatchMode=yes -o ConnectTimeout={SSH_CONNECT_TIMEOUT}'
+        argv += ['-e', rsh]
+    return argv
+
+
+def sync_remote(config: Config) -> None:
+    """Copy the backups folder to the remote. Raise BackupError if rsync fails or times out."""
+    source = str(config.backup_dir).rstrip('/')
+    run_command([*rsync_base(config), '--', source, config.remote],
+                          what=f'rsync to {config.remote}', step='sync',
+                          timeout=config.sync_timeout)
+
+
+def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> list[str]:
+    """Given files relative to the backups folder's parent (None: all), return those whose remote
+    copy is missing or differs by checksum. Raise BackupError if the remote cannot be reached."""
+    parent = str(config.backup_dir.parent)
+    argv = [*rsync_base(config), '--dry-run', '--checksum', '--itemize-changes']
+    if relative_files is not None:
+        argv += ['--files-from=-', '--', parent + '/', config.remote]
+        payload = ''.join(name + '\n' for name in relative_files).encode()
+    else:
+        argv += ['--', str(config.backup_dir).rstrip('/'), config.remote]
+        payload = None
+    _, out = run_command(argv, what=f'rsync --checksum check of {config.remote}', step='verify '
+                         'remote', timeout=config.sync_timeout, input_bytes=payload)
+    bad = []
+    for line in out.splitlines():
+        # "<f"/">f" means rsync would send the file: missing or different on the remote.
+        if len(line) > 12 and line[0] in '<>c' and line[1] == 'f':
+            bad.append(line[12:].strip())
+    return bad
+
+
+# ---------------------------------------------------------------------------------------------------
+# Notification: exactly one mail per run, through mailx.
+# ---------------------------------------------------------------------------------------------------
+
+
+def send_mail(addresses: Sequence[str], subject: str, body: str) -> None:
+    """Given addresses, mail them through mailx. Raise BackupError if mailx fails."""
+    if not addresses:
+        return
+    run_command(['mailx', '-s', subject, '--', *addresses], what='mailx', step='mail', timeout=120,
+                input_bytes=body.encode('utf-8'))
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Report:
+    """What one run did: the mail body and the state file are both made from it."""
+
+    config: Config
+    started: float = dataclasses.field(default_factory=time.time)
+    step: str = 'start'
+    made: list[Made] = dataclasses.field(default_factory=list)
+    slots: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+    recipients: list[Recipient] = dataclasses.field(default_factory=list)
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    error: BackupError | None = None
+
+    def subject(self) -> str:
+        name = self.config.name
+        if self.error:
+            return f'[ppbackup] {name}: FAILED at {self.error.step or self.step}'
+        if self.warnings:
+            return f'[ppbackup] {name}: succeeded with {len(self.warnings)} WARNING(s)'
+        return f'[ppbackup] {name}: succeeded'
+
+    def body(self) -> str:
+        lines = [f'backup:      {self.config.name}', f'host:        {os.uname().nodename}',
+                 f'remote:      {self.config.remote}',
+                 f'started:     {dt.datetime.fromtimestamp(self.started):%Y-%m-%d %H:%M:%S}',
+                 f'duration:    {time.time() - self.started:.1f} s']
+        if self.error:
+            lines += ['', f'FAILED at step: {self.error.step or self.step}', f'error: {self.error}']
+            if self.error.detail:
+                lines += ['', 'last lines of its error output:',
+                          *('  ' + line for line in mask_secrets(self.error.detail).splitlines())]
+            lines += ['', 'Earlier backups were left untouched. See README, "What happens when '
+                      'things go wrong".']
+        if self.warnings:
+            lines += ['', 'WARNINGS:', *(f'  - {warning}' for warning in self.warnings)]
+        if self.made and not self.error:
+            lines += ['', 'files:']
+            lines += [f'  {made.encrypted_name}  {human_size(made.size)}' for made in self.made]
+        if self.slots:
+            lines += ['', 'slots written: ' + ', '.join(self.slots)]
+        if self.removed:
+            lines += [f'removed by retention: {len(self.removed)} file(s)']
+        if self.recipients:
+            lines += ['', 'encrypted to:', *(f'  {rec.fingerprint}  {rec.uid}'
+                                             for rec in self.recipients)]
+        return '\n'.join(lines) + '\n'
+
+
+def load_state(config: Config) -> dict[str, Any]:
+    try:
+        data = json.loads((config.insecure_dir / STATE_NAME).read_text())
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def save_state(config: Config, state: Mapping[str, Any]) -> None:
+    with contextlib.suppress(BackupError):
+        write_file_atomically(config.insecure_dir / STATE_NAME,
+                              json.dumps(state, indent=1, sort_keys=True).encode(), time.time())
+
+
+def preflight(config: Config, report: Report) -> GnuPG:
+    """Check keys, programs, paths and credentials before any dump. Raise BackupError if unfit."""
+    report.step = 'keys'
+    gpg = open_gnupg(config.gnupghome)
+    report.recipients, warnings = resolve_recipients(gpg, config.recipients)
+    report.warnings += warnings
+    report.step = 'prepare'
+    needed = ['tar'] if config.files or config.binaries else []
+    needed += ['mysqldump'] if config.mysql_dbs else []
+    needed += ['pg_dump'] if config.psql_dbs else []
+    needed += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
+    needed += ['rsync']
+    for program in needed:
+        if not shutil.which(program):
+            raise _program_missing(program)
+    check_paths(config)
+    check_credential_files(config)
+    return gpg
+
+
+def make_all(config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path,
+             when: dt.datetime) -> list[Made]:
+    """Dump, compress and encrypt every artifact, two at a time so that encryption of one overlaps
+    the dump of the next. Raise the first BackupError after every artifact has finished."""
+    artifacts = plan_artifacts(config, when, rundir)
+    if config.files:
+        save_crontab(rundir)
+    made: list[Made] = []
+    errors: list[BackupError] = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        futures = {pool.submit(make_artifact, artifact, config, rundir, day_dir, gpg,
+                               report.recipients): artifact for artifact in artifacts}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    made.append(future.result())
+                except BackupError as error:
+                    log.error('%s', error)
+                    errors.append(error)
+        except BaseException:
+            kill_all_children()
+            raise
+    order = {artifact.filename: index for index, artifact in enumerate(artifacts)}
+    made.sort(key=lambda item: order[item.artifact.filename])
+    report.made = made
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            first.detail = '\n'.join([first.detail, *(f'also: {err}' for err in errors[1:])])
+        raise first
+    return made
+
+
+def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]:
+    """Given this run's artifacts and the last run's sizes, warn on a dump under half its size."""
+    previous = state.get('raw_sizes', {})
+    warnings = []
+    for item in made:
+        before = previous.get(item.artifact.label)
+        if item.artifact.trailer and before and item.raw_bytes < before * SHRINK_WARN_RATIO:
+            warnings.append(f'{item.artifact.label} shrank from {human_size(before)} to '
+                            f'{human_size(item.raw_bytes)} since the last run: check the data')
+    return warnings
+
+
+def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.datetime,
+                 stamp: float) -> set[Path]:
+    """Rename the encrypted files into their day slot, write the manifest, hard-link the week slot.
+
+    Return every path this run wrote (retention never removes them).
+    """
+    report.step = 'commit'
+    day_name, week_name = slot_names(config, when)
+    day_dir = config.backup_dir / day_name
+    written: set[Path] = set()
+    for item in made:
+        final = day_dir / item.encrypted_name
+        os.utime(item.encrypted_tmp, (stamp, stamp))
+        os.replace(item.encrypted_tmp, final)  # a new inode: the week twin of an old run survives
+        written.add(final)
+    manifest = manifest_name(config, when)
+    write_file_atomically(day_dir / manifest, manifest_bytes(
+        {item.encrypted_name: item.sha256 for item in made}), stamp)
+    written.add(day_dir / manifest)
+    report.slots.append(day_name)
+    if week_name:
+        week_dir = config.backup_dir / week_name
+        ensure_private_dir(week_dir)
+        weekly = [item for item in made if item.artifact.weekly]
+        for item in weekly:
+            # hard links: the weekly copy costs no disk
+            link_tmp = temp_name(week_dir / item.encrypted_name)
+            os.link(day_dir / item.encrypted_name, link_tmp)
+            os.replace(link_tmp, week_dir / item.encrypted_name)
+            written.add(week_dir / item.encrypted_name)
+        write_file_atomically(week_dir / manifest, manifest_bytes(
+            {item.encrypted_name: item.sha256 for item in weekly}), stamp)
+        written.add(week_dir / manifest)
+        report.slots.append(week_name)
+    return written
+
+
+def replace_latest(config: Config, rundir: Path, stamp: float) -> None:
+    """Make the run folder the new ``latest``, aged from ``stamp``; the previous one is removed."""
+    latest = config.insecure_dir / 'latest'
+    if os.path.lexists(latest):
+        old = config.insecure_dir / f'{TMP_PREFIX}{os.getpid()}-old-latest'
+        os.rename(latest, old)
+        remove_path(old)
+    os.rename(rundir, latest)
+    os.utime(latest, (stamp, stamp))  # its age is what the 24-hour sweep looks at
+
+
+def run_backup(config: Config, report: Report, *, verify_remote: bool = True) -> None:
+    """Run the whole cycle. Raise BackupError at the first failed step; delete nothing then."""
+    when = dt.datetime.fromtimestamp(report.started)
+    stamp = report.started
+    state = load_state(config)
+    gpg = preflight(config, report)
+    report.step = 'prepare'
+    ensure_private_dir(config.backup_dir)
+    day_name, _ = slot_names(config, when)
+    day_dir = config.backup_dir / day_name
+    ensure_private_dir(day_dir)
+    rundir = config.insecure_dir / f'{RUN_PREFIX}{os.getpid()}'
+    ensure_private_dir(rundir)
+    try:
+        report.step = 'dump'
+        made = make_all(config, report, gpg, rundir, day_dir, when)
+        report.warnings += [warning for item in made for warning in item.warnings]
+        report.warnings += shrink_warnings(made, state)
+        written = commit_slots(config, report, made, when, stamp)
+        replace_latest(config, rundir, stamp)
+    except BaseException:
+        for item in report.made:
+            remove_path(item.encrypted_tmp)
+        remove_path(rundir)
+        raise
+    state.update(last_run=stamp, raw_sizes={item.artifact.label: item.raw_bytes for item in made},
+                 last_result='running', files=[item.encrypted_name for item in made])
+    report.step = 'rotate'
+    for path in retention_plan(config, when, written):
+        remove_path(path)
+        report.removed.append(str(path))
+    report.step = 'sync'
+    log.info('sync to %s', config.remote)
+    sync_remote(config)
+    if verify_remote:
+        report.step = 'verify remote'
+        base = config.backup_dir.name
+        rel = [f'{base}/{path.parent.name}/{path.name}' for path in sorted(written)]
+        bad = remote_mismatches(config, rel)
+        if bad:
+            raise BackupError('the remote copy differs from the manifest: ' + ', '.join(bad),
+                              step='verify remote')
+    state['last_transfer'] = time.time()
+    save_state(config, state)
+
+
+def command_run(config: Config, dry_run: bool) -> int:
+    """Run one backup cycle under the lock and mail the outcome. Return the exit code."""
+    if dry_run:
+        return print_plan(config)
+    report = Report(config)
+    code = EXIT_OK
+    with run_lock(config):
+        for path in sweep(config):
+            log.info('removed %s', path)
+        try:
+            run_backup(config, report)
+        except BackupError as error:
+            report.error = error
+            code = EXIT_FAILED
+        except OSError as error:  # disk full, read-only folder...: name the path
+            hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+            report.error = BackupError(f'{error.filename or ""}: {error.strerror}{hint}',
+                                       step=report.step)
+            code = EXIT_FAILED
+        except Interrupted as interrupt:
+            kill_all_children()
+            report.error = BackupError(f'interrupted by {interrupt}', step=report.step)
+            code = 128 + interrupt.signum
+        except Exception as error:  # a bug: still exactly one FAILED mail, then exit 3
+            kill_all_children()
+            report.error = BackupError(f'internal error: {error!r}', step=report.step,
+                                       detail=traceback.format_exc())
+            code = EXIT_BUG
+        state = load_state(config)
+        state['last_result'] = 'failed' if report.error else 'succeeded'
+        state['last_result_time'] = time.time()
+        state['last_error'] = str(report.error) if report.error else ''
+        save_state(config, state)
+    if report.error:
+        print(f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
+              f'{report.error}', file=sys.stderr)
+        if report.error.detail:
+            print(mask_secrets(report.error.detail), file=sys.stderr)
+    for warning in report.warnings:
+        log.warning('warning: %s', warning)
+    if report.error or report.warnings or config.mail_on_success:
+        try:
+            send_mail(config.admin_emails, report.subject(), report.body())
+        except BackupError as error:
+            print(f'ppbackup: the report mail could not be sent: {error}\n{error.detail}',
+                  file=sys.stderr)
+            code = code or EXIT_FAILED
+    if not report.error:
+        log.info('done in %.1f s: %s', time.time() - report.started, ', '.join(report.slots))
+    return code
+
+
+def print_plan(config: Config) -> int:
+    """Print what a run would do (commands, slots, removals) and write nothing."""
+    when = dt.datetime.now()
+    day_name, week_name = slot_names(config, when)
+    rundir = config.insecure_dir / f'{RUN_PREFIX}PID'
+    print(f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written')
+    compressor = COMPRESSORS[config.compression][0]
+    print('commands:')
+    for artifact in plan_artifacts(config, when, rundir):
+        pipeline = shlex.join(artifact.argv) + (' | ' + shlex.join(compressor) if compressor else '')
+        print(f'  {mask_secrets(pipeline)} > {rundir.parent / "latest" / artifact.filename}')
+        print(f'  gpg --encrypt --compress-algo none '
+              f'{" ".join("-r " + spec for spec in config.recipients)} -> '
+              f'{config.backup_dir / day_name / (artifact.filename + ".gpg")}')
+    print(f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}')
+    print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
+    names = {config.backup_dir / day_name / (a.filename + '.gpg')
+             for a in plan_artifacts(config, when, rundir)}
+    names.add(config.backup_dir / day_name / manifest_name(config, when))
+    if week_name:
+        names |= {config.backup_dir / week_name / (a.filename + '.gpg')
+                  for a in plan_artifacts(config, when, rundir) if a.weekly}
+        names.add(config.backup_dir / week_name / manifest_name(config, when))
+    doomed = retention_plan(config, when, names)
+    print(f'rotation would remove {len(doomed)} file(s):')
+    for path in doomed:
+        print(f'  {path}')
+    print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# The operator's commands.
+# ---------------------------------------------------------------------------------------------------
+
+
+def command_check(config: Config) -> int:
+    """Pre-flight: print one line per item with a mark; return 0 only if everything is fine."""
+    failures = 0
+
+    def mark(ok: bool | None, text: str) -> None:
+        nonlocal failures
+        failures += ok is False
+        print(f'{"ok  " if ok else "WARN" if ok is None else "FAIL"}  {text}')
+
+    mark(True, f'config {config.path}')
+    programs = ['gpg', 'rsync', 'mailx']
+    programs += ['tar'] if config.files or config.binaries else []
+    programs += ['mysqldump'] if config.mysql_dbs else []
+    programs += ['pg_dump'] if config.psql_dbs else []
+    programs += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
+    for program in programs:
+        if not shutil.which(program):
+            mark(False if program != 'mailx' or config.admin_emails else None,
+                 f'{program}: not found on PATH')
+            continue
+        flag = '-V' if program == 'mailx' else '--version'
+        try:
+            _, out = run_command([program, flag], what=program, step='check', timeout=20,
+                                 ok_codes=range(256))
+            mark(True, f'{program}: {(out.strip().splitlines() or ["found"])[0]}')
+        except BackupError as error:
+            mark(False, f'{program}: {error}')
+    for db in config.psql_dbs:
+        try:
+            run_command(['psql', '--no-password', '-X', '-A', '-t', '-c', 'select 1',
+                         f'--dbname={db}'], what=f'psql {db}', step='check', timeout=30)
+            mark(True, f'PostgreSQL database {db}: reachable')
+        except BackupError as error:
+            mark(False, f'PostgreSQL database {db}: {error} {error.detail.strip()[-200:]}')
+    for db in config.mysql_dbs:
+        try:
+            run_command(['mysql', '--batch', '-e', 'select 1', '--', db], what=f'mysql {db}',
+                        step='check', timeout=30)
+            mark(True, f'MySQL database {db}: reachable')
+        except BackupError as error:
+            mark(False, f'MySQL database {db}: {error} {error.detail.strip()[-200:]}')
+    try:
+        gpg = open_gnupg(config.gnupghome)
+        recipients, warnings = resolve_recipients(gpg, config.recipients)
+        for rec in recipients:
+            expiry = f'expires {rec.expires:%Y-%m-%d}' if rec.expires else 'no expiry'
+            mark(True, f'recipient {rec.spec}: {rec.fingerprint} {rec.uid}, {expiry}')
+        for warning in warnings:
+            mark(None, warning)
+    except BackupError as error:
+        mark(False, f'recipients: {error}')
+    for folder in (config.insecure_dir, config.backup_dir):
+        if not os.path.lexists(folder):
+            mark(None, f'{folder}: does not exist yet (the first run creates it, 0700)')
+        elif folder.is_symlink() or not folder.is_dir():
+            mark(False, f'{folder}: a symlink or not a folder')
+        else:
+            mode = stat.S_IMODE(folder.stat().st_mode)
+            mark(mode & 0o077 == 0 or None, f'{folder}: mode {mode:o}'
+                 + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'))
+    for path in (*config.files, *config.binaries):
+        if not os.path.lexists(config.home / path):
+            mark(False, f'path {config.home / path}: missing')
+    try:
+        with tempfile.TemporaryDirectory() as empty:
+            run_command([*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
+                        what=f'rsync probe of {config.remote}', step='check', timeout=90)
+        mark(True, f'remote {config.remote}: reachable')
+    except BackupError as error:
+        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
+    if config.admin_emails:
+        mark(bool(shutil.which('mailx')), f'mail to {", ".join(config.admin_emails)} via mailx')
+    print('all is well' if not failures else f'{failures} problem(s)')
+    return EXIT_OK if not failures else EXIT_FAILED
+
+
+def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[str, Any]]:
+    """Return one dict per run in every slot: slot, time, files, size, recipients' key ids."""
+    rows = []
+    for slot in all_slots(config.backup_dir):
+        for run in slot_runs(slot):
+            size = 0
+            keyids: set[str] = set()
+            for name in run.files:
+                path = slot / name
+                if path.is_file():
+                    size += path.stat().st_size
+            if run.files and (slot / run.files[0]).is_file():
+                with contextlib.suppress(BackupError):
+                    keyids.update(packet_recipients(slot / run.files[0],
+                                                    gnupghome or config.gnupghome))
+            rows.append({'slot': slot.name, 'run': run.manifest.name, 'time': run.time,
+                         'files': len(run.files), 'bytes': size, 'recipients': sorted(keyids)})
+    return rows
+
+
+def command_status(config: Config, as_json: bool) -> int:
+    """Print what exists: slots, latest plaintext, last run, last transfer, coverage."""
+    rows = describe_slots(config)
+    state = load_state(config)
+    latest = config.insecure_dir / 'latest'
+    latest_time = latest.lstat().st_mtime if latest.is_dir() and not latest.is_symlink() else None
+    now = time.time()
+    today = dt.date.today()
+    days = [(today - dt.timedelta(days=back)) for back in range(7)]
+    day_covered = {}
+    for day in days:
+        slot = 'day0' if config.only_one_day else f'day{day.isoweekday()}'
+        day_covered[day.isoformat()] = any(
+            row['slot'] == slot and dt.date.fromtimestamp(row['time']) == day for row in rows)
+    weeks_present = sorted({row['slot'] for row in rows if row['slot'].startswith('wk')},
+                           key=lambda name: int(name[2:]))
+    data = {
+        'name': config.name, 'remote': config.remote, 'slots': rows,
+        'latest_plaintext': latest_time, 'last_result': state.get('last_result'),
+        'last_result_time': state.get('last_result_time'), 'last_error': state.get('last_error'),
+        'last_transfer': state.get('last_transfer'), 'days_covered': day_covered,
+        'weeks_present': weeks_present,
+    }
+    if as_json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+
+    def age(then: float | None) -> str:
+        if not then:
+            return 'never'
+        hours = (now - then) / 3600
+        return f'{dt.datetime.fromtimestamp(then):%Y-%m-%d %H:%M} ({hours:.1f} h ago)'
+
+    print(f'{config.name} -> {config.remote}')
+    print(f'{"slot":<6} {"run":<28} {"time":<30} {"files":>5} {"size":>10}  recipients')
+    for row in rows:
+        print(f'{row["slot"]:<6} {row["run"]:<28} {age(row["time"]):<30} {row["files"]:>5} '
+              f'{human_size(row["bytes"]):>10}  {" ".join(row["recipients"])}')
+    print(f'last 7 days:  ' + ' '.join(f'{day[5:]}{"+" if ok else "-"}'
+                                       for day, ok in sorted(day_covered.items())))
+    print(f'weeks held:   {len(weeks_present)} of 53: {" ".join(weeks_present) or "none"}')
+    print(f'latest plaintext: {age(latest_time)}')
+    print(f'last run:     {state.get("last_result", "never")} at {age(state.get("last_result_time"))}'
+          + (f': {state["last_error"]}' if state.get('last_error') else ''))
+    print(f'last transfer: {age(state.get("last_transfer"))}')
+    return EXIT_OK
+
+
+def check_tree(root: Path, recipients: Sequence[Recipient] | None, gnupghome: Path | None
+               ) -> list[str]:
+    """Given a folder of slots, check every manifest's files: present, SHA-256, and (with
+    recipients) whole OpenPGP data addressed to exactly them. Return the problems, each named."""
+    problems = []
+    for slot in all_slots(root):
+        for run in slot_runs(slot):
+            for name, digest in read_manifest(run.manifest).items():
+                path = slot / name
+                if not path.is_file():
+                    problems.append(f'{slot.name}/{name}: missing')
+                    continue
+                with open(path, 'rb') as handle:
+                    actual = hashlib.file_digest(handle, 'sha256').hexdigest()
+                if actual != digest:
+                    problems.append(f'{slot.name}/{name}: SHA-256 does not match the manifest '
+                                    '(altered or truncated)')
+                    continue
+                if recipients is not None and gnupghome is not None:
+                    try:
+                        mismatch = check_addressed_to(packet_recipients(path, gnupghome),
+                                                      recipients)
+                    except BackupError as error:
+                        mismatch = str(error)
+                    if mismatch:
+                        problems.append(f'{slot.name}/{name}: {mismatch}')
+    return problems
+
+
+def command_verify(config: Config, remote: bool) -> int:
+    """Check every local slot (and with --remote the remote copies) without a private key."""
+    gpg = open_gnupg(config.gnupghome)
+    recipients, _ = resolve_recipients(gpg, config.recipients)
+    problems = check_tree(config.backup_dir, recipients, config.gnupghome)
+    if remote:
+        problems += [f'remote copy of {name}: missing or differs'
+                     for name in remote_mismatches(config, None)]
+    for problem in problems:
+        print(f'BAD  {problem}')
+    runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
+    print(f'{runs} run(s) checked' + (', remote included' if remote else '') +
+          (': all is well' if not problems else f': {len(problems)} problem(s)'))
+    return EXIT_OK if not problems else EXIT_FAILED
+
+
+def decompressor_for(name: str) -> tuple[str, ...]:
+    """Given a backup file name, return the argv that decompresses it (empty for none)."""
+    base = name[:-4] if name.endswith('.gpg') else name
+    for _, (_, decompress, ext) in COMPRESSORS.items():
+        if ext and base.endswith(ext):
+            return decompress
+    return ()
+
+
+def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> int:
+    """Decrypt and decompress a backup file to OUT (atomically) or stdout; needs the private key."""
+    if not source.is_file():
+        raise ConfigError(f'{source}: no such file', step='decrypt')
+    home = ['--homedir', gnupghome] if gnupghome else []
+    gpg_argv = ['gpg', *home, '--batch', '--no-tty', '--quiet', '--decrypt', '--', str(source)]
+    decompress = decompressor_for(source.name)
+    target = Path(output) if output and output != '-' else None
+    tmp = temp_name(target.resolve()) if target else None
+    out_fd = create_private_file(tmp) if tmp else sys.stdout.fileno()
+    try:
+        with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
+            first = pipe.start(gpg_argv, stdout=subprocess.PIPE if decompress else out_fd)
+            if decompress:
+                pipe.start(decompress, stdin=first.stdout, stdout=out_fd)
+                assert first.stdout is not None
+                first.stdout.close()
+            try:
+                pipe.check()
+            except BackupError as error:
+                if 'No secret key' in error.detail or 'decryption failed' in error.detail:
+                    raise BackupError(f'{source.name}: cannot decrypt: no matching private key in '
+                                      f'{gnupghome or os.environ.get("GNUPGHOME", "~/.gnupg")}. '
+                                      'Run this where a recipient\'s private key is.',
+                                      step='decrypt', detail=error.detail) from error
+                raise
+        if tmp and target:
+            os.replace(tmp, target)
+            tmp = None
+    finally:
+        if tmp:
+            os.close(out_fd)
+            remove_path(tmp)
+        elif target:
+            os.close(out_fd)
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
+# watch: on the backup host, retention, integrity and freshness of what arrived.
+# ---------------------------------------------------------------------------------------------------
+
+
+def watch_retention(root: Path) -> list[Path]:
+    """Given a received folder, return the files the sender's rules remove: in a day slot the runs
+    of days before its newest run's day, in a week slot all but the newest run. Never the newest
+    run of a slot, never anything not named by a manifest of the slot."""
+    doomed = []
+    for slot in all_slots(root):
+        runs = slot_runs(slot)
+        if len(runs) < 2:
+            continue
+        newest = runs[-1]
+        newest_day = dt.date.fromtimestamp(newest.time)
+        keep_files = set(newest.files) | {newest.manifest.name}
+        for run in runs[:-1]:
+            if slot.name.startswith('day') and dt.date.fromtimestamp(run.time) == newest_day:
+                keep_files |= set(run.files) | {run.manifest.name}
+        for run in runs[:-1]:
+            for name in [run.manifest.name, *run.files]:
+                if name not in keep_files and (slot / name).is_file() and \
+                        (slot / name) not in doomed:
+                    doomed.append(slot / name)
+    return doomed
+
+
+def command_watch(root: Path, max_age_hours: float, mail: Sequence[str], dry_run: bool) -> int:
+    """Apply retention to a received tree, check every file and the newest run's age; alert."""
+    if not root.is_dir():
+        raise ConfigError(f'{root}: no such folder', step='watch')
+    problems = check_tree(root, None, None)
+    runs = [run for slot in all_slots(root) for run in slot_runs(slot)]
+    newest = max((run.time for run in runs), default=None)
+    if newest is None:
+        problems.append(f'no backup has arrived in {root} (no manifest found)')
+    elif time.time() - newest > max_age_hours * 3600:
+        since = dt.datetime.fromtimestamp(newest)
+        hours = (time.time() - newest) / 3600
+        problems.append(f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
+                        f'more than --max-age {max_age_hours:g} h)')
+    removed = []
+    for path in watch_retention(root):
+        if dry_run:
+            print(f'would remove {path}')
+        else:
+            remove_path(path)
+            removed.append(path)
+    if not problems:
+        return EXIT_OK
+    report = '\n'.join(f'- {problem}' for problem in problems)
+    print(f'ppbackup watch {root}: {len(problems)} problem(s)\n{report}', file=sys.stderr)
+    if mail:
+        kind = 'ALERT' if all('arrived' in problem for problem in problems) else 'FAILED'
+        body = f'ppbackup watch on {os.uname().nodename}, folder {root}\n\n{report}\n'
+        if removed:
+            body += f'\nretention removed {len(removed)} file(s)\n'
+        try:
+            send_mail(mail, f'[ppbackup] watch {root.name}: {kind}', body)
+        except BackupError as error:
+            print(f'ppbackup: the alert mail could not be sent: {error}', file=sys.stderr)
+    return EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------------
+# demo: the whole cycle in a throwaway folder, with a fresh key, leaving $HOME as it was.
+# ---------------------------------------------------------------------------------------------------
+
+
+def _demo_databases(work: Path) -> tuple[list[str], list[str], Callable[[], None]]:
+    """Create a small demo database where a server is reachable; return (psql, mysql, cleanup)."""
+    name = f'ppbackup_demo_{os.getpid()}'
+    psql: list[str] = []
+    mysql: list[str] = []
+    cleanups: list[list[str]] = []
+    sql = ('CREATE TABLE members (id integer PRIMARY KEY, name varchar(80));'
+           "INSERT INTO members VALUES (1, 'Ada'), (2, 'Grace'), (3, 'Émilie');")
+    with contextlib.suppress(BackupError):
+        run_command(['createdb', '--no-password', '--', name], what='createdb', step='demo',
+                    timeout=30)
+        cleanups.append(['dropdb', '--no-password', '--if-exists', '--', name])
+        run_command(['psql', '--no-password', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-c', sql,
+                     f'--dbname={name}'], what='psql', step='demo', timeout=30)
+        psql.append(name)
+    with contextlib.suppress(BackupError):
+        run_command(['mysql', '--batch', '-e', f'CREATE DATABASE `{name}`'], what='mysql',
+                    step='demo', timeout=30)
+        cleanups.append(['mysql', '--batch', '-e', f'DROP DATABASE IF EXISTS `{name}`'])
+        run_command(['mysql', '--batch', '-e', sql, '--', name], what='mysql', step='demo',
+                    timeout=30)
+        mysql.append(name)
+
+    def cleanup() -> None:
+        for argv in cleanups:
+            with contextlib.suppress(BackupError):
+                run_command(argv, what=argv[0], step='demo', timeout=30)
+    return psql, mysql, cleanup
+
+
+def command_demo() -> int:
+    """Run the embedded demo: key, data, backup, status, verify, decrypt; then remove it all."""
+    work = Path(tempfile.mkdtemp(prefix='ppbackup-demo-'))
+    host_home = work / 'host-gnupg'  # public key only, as on a real host
+    holder_home = work / 'keyholder-gnupg'  # the private key, as with a key holder elsewhere
+    cleanup_dbs: Callable[[], None] = lambda: None
+    try:
+        for home in (host_home, holder_home):
+            home.mkdir(mode=0o700)
+        print(f'demo folder: {work}')
+        holder = GnuPG(gnupghome=str(holder_home))
+        key = holder.gen_key(holder.gen_key_input(
+            key_type='EDDSA', key_curve='ed25519', subkey_type='ECDH', subkey_curve='cv25519',
+            name_real='ppbackup demo', name_email='demo@ppbackup.invalid', no_protection=True,
+            expire_date='2d'))
+        if not key.fingerprint:
+            raise BackupError(f'could not make a demo key: {key.stderr[-300:]}', step='demo')
+        GnuPG(gnupghome=str(host_home)).import_keys(holder.export_keys(key.fingerprint))
+        print(f'demo key: {key.fingerprint} (public key on the "host", private key with the '
+              '"key holder")')
+        data = work / 'home' / 'site'
+        (data / 'uploads').mkdir(parents=True)
+        (data / 'index.html').write_text('<h1>Demo association</h1>\n')
+        (data / 'members.csv').write_text('id,name\n1,Ada\n2,Grace\n3,Émilie\n')
+        (data / 'uploads' / 'photo.bin').write_bytes(os.urandom(256 * 1024))
+        psql, mysql, cleanup_dbs = _demo_databases(work)
+        print('databases: ' + (', '.join([*(f'psql {db}' for db in psql),
+                                          *(f'mysql {db}' for db in mysql)]) or
+                               'none reachable; files only'))
+        config_path = work / 'ppbackup.cfg'
+        config_path.write_text(
+            f'BACKUP_NAME=demo\nBACKUP_REMOTE={shlex.quote(str(work / "remote"))}\n'
+            f'BACKUP_GPG_RECIPIENT={key.fingerprint}\nBACKUP_FILES=site\n'
+            f'BACKUP_PSQL_DB="{" ".join(psql)}"\nBACKUP_MYSQL_DB="{" ".join(mysql)}"\n'
+            f'BACKUP_GNUPGHOME={shlex.quote(str(host_home))}\n'
+            f'BACKUP_DIR={shlex.quote(str(work / "home" / "backups"))}\n'
+            f'BACKUP_INSECURE_DIR={shlex.quote(str(work / "home" / "backups.insecure"))}\n')
+        config_path.chmod(0o600)
+        (work / 'remote').mkdir()
+        config = load_config(config_path, {**os.environ, 'HOME': str(work / 'home')})
+        print('\n== ppbackup run')
+        code = command_run(config, dry_run=False)
+        if code:
+            raise BackupError('the demo run failed; see above', step='demo')
+        print('run: succeeded')
+        print('\n== ppbackup status')
+        command_status(config, as_json=False)
+        print('\n== ppbackup verify --remote')
+        if command_verify(config, remote=True):
+            raise BackupError('the demo verify failed; see above', step='demo')
+        print('\n== ppbackup decrypt (as the key holder, from the remote copy)')
+        remote_slot = next((work / 'remote' / 'backups').glob('day*'))
+        restored_files = work / 'restored.tar'
+        encrypted = next(remote_slot.glob('demo-files-*.gpg'))
+        command_decrypt(encrypted, str(restored_files), str(holder_home))
+        code, listing = run_command(['tar', '-t', '-f', str(restored_files)], what='tar -t',
+                                    step='demo')
+        if 'site/members.csv' not in listing:
+            raise BackupError('the decrypted archive lacks site/members.csv', step='demo')
+        print(f'{encrypted.name} -> tar archive with {len(listing.split())} entries, '
+              'site/members.csv included')
+        for dump in remote_slot.glob('demo-*sql*.gpg'):
+            restored = work / 'restored.sql'
+            command_decrypt(dump, str(restored), str(holder_home))
+            text = restored.read_text(encoding='utf-8', errors='replace')
+            if 'Grace' not in text:
+                raise BackupError(f'{dump.name}: decrypted dump lacks the sample rows', step='demo')
+            print(f'{dump.name} -> {len(text.splitlines())} lines of SQL with the sample rows')
+        print('\ndemo: the round trip works. Everything it made is now removed.')
+        return EXIT_OK
+    finally:
+        cleanup_dbs()
+        for home in (host_home, holder_home):
+            with contextlib.suppress(OSError, subprocess.SubprocessError):
+                subprocess.run(['gpgconf', '--homedir', str(home), '--kill', 'all'],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# main
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog='ppbackup', description='Privacy-preserving backups: dump, encrypt to public keys, '
+        'rotate, rsync, mail. With no command, "run".')
+    parser.add_argument('--version', action='version', version=f'ppbackup {__version__}')
+    parser.add_argument('--config', help=f'config file (default: $PPBACKUP_CONFIG or {DEFAULT_CONFIG})')
+    parser.add_argument('-v', '--verbose', action='store_true', help='show each step even under cron')
+    commands = parser.add_subparsers(dest='command', metavar='COMMAND')
+    run = commands.add_parser('run', help='run one backup cycle (the default)')
+    run.add_argument('--dry-run', action='store_true', help='print the plan; write nothing')
+    commands.add_parser('check', help='pre-flight: programs, databases, keys, folders, remote')
+    status = commands.add_parser('status', help='what exists: slots, plaintext, last run')
+    status.add_argument('--json', action='store_true', help='print JSON for monitoring')
+    verify = commands.add_parser('verify', help='check every slot without a private key')
+    verify.add_argument('--remote', action='store_true', help='also check the remote copies')
+    decrypt = commands.add_parser('decrypt', help='decrypt and decompress a backup file')
+    decrypt.add_argument('file', type=Path)
+    decrypt.add_argument('-o', '--output', help='output file (default: stdout)')
+    decrypt.add_argument('--gnupghome', help='GnuPG home with the private key')
+    commands.add_parser('demo', help='run the whole cycle on sample data in a throwaway folder')
+    watch = commands.add_parser('watch', help='on the backup host: retention, integrity, freshness')
+    watch.add_argument('dir', type=Path)
+    watch.add_argument('--max-age', type=float, default=26, help='hours (default 26)')
+    watch.add_argument('--mail', default='', help='comma-separated addresses to alert')
+    watch.add_argument('--dry-run', action='store_true', help='print what retention would remove')
+    for sub in (run, status, verify, decrypt, watch):
+        sub.add_argument('--config', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return parser
+
+
+def setup_logging(verbose: bool, syslog: bool = False) -> None:
+    """Log steps to stderr on a terminal (or with -v); under cron only the final report speaks."""
+    log.handlers.clear()
+    log.setLevel(logging.INFO)
+    log.propagate = False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter('ppbackup: %(message)s'))
+    handler.setLevel(logging.INFO if verbose or sys.stderr.isatty() else logging.CRITICAL)
+    log.addHandler(handler)
+    if syslog and os.path.exists('/dev/log'):
+        with contextlib.suppress(OSError):
+            sys_handler = logging.handlers.SysLogHandler(address='/dev/log')
+            sys_handler.setFormatter(logging.Formatter('ppbackup[%(process)d]: %(message)s'))
+            log.addHandler(sys_handler)
+
+
+def _raise_interrupted(signum: int, _frame: object) -> NoReturn:
+    raise Interrupted(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse the command line, run the command, return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
+    setup_logging(args.verbose)
+    os.umask(0o077)  # plaintext is private whatever the caller's umask
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if threading.current_thread() is threading.main_thread():
+        for sig in previous:
+            signal.signal(sig, _raise_interrupted)
+    command = args.command or 'run'
+    try:
+        if command == 'decrypt':
+            return command_decrypt(args.file, args.output, args.gnupghome)
+        if command == 'demo':
+            return command_demo()
+        if command == 'watch':
+            mail = tuple(part.strip() for part in args.mail.split(',') if part.strip())
+            bad = [addr for addr in mail if not EMAIL_RE.match(addr)]
+            if bad:
+                raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step='watch')
+            return command_watch(args.dir, args.max_age, mail, args.dry_run)
+        config = load_config(config_path_from(args.config))
+        setup_logging(args.verbose, config.syslog)
+        if command == 'check':
+            return command_check(config)
+        if command == 'status':
+            return command_status(config, getattr(args, 'json', False))
+        if command == 'verify':
+            return command_verify(config, args.remote)
+        return command_run(config, getattr(args, 'dry_run', False))
+    except BackupError as error:
+        print(f'ppbackup: {error}', file=sys.stderr)
+        if error.detail:
+            print(error.detail, file=sys.stderr)
+        return error.exit_code
+    except Interrupted as interrupt:
+        kill_all_children()
+        print(f'ppbackup: interrupted by {interrupt}', file=sys.stderr)
+        return 128 + interrupt.signum
+    except Exception:  # a bug: say so plainly, with the traceback, and a distinct code
+        kill_all_children()
+        traceback.print_exc()
+        print('ppbackup: this is a bug; please report it with the traceback above', file=sys.stderr)
+        return EXIT_BUG
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+if __name__ == '__main__':
+    raise SystemExit(main())

@@ -1,0 +1,242 @@
+"""Shared fixtures: a throwaway $HOME with real keys, real databases, real data and a mailx shim.
+
+Everything runs against the real programs on this machine: PostgreSQL, MariaDB, gpg, tar, zstd and
+rsync. Only mail delivery is a shim (it records what it was given), and faults that cannot be caused
+for real are PATH shims written by the tests that need them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any, Iterator
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+import ppbackup  # noqa: E402
+
+CANARY = 'CANARY-' + secrets.token_hex(8)  # a marker that must never leave latest/ unencrypted
+
+
+def sh(*argv: str, input: str | bytes | None = None, check: bool = True,
+       env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a helper command for a test and return its result (text)."""
+    data = input.decode() if isinstance(input, bytes) else input
+    return subprocess.run(list(argv), input=data, capture_output=True, text=True, check=check,
+                          env=env, cwd=cwd, timeout=120)
+
+
+def gpg(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return sh('gpg', '--homedir', str(home), '--batch', '--no-tty', '--passphrase', '', *args,
+              check=check)
+
+
+def make_key(home: Path, uid: str, *, expire: str = 'never', faked: str | None = None) -> str:
+    """Make an ed25519 key with a cv25519 encryption subkey in ``home``; return its fingerprint."""
+    extra = ['--faked-system-time', faked] if faked else []
+    gpg(home, *extra, '--quick-gen-key', uid, 'ed25519', 'cert', expire)
+    listing = gpg(home, '--with-colons', '--list-keys', uid).stdout
+    fingerprint = next(line.split(':')[9] for line in listing.splitlines()
+                       if line.startswith('fpr:'))
+    gpg(home, *extra, '--quick-add-key', fingerprint, 'cv25519', 'encr', expire)
+    return fingerprint
+
+
+@dataclasses.dataclass
+class Keys:
+    holder: Path  # a key holder's GnuPG home: the private keys
+    alice: str
+    bob: str
+    expired: str
+    public: dict[str, str]  # fingerprint -> armored public key
+
+
+@pytest.fixture(scope='session')
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Keys]:
+    holder = tmp_path_factory.mktemp('holder') / 'gnupg'
+    holder.mkdir(mode=0o700)
+    alice = make_key(holder, 'Alice <alice@example.org>')
+    bob = make_key(holder, 'Bob <bob@example.org>')
+    # Made three years ago with a one-day expiry: expired now, with no fake clock needed.
+    expired = make_key(holder, 'Old <old@example.org>', expire='1d', faked='20230101T000000')
+    public = {fpr: gpg(holder, '--armor', '--export', fpr).stdout for fpr in (alice, bob, expired)}
+    yield Keys(holder, alice, bob, expired, public)
+    sh('gpgconf', '--homedir', str(holder), '--kill', 'all', check=False)
+
+
+def psql(db: str, sql: str) -> str:
+    return sh('psql', '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', db, '-c', sql).stdout
+
+
+def mysql(db: str, sql: str) -> str:
+    return sh('mysql', '--batch', '--skip-column-names', '-e', sql, '--', db).stdout
+
+
+SEED_SQL = f"""
+CREATE TABLE members (id integer PRIMARY KEY, name varchar(200), note varchar(200));
+INSERT INTO members VALUES (1, 'Ada Lovelace', 'founder'), (2, 'Émilie du Châtelet', 'ünïcødé'),
+  (3, 'Canary', '{CANARY}');
+CREATE TABLE ballots (id integer PRIMARY KEY, choice varchar(20));
+INSERT INTO ballots SELECT n, CASE WHEN n % 2 = 0 THEN 'yes' ELSE 'no' END FROM
+"""
+
+
+def seed_postgres(db: str, rows: int = 500) -> None:
+    sh('createdb', '--', db)
+    psql(db, SEED_SQL + f'generate_series(1, {rows}) AS n;')
+
+
+def seed_mysql(db: str, rows: int = 500) -> None:
+    sh('mysql', '-e', f'CREATE DATABASE `{db}`')
+    mysql(db, SEED_SQL + f'(SELECT seq AS n FROM seq_1_to_{rows}) AS s;')
+
+
+def drop_databases(*names: str) -> None:
+    for name in names:
+        sh('dropdb', '--if-exists', '--', name, check=False)
+        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{name}`', check=False)
+
+
+MAILX_SHIM = """#!/bin/sh
+# Records each mail as one JSON file: argv and body. Exits $MAILX_EXIT (default 0).
+dir="${MAILX_DIR:?}"
+n=$(ls "$dir" | wc -l)
+python3 -c 'import json,sys; print(json.dumps({"argv": sys.argv[1:], "body": sys.stdin.read()}))' \
+  "$@" > "$dir/mail-$n.json"
+exit "${MAILX_EXIT:-0}"
+"""
+
+
+@dataclasses.dataclass
+class Site:
+    """One organisation's host: $HOME, config, keys, databases, data, remote and mail."""
+
+    root: Path
+    home: Path
+    keys: Keys
+    pg_db: str
+    my_db: str
+    shims: Path
+    mails_dir: Path
+    remote: Path
+    env: dict[str, str]
+    config: dict[str, str] = dataclasses.field(default_factory=dict)
+
+    @property
+    def cfg(self) -> Path:
+        return self.home / 'ppbackup.cfg'
+
+    @property
+    def backups(self) -> Path:
+        return self.home / 'backups'
+
+    @property
+    def latest(self) -> Path:
+        return self.home / 'backups.insecure' / 'latest'
+
+    def write_config(self, **changes: str | None) -> None:
+        """Write ppbackup.cfg from the defaults plus ``changes`` (None removes a key)."""
+        for key, value in changes.items():
+            if value is None:
+                self.config.pop(key, None)
+            else:
+                self.config[key] = value
+        text = ''.join(f'{key}={value}\n' for key, value in self.config.items())
+        self.cfg.write_text(text)
+        self.cfg.chmod(0o600)
+
+    def shim(self, name: str, script: str) -> Path:
+        """Put an executable ``name`` first on PATH with the given shell script."""
+        path = self.shims / name
+        path.write_text(textwrap.dedent(script))
+        path.chmod(0o755)
+        return path
+
+    def run(self, *args: str, faketime: str | None = None, timeout: float = 300,
+            extra_env: dict[str, str] | None = None, stdin: Any = subprocess.DEVNULL
+            ) -> subprocess.CompletedProcess[str]:
+        """Run the real ppbackup command in a subprocess, optionally under a faked clock."""
+        argv = [sys.executable, str(REPO / 'ppbackup.py'), *args]
+        if faketime:
+            argv = ['faketime', '-f', faketime, *argv]
+        env = {**self.env, **(extra_env or {})}
+        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
+                              stdin=stdin, cwd=self.home)
+
+    def mails(self) -> list[dict[str, Any]]:
+        found = sorted(self.mails_dir.glob('mail-*.json'), key=lambda p: int(p.stem[5:]))
+        return [json.loads(path.read_text()) for path in found]
+
+    def subjects(self) -> list[str]:
+        return [mail['argv'][mail['argv'].index('-s') + 1] for mail in self.mails()]
+
+    def decrypt(self, path: Path, out: Path) -> None:
+        """Decrypt and decompress a backup as the key holder would (the real command)."""
+        result = self.run('decrypt', str(path), '-o', str(out), '--gnupghome',
+                          str(self.keys.holder))
+        assert result.returncode == 0, result.stderr
+
+    def snapshot(self, *roots: Path) -> dict[str, tuple[int, bytes]]:
+        """Return {path: (inode, bytes)} for every file under ``roots``: earlier backups must keep
+        both the same bytes and the same inode."""
+        seen = {}
+        for root in roots:
+            for path in sorted(root.rglob('*')):
+                if path.is_file() and not path.is_symlink():
+                    seen[str(path)] = (path.stat().st_ino, path.read_bytes())
+        return seen
+
+
+@pytest.fixture
+def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterator[Site]:
+    home = tmp_path / 'home'
+    home.mkdir()
+    gnupghome = home / '.gnupg'
+    gnupghome.mkdir(mode=0o700)
+    for fpr in (keys.alice, keys.bob):
+        sh('gpg', '--homedir', str(gnupghome), '--batch', '--import', input=keys.public[fpr])
+    data = home / 'site'
+    (data / 'uploads').mkdir(parents=True)
+    (data / 'index.php').write_text('<?php echo "hello"; ?>\n')
+    (data / 'canary.txt').write_text(f'{CANARY}\n')
+    (data / 'uploads' / 'photo.bin').write_bytes(os.urandom(64 * 1024))
+    (home / 'my docs').mkdir()
+    (home / 'my docs' / 'Ünïcødé rapport.txt').write_text('minutes of the meeting\n')
+    (home / 'bin').mkdir()
+    (home / 'bin' / 'tool').write_bytes(os.urandom(4096))
+    suffix = secrets.token_hex(4)
+    pg_db, my_db = f'ppbt_pg_{suffix}', f'ppbt_my_{suffix}'
+    seed_postgres(pg_db)
+    seed_mysql(my_db)
+    shims = tmp_path / 'shims'
+    shims.mkdir()
+    mails_dir = tmp_path / 'mails'
+    mails_dir.mkdir()
+    remote = tmp_path / 'remote'
+    remote.mkdir()
+    (shims / 'mailx').write_text(MAILX_SHIM)
+    (shims / 'mailx').chmod(0o755)
+    env = {**os.environ, 'HOME': str(home), 'PATH': f'{shims}:{os.environ["PATH"]}',
+           'MAILX_DIR': str(mails_dir), 'GNUPGHOME': str(gnupghome), 'DONT_FAKE_MONOTONIC': '1'}
+    env.pop('PPBACKUP_CONFIG', None)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv('PPBACKUP_CONFIG', raising=False)
+    the_site = Site(tmp_path, home, keys, pg_db, my_db, shims, mails_dir, remote, env)
+    the_site.write_config(
+        BACKUP_NAME='assoc', BACKUP_REMOTE=str(remote), BACKUP_GPG_RECIPIENT=f'"{keys.alice} {keys.bob}"',
+        BACKUP_FILES='"site \'my docs\'"', BACKUP_BINARIES='bin', BACKUP_PSQL_DB=pg_db,
+        BACKUP_MYSQL_DB=my_db, BACKUP_ADMIN_EMAILS='admin@example.org,second@example.org')
+    yield the_site
+    drop_databases(pg_db, my_db)
+    sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)
+    subprocess.run(['chmod', '-R', 'u+rwX', str(tmp_path)], check=False)
+    shutil.rmtree(tmp_path, ignore_errors=True)

@@ -1,0 +1,206 @@
+"""The backup cycle, end to end, proven by restores: as the README describes it."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import tarfile
+from pathlib import Path
+
+from conftest import CANARY, Site, mysql, psql, sh
+
+import ppbackup
+
+
+def restore_postgres(site: Site, encrypted: Path, db: str) -> None:
+    sql = site.root / f'{db}.sql'
+    site.decrypt(encrypted, sql)
+    sh('createdb', '--', db)
+    sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', db, '-f', str(sql))
+
+
+def restore_mysql(site: Site, encrypted: Path, db: str) -> None:
+    sql = site.root / f'{db}.sql'
+    site.decrypt(encrypted, sql)
+    sh('mysql', '-e', f'CREATE DATABASE `{db}`')
+    with open(sql) as handle:
+        subprocess.run(['mysql', '--', db], stdin=handle, check=True, timeout=120)
+
+
+ROWS = 'SELECT id, name, note FROM members ORDER BY id'
+BALLOTS = "SELECT count(*), sum(CASE WHEN choice = 'yes' THEN 1 ELSE 0 END) FROM ballots"
+
+
+def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
+    result = site.run()  # what cron runs: no arguments
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == '' and result.stderr == ''  # quiet under cron on success
+
+    day = next(site.backups.glob('day*'))
+    week = next(site.backups.glob('wk*'))
+    names = sorted(path.name for path in day.iterdir())
+    hour = names[0].rsplit('-', 1)[1][:4]
+    assert names == sorted([f'assoc-{hour}.sha256', f'assoc-binaries-{hour}.tar.zst.gpg',
+                            f'assoc-files-{hour}.tar.zst.gpg', f'assoc-mysql-{hour}.sql.zst.gpg',
+                            f'assoc-psql-{hour}.sql.zst.gpg'])
+    # The week slot holds hard links to the database and files copies, and no binaries.
+    assert sorted(p.name for p in week.iterdir()) == [n for n in names if 'binaries' not in n]
+    for path in week.glob('*.gpg'):
+        assert path.stat().st_ino == (day / path.name).stat().st_ino
+
+    # The manifest checks out with the standard tool, in both slots and on the remote.
+    for slot in (day, week, site.remote / 'backups' / day.name):
+        check = sh('sha256sum', '--strict', '-c', f'assoc-{hour}.sha256', cwd=slot)
+        assert check.stdout.count(': OK') == len(list(slot.glob('*.gpg')))
+
+    # Restore each database into a fresh one and compare the rows.
+    restored_pg, restored_my = site.pg_db + '_restored', site.my_db + '_restored'
+    try:
+        restore_postgres(site, day / f'assoc-psql-{hour}.sql.zst.gpg', restored_pg)
+        assert psql(restored_pg, ROWS) == psql(site.pg_db, ROWS)
+        assert psql(restored_pg, BALLOTS) == psql(site.pg_db, BALLOTS) == '500|250\n'
+        restore_mysql(site, day / f'assoc-mysql-{hour}.sql.zst.gpg', restored_my)
+        assert mysql(restored_my, ROWS) == mysql(site.my_db, ROWS)
+        assert 'Émilie du Châtelet' in mysql(restored_my, ROWS)
+        assert mysql(restored_my, BALLOTS) == mysql(site.my_db, BALLOTS) == '500\t250\n'
+    finally:
+        sh('dropdb', '--if-exists', '--', restored_pg, check=False)
+        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{restored_my}`', check=False)
+
+    # The files come back byte for byte, names with spaces and non-ASCII included.
+    archive = site.root / 'files.tar'
+    site.decrypt(week / f'assoc-files-{hour}.tar.zst.gpg', archive)
+    out = site.root / 'restored'
+    with tarfile.open(archive) as tar:
+        tar.extractall(out, filter='data')
+    for original in [*(site.home / 'site').rglob('*'), *(site.home / 'my docs').rglob('*')]:
+        if original.is_file():
+            copy = out / original.relative_to(site.home)
+            assert copy.read_bytes() == original.read_bytes()
+    assert (out / 'crontab').exists()  # the crontab travels with the files
+    binaries = site.root / 'bin.tar'
+    site.decrypt(day / f'assoc-binaries-{hour}.tar.zst.gpg', binaries)
+    with tarfile.open(binaries) as tar:
+        assert tar.extractfile('bin/tool').read() == (site.home / 'bin' / 'tool').read_bytes()
+
+    # Encrypted to exactly the configured keys, both of them.
+    packets = sh('gpg', '--homedir', str(site.keys.holder), '--batch', '--list-only',
+                 '--list-packets', str(day / f'assoc-psql-{hour}.sql.zst.gpg')).stdout
+    assert packets.count(':pubkey enc packet:') == 2
+
+    # The remote holds the same bytes.
+    for path in site.backups.rglob('*.gpg'):
+        remote_copy = site.remote / path.relative_to(site.home)
+        assert remote_copy.read_bytes() == path.read_bytes()
+
+    # Plaintext only in latest/, private whatever the umask; never in backups/ or the mail.
+    insecure = site.home / 'backups.insecure'
+    assert stat.S_IMODE(insecure.stat().st_mode) == 0o700
+    assert stat.S_IMODE(site.latest.stat().st_mode) == 0o700
+    for path in site.latest.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    for path in [*site.backups.rglob('*'), *site.remote.rglob('*')]:
+        if path.is_file():
+            assert CANARY.encode() not in path.read_bytes()
+
+    # Exactly one mail, to both admins, with what an admin wants to know.
+    mails = site.mails()
+    assert len(mails) == 1
+    assert mails[0]['argv'][-2:] == ['admin@example.org', 'second@example.org']
+    assert site.subjects() == ['[ppbackup] assoc: succeeded']
+    body = mails[0]['body']
+    for needed in (str(site.remote), site.keys.alice, site.keys.bob, day.name, week.name,
+                   f'assoc-psql-{hour}.sql.zst.gpg', 'duration'):
+        assert needed in body
+    assert CANARY not in body
+
+
+def test_several_databases_get_their_names_in_the_file_names(site: Site) -> None:
+    second = site.pg_db + '_two'
+    sh('createdb', '--', second)
+    try:
+        psql(second, 'CREATE TABLE t (x int); INSERT INTO t VALUES (42);')
+        site.write_config(BACKUP_PSQL_DB=f'"{site.pg_db} {second}"', BACKUP_MYSQL_DB=None)
+        assert site.run().returncode == 0
+        day = next(site.backups.glob('day*'))
+        names = [path.name for path in day.glob('*psql*')]
+        assert len(names) == 2
+        assert any(f'assoc-psql-{second}-' in name for name in names)
+        dump = next(day.glob(f'assoc-psql-{second}-*'))
+        site.decrypt(dump, site.root / 'second.sql')
+        assert 'COPY public.t (x) FROM stdin;\n42\n' in (site.root / 'second.sql').read_text()
+    finally:
+        sh('dropdb', '--if-exists', '--', second, check=False)
+
+
+def at(day: str, hour: str = '03:00:00') -> str:
+    """A faketime spec: the clock starts at that moment and runs on."""
+    return f'@{day} {hour}'
+
+
+def slot_hours(slot: Path) -> list[str]:
+    return sorted(path.name for path in slot.glob('*.sha256'))
+
+
+def test_rotation_over_days_and_weeks_with_a_faked_clock(site: Site) -> None:
+    site.write_config(BACKUP_MYSQL_DB=None, BACKUP_BINARIES=None)
+    for when in (at('2027-01-04'), at('2027-01-04', '14:00:00'), at('2027-01-05'),
+                 at('2027-01-11'), at('2027-01-12', '03:00:00')):
+        result = site.run(faketime=when)
+        assert result.returncode == 0, result.stderr
+    backups = site.backups
+    assert sorted(p.name for p in backups.iterdir()) == ['day1', 'day2', 'wk1', 'wk2']
+    # day1 was used in week 1 (two runs) and again in week 2: last week's runs are gone.
+    assert slot_hours(backups / 'day1') == ['assoc-03xx.sha256']
+    assert (backups / 'day1' / 'assoc-03xx.sha256').stat().st_mtime > (
+        backups / 'wk1' / 'assoc-03xx.sha256').stat().st_mtime
+    assert not list((backups / 'day1').glob('*14xx*'))
+    # A week slot holds only its newest run: week 1's is Tuesday's.
+    assert slot_hours(backups / 'wk1') == ['assoc-03xx.sha256']
+    wk1_psql = next((backups / 'wk1').glob('*psql*'))
+    assert wk1_psql.stat().st_nlink == 1  # day2 of week 1 was replaced by week 2's Tuesday
+    # Runs earlier the same day stay.
+    site.run(faketime=at('2027-01-12', '15:00:00'))
+    assert slot_hours(backups / 'day2') == ['assoc-03xx.sha256', 'assoc-15xx.sha256']
+    assert slot_hours(backups / 'wk2') == ['assoc-15xx.sha256']
+    # Every file left in every slot decrypts, and the remote got every run (it never deletes).
+    for path in backups.rglob('*.gpg'):
+        site.decrypt(path, site.root / 'check.out')
+    assert len(list((site.remote / 'backups' / 'day1').glob('*.sha256'))) == 2
+
+
+def test_only_one_day_keeps_just_the_latest_run(site: Site) -> None:
+    site.write_config(ONLY_ONE_DAY='1', BACKUP_MYSQL_DB=None)
+    for when in (at('2027-01-04'), at('2027-01-05', '04:00:00'), at('2027-01-12', '05:00:00')):
+        assert site.run(faketime=when).returncode == 0
+    assert [p.name for p in site.backups.iterdir()] == ['day0']
+    day0 = site.backups / 'day0'
+    assert slot_hours(day0) == ['assoc-05xx.sha256']
+    assert len(list(day0.glob('*.gpg'))) == 3  # psql, files, binaries: no week copies anywhere
+
+
+def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> None:
+    (site.home / 'site' / 'uploads' / 'big.bin').write_bytes(os.urandom(700 * 1024))
+    site.write_config(BACKUP_LIMIT_MB='2', BACKUP_MYSQL_DB=None, BACKUP_BINARIES=None)
+    days = ['2027-01-04', '2027-01-05', '2027-01-06', '2027-01-07', '2027-01-08']
+    for day in days:
+        assert site.run(faketime=at(day)).returncode == 0
+    used = {}
+    for path in site.backups.rglob('*'):
+        if path.is_file():
+            used[path.stat().st_ino] = path.stat().st_blocks * 512
+    assert sum(used.values()) <= 2 * 1024 * 1024
+    # The latest run (Friday, day5, and its week copy) is complete; the oldest went first.
+    assert (site.backups / 'day5' / 'assoc-03xx.sha256').exists()
+    assert len(list((site.backups / 'day5').glob('*.gpg'))) == 2
+    assert not (site.backups / 'day1').exists() or not list((site.backups / 'day1').iterdir())
+    # A limit smaller than one run keeps that run, whole.
+    site.write_config(BACKUP_LIMIT_MB='1')
+    assert site.run(faketime=at('2027-01-09')).returncode == 0
+    assert len(list((site.backups / 'day6').glob('*.gpg'))) == 2
+
+
+def test_main_is_callable_in_process(site: Site) -> None:
+    assert ppbackup.main(['run']) == 0
+    assert ppbackup.main([]) == 0  # no command is "run"
+    assert len(site.mails()) == 2
