@@ -557,11 +557,13 @@ class Pipeline:
         lines = stderr.read().decode('utf-8', 'replace').splitlines()[-STDERR_TAIL_LINES:]
         return mask_secrets('\n'.join(lines))
 
-    def check(self, allowed: Mapping[int, Sequence[int]] | None = None) -> list[int]:
+    def check(self, allowed: Mapping[int, Sequence[int]] | None = None,
+              downstream_broke: bool = False) -> list[int]:
         """Wait for every process; return their exit codes, or raise BackupError for a failure.
 
         ``allowed`` maps a process index to extra exit codes that count as success (tar's 1).
-        A process killed by SIGPIPE is a victim, not a cause, when another one failed first.
+        The first failure upstream is the cause, unless ``downstream_broke`` (a reader died and
+        its writer only got EPIPE) or the upstream one was merely killed by SIGPIPE.
         """
         codes = [proc.wait() for proc, _ in self.procs]
         if self.timed_out:
@@ -571,6 +573,8 @@ class Pipeline:
         failed = [index for index, code in enumerate(codes)
                   if code != 0 and code not in allowed.get(index, ())]
         causes = [index for index in failed if codes[index] != -signal.SIGPIPE] or failed
+        if downstream_broke:
+            causes.reverse()
         if causes:
             index = causes[0]
             proc = self.procs[index][0]
@@ -678,7 +682,7 @@ def stream_to_file(producer: Sequence[str], compressor: Sequence[str], out_fd: i
                     sink.stdin.close()
             if broken or pipe.timed_out:
                 source.stdout.close()
-        codes = pipe.check({0: allowed})
+        codes = pipe.check({0: allowed}, downstream_broke=broken)
         return Streamed(count, tail, codes)
 
 
@@ -1107,6 +1111,25 @@ def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Pat
     return path, streamed.raw_bytes, warnings
 
 
+def disk_full(folder: Path) -> bool:
+    """Given a folder, return True if its filesystem has (almost) no space left."""
+    with contextlib.suppress(OSError):
+        info = os.statvfs(folder)
+        return info.f_bavail * info.f_frsize < BLOCK
+    return False
+
+
+@contextlib.contextmanager
+def _gpg_write_errors(label: str, step: str, folder: Path) -> Iterator[None]:
+    """Turn an OSError from python-gnupg's copying thread (gpg died under it) into a BackupError."""
+    try:
+        yield
+    except OSError as error:
+        hint = ' (disk full)' if disk_full(folder) else ''
+        raise BackupError(f'{label}: gpg failed while encrypting: {error.strerror or error}{hint}',
+                          step=step) from error
+
+
 def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Sequence[Recipient],
                      timeout: float, label: str) -> tuple[int, str]:
     """Given a plaintext file, encrypt it to exactly ``recipients`` into ``encrypted``.
@@ -1118,7 +1141,7 @@ def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Seque
     pipe = Pipeline(f'gpg {label}', step, timeout)
     _thread_pipeline.current = pipe
     try:
-        with pipe:
+        with pipe, _gpg_write_errors(label, step, encrypted.parent):
             result = gpg.encrypt_file(
                 str(plain), [rec.fingerprint for rec in recipients], armor=False,
                 always_trust=True,  # every key was checked by resolve_recipients
@@ -1132,7 +1155,7 @@ def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Seque
         _thread_pipeline.current = None
     if not result.ok or getattr(result, 'returncode', None):
         tail = mask_secrets('\n'.join((result.stderr or '').splitlines()[-STDERR_TAIL_LINES:]))
-        hint = ' (disk full)' if 'No space left' in tail else ''
+        hint = ' (disk full)' if 'No space left' in tail or disk_full(encrypted.parent) else ''
         raise BackupError(f'{label}: gpg failed: {result.status}{hint}', step=step, detail=tail)
     mismatch = check_addressed_to(packet_recipients(encrypted, Path(gpg.gnupghome)), recipients)
     if mismatch:
@@ -1539,6 +1562,7 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     ensure_private_dir(config.backup_dir)
     day_name, _ = slot_names(config, when)
     day_dir = config.backup_dir / day_name
+    new_slot = not os.path.lexists(day_dir)
     ensure_private_dir(day_dir)
     rundir = config.insecure_dir / f'{RUN_PREFIX}{os.getpid()}'
     ensure_private_dir(rundir)
@@ -1553,6 +1577,9 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
         for item in report.made:
             remove_path(item.encrypted_tmp)
         remove_path(rundir)
+        if new_slot:
+            with contextlib.suppress(OSError):
+                day_dir.rmdir()  # an empty slot would look like a lost backup in status
         raise
     state.update(last_run=stamp, raw_sizes={item.artifact.label: item.raw_bytes for item in made},
                  last_result='running', files=[item.encrypted_name for item in made])

@@ -7,6 +7,7 @@ for real are PATH shims written by the tests that need them.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import json
 import os
 import secrets
@@ -108,8 +109,8 @@ def drop_databases(*names: str) -> None:
 MAILX_SHIM = """#!/bin/sh
 # Records each mail as one JSON file: argv and body. Exits $MAILX_EXIT (default 0).
 dir="${MAILX_DIR:?}"
-n=$(ls "$dir" | wc -l)
-python3 -c 'import json,sys; print(json.dumps({"argv": sys.argv[1:], "body": sys.stdin.read()}))' \
+n=$(/bin/ls "$dir" | /usr/bin/wc -l)
+PYTHON -c 'import json,sys; print(json.dumps({"argv": sys.argv[1:], "body": sys.stdin.read()}))' \
   "$@" > "$dir/mail-$n.json"
 exit "${MAILX_EXIT:-0}"
 """
@@ -184,6 +185,36 @@ class Site:
                           str(self.keys.holder))
         assert result.returncode == 0, result.stderr
 
+    def temporaries(self) -> list[Path]:
+        """Return leftovers of a run: temporary files and run folders, anywhere under $HOME."""
+        return [path for path in self.home.rglob('*')
+                if path.name.startswith(('.ppbackup-tmp-', '.ppbackup-run-'))]
+
+    def assert_failed(self, result: subprocess.CompletedProcess[str], step: str,
+                      before: dict[str, tuple[int, bytes]], mails_before: int = 0,
+                      code: int = 1, new_files_allowed: bool = False) -> dict[str, Any]:
+        """Check the invariant of every failure: the exit code, exactly one FAILED mail naming
+        the step, earlier backups (local and remote) byte-identical with the same inodes, nothing
+        half-written under a final name, no temporaries, and the lock released. Return the mail."""
+        assert result.returncode == code, result.stderr
+        assert 'FAILED' in result.stderr
+        mails = self.mails()[mails_before:]
+        assert len(mails) == 1, mails
+        subject = mails[0]['argv'][mails[0]['argv'].index('-s') + 1]
+        assert 'FAILED' in subject and step in subject, (subject, mails[0]['body'])
+        after = self.snapshot(self.backups, self.remote)
+        for path, identity in before.items():  # earlier backups: same inode, same bytes
+            assert after.get(path) == identity, f'{path} changed'
+        if not new_files_allowed:  # failed before the slots were written: nothing new at all
+            assert sorted(after) == sorted(before)
+        assert ppbackup.check_tree(self.backups, None, None) == []
+        assert self.temporaries() == []
+        lock = self.home / 'backups.insecure' / '.ppbackup.lock'
+        if lock.exists():
+            with open(lock) as handle:  # nobody holds it any more
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return mails[0]
+
     def snapshot(self, *roots: Path) -> dict[str, tuple[int, bytes]]:
         """Return {path: (inode, bytes)} for every file under ``roots``: earlier backups must keep
         both the same bytes and the same inode."""
@@ -222,7 +253,7 @@ def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterato
     mails_dir.mkdir()
     remote = tmp_path / 'remote'
     remote.mkdir()
-    (shims / 'mailx').write_text(MAILX_SHIM)
+    (shims / 'mailx').write_text(MAILX_SHIM.replace('PYTHON', sys.executable))
     (shims / 'mailx').chmod(0o755)
     env = {**os.environ, 'HOME': str(home), 'PATH': f'{shims}:{os.environ["PATH"]}',
            'MAILX_DIR': str(mails_dir), 'GNUPGHOME': str(gnupghome), 'DONT_FAKE_MONOTONIC': '1'}
