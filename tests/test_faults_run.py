@@ -18,8 +18,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Self
 
 import pytest
 from conftest import CANARY, REPO, Site, psql, sh
@@ -50,10 +51,8 @@ def temporaries(site: Site) -> list[str]:
             continue
         for path in root.rglob('*'):
             name = path.name
-            if name.startswith(TEMP_PREFIXES):
-                found.append(str(path))
-            elif name.startswith('.') and not (path.parent == insecure(site) and
-                                               name == ppbackup.LOCK_NAME):
+            the_lock = path.parent == insecure(site) and name == ppbackup.LOCK_NAME
+            if name.startswith(TEMP_PREFIXES) or (name.startswith('.') and not the_lock):
                 found.append(str(path))
     return found
 
@@ -156,7 +155,7 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 20) -> No
     deadline = time.monotonic() + timeout
     while not path.exists():
         if proc.poll() is not None:
-            out, err = proc.communicate()
+            _, err = proc.communicate()
             raise AssertionError(f'the run ended ({proc.returncode}) before {path.name}: {err}')
         assert time.monotonic() < deadline, f'timeout waiting for {path}'
         time.sleep(0.01)
@@ -229,7 +228,7 @@ class ProcSampler:
             self.samples += 1
             time.sleep(0.002)
 
-    def __enter__(self) -> ProcSampler:
+    def __enter__(self) -> Self:
         self._thread.start()
         return self
 
@@ -376,15 +375,20 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
 def test_K2_sigterm_and_sigint_stop_children_and_remove_temporaries(
         site: Site, sessions: list[int]) -> None:
     before = baseline(site)
+    tar_started = site.root / 'tar.started'
+    site.shim('tar', f'#!/bin/sh\necho "$$" >> {tar_started}\nexec /usr/bin/tar "$@"\n')
     problems = []
-    # SIGTERM as soon as the dump hangs; Ctrl-C (SIGINT to the foreground group) a little later,
-    # when the other artifacts have been encrypted beside their slot.
-    for sig, pause in ((signal.SIGTERM, 0.0), (signal.SIGINT, 1.0)):
-        marker = sleeping_dump(site)
+    # SIGTERM while both dumps hang (the archives still wait their turn); Ctrl-C (SIGINT to the
+    # foreground group) while one dump hangs and the other artifacts lie encrypted beside the slot.
+    for sig, hanging, pause in ((signal.SIGTERM, ('pg_dump', 'mysqldump'), 0.2),
+                                (signal.SIGINT, ('pg_dump',), 1.0)):
+        markers = [sleeping_dump(site, program) for program in hanging]
         mails_before = len(site.mails())
         proc = start(site, sessions)
-        wait_for(marker, proc)
+        for marker in markers:
+            wait_for(marker, proc)
         time.sleep(pause)
+        tar_before = tar_started.read_text() if tar_started.exists() else ''
         signalled = time.monotonic()
         os.killpg(proc.pid, sig)
         _, err = proc.communicate(timeout=30)
@@ -396,12 +400,16 @@ def test_K2_sigterm_and_sigint_stop_children_and_remove_temporaries(
         mail = assert_one_failed_mail(site, mails_before, 'dump')
         assert sig.name in mail['body']
         assert_untouched(site, before)
+        tar_after = tar_started.read_text() if tar_started.exists() else ''
+        if tar_after != tar_before:
+            problems.append(f'{sig.name}: new children (tar) were started after the signal')
         leftovers = temporaries(site)
         if leftovers:
             problems.append(f'{sig.name}: temporaries left: {leftovers}')
-            for path in leftovers:  # so that the SIGINT case is judged on its own
+            for path in leftovers:  # so that the next case is judged on its own
                 ppbackup.remove_path(Path(path))
-    (site.shims / 'pg_dump').unlink()
+        for program in hanging:
+            (site.shims / program).unlink()
     assert_next_run_succeeds(site)
     assert problems == []
 
@@ -462,7 +470,7 @@ def traversable_ancestors(path: Path) -> list[tuple[Path, int]]:
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', *argv],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
 
 
 def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
@@ -476,7 +484,7 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
         for umask in (0o022, 0o000):
             time.sleep(umask == 0)  # the second run in another second (rsync compares seconds)
             result = subprocess.run(COMMAND, env=site.env, cwd=site.home, capture_output=True,
-                                    text=True, timeout=120, stdin=subprocess.DEVNULL,
+                                    text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
                                     preexec_fn=lambda: os.umask(umask))  # noqa: B023
             assert result.returncode == 0, result.stderr
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700
@@ -523,10 +531,9 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         assert all(password not in str(mail) for mail in site.mails())
         # A dumper that prints credentials in its error: the mail and stderr show them masked.
         mails_before = len(site.mails())
-        site.shim('pg_dump', '#!/bin/sh\n'
-                  f'echo "pg_dump: error: connection to postgresql://backup:{password}@db.example.org'
-                  f'/shop failed" >&2\n'
-                  f'echo "pg_dump: detail: password={password}" >&2\nexit 1\n')
+        url = f'postgresql://backup:{password}@db.example.org/shop'
+        site.shim('pg_dump', f'#!/bin/sh\necho "pg_dump: error: connection to {url} failed" >&2\n'
+                             f'echo "pg_dump: detail: password={password}" >&2\nexit 1\n')
         failed = site.run()
         assert failed.returncode == 1
         mail = assert_one_failed_mail(site, mails_before, 'psql')
