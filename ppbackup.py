@@ -1317,9 +1317,11 @@ def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path
 # ---------------------------------------------------------------------------------------------------
 
 
-def rsync_base(config: Config) -> list[str]:
-    """Return rsync's argv start: archive mode, hard links kept, and an ssh that fails fast."""
-    argv = ['rsync', '-a', '-H', f'--timeout={RSYNC_IO_TIMEOUT}', f'--partial-dir={PARTIAL_DIR}']
+def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
+    """Return rsync's argv start: archive mode, hard links kept (the remote week copy costs no
+    disk either), and an ssh that fails fast."""
+    argv = ['rsync', '-a', *(['-H'] if hard_links else []), f'--timeout={RSYNC_IO_TIMEOUT}',
+            f'--partial-dir={PARTIAL_DIR}']
     if ':' in config.remote.split('/', 1)[0]:
         rsh = os.environ.get('RSYNC_RSH', 'ssh')
         if Path(shlex.split(rsh)[0]).name == 'ssh':
@@ -1349,7 +1351,8 @@ def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> l
     """Given files relative to the backups folder's parent (None: all), return those whose remote
     copy is missing or differs by checksum. Raise BackupError if the remote cannot be reached."""
     parent = str(config.backup_dir.parent)
-    argv = [*rsync_base(config), '--dry-run', '--checksum', '--itemize-changes']
+    # Without -H: a hard-linked week copy must be checked as a file of its own, not as a link.
+    argv = [*rsync_base(config, hard_links=False), '--dry-run', '--checksum', '--itemize-changes']
     if relative_files is not None:
         argv += ['--files-from=-', '--', parent + '/', config.remote]
         payload = ''.join(name + '\n' for name in relative_files).encode()
