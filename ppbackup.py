@@ -250,7 +250,7 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
         if char == '\\':
             nxt = text[pos + 1: pos + 2]
             if quote == '"' and nxt not in ('$', '`', '"', '\\', '\n'):
-                out.append('\\')
+                out.append('\\' + nxt)  # inside double quotes a backslash stays, as in sh
             elif nxt != '\n':
                 out.append(nxt)
             line += nxt == '\n'
