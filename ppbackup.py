@@ -932,25 +932,27 @@ def remove_path(path: Path) -> None:
             shutil.rmtree(path)
 
 
-def sweep(config: Config) -> list[str]:
-    """Remove plaintext older than 24 hours and the temporaries of killed runs; return what went.
+def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
+    """Given the private folder, remove ``latest`` if it is older than 24 hours (or a planted
+    symlink); return what went. Every invocation does this first, even one that then fails."""
+    latest = insecure_dir / 'latest'
+    if insecure_dir.is_symlink() or not os.path.lexists(latest):
+        return []
+    if latest.is_symlink() or not latest.is_dir() or \
+            time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
+        remove_path(latest)  # a planted symlink is removed, never followed
+        return [str(latest)]
+    return []
 
-    Runs first in every invocation that holds the lock, even one that then fails.
-    """
+
+def sweep_temporaries(config: Config) -> list[str]:
+    """Remove the temporaries of killed runs; return what went. Only under the run lock."""
     removed = []
-    now = time.time()
     if config.insecure_dir.is_dir() and not config.insecure_dir.is_symlink():
         for entry in config.insecure_dir.iterdir():
             if entry.name.startswith((RUN_PREFIX, TMP_PREFIX)):
                 remove_path(entry)
                 removed.append(str(entry))
-            elif entry.name == 'latest':
-                if entry.is_symlink() or not entry.is_dir():
-                    remove_path(entry)  # planted: never follow it
-                    removed.append(str(entry))
-                elif now - entry.lstat().st_mtime > PLAINTEXT_MAX_AGE:
-                    remove_path(entry)
-                    removed.append(str(entry))
     if config.backup_dir.is_dir() and not config.backup_dir.is_symlink():
         for slot in [config.backup_dir, *config.backup_dir.iterdir()]:
             if slot.is_dir() and not slot.is_symlink():
@@ -1555,8 +1557,8 @@ def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.
 def replace_latest(config: Config, rundir: Path, stamp: float) -> None:
     """Make the run folder the new ``latest``, aged from ``stamp``; the previous one is removed."""
     latest = config.insecure_dir / 'latest'
-    if os.path.lexists(latest):
-        old = config.insecure_dir / f'{TMP_PREFIX}{os.getpid()}-old-latest'
+    old = config.insecure_dir / f'{TMP_PREFIX}{os.getpid()}-old-latest'
+    with contextlib.suppress(FileNotFoundError):  # the 24-hour sweep may have taken it
         os.rename(latest, old)
         remove_path(old)
     os.rename(rundir, latest)
@@ -1627,7 +1629,7 @@ def command_run(config: Config, dry_run: bool) -> int:
     report = Report(config)
     code = EXIT_OK
     with run_lock(config):
-        for path in sweep(config):
+        for path in sweep_temporaries(config):
             log.info('removed %s', path)
         try:
             run_backup(config, report)
@@ -1699,6 +1701,9 @@ def print_plan(config: Config) -> int:
     print(f'rotation would remove {len(doomed)} file(s):')
     for path in doomed:
         print(f'  {path}')
+    latest = config.insecure_dir / 'latest'
+    if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
+        print(f'plaintext older than 24 hours would be removed: {latest}')
     print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
     return EXIT_OK
 
@@ -1771,6 +1776,9 @@ def command_check(config: Config) -> int:
             mode = stat.S_IMODE(folder.stat().st_mode)
             mark(mode & 0o077 == 0 or None, f'{folder}: mode {mode:o}'
                  + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'))
+    latest = config.insecure_dir / 'latest'
+    if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
+        mark(False, f'{latest}: plaintext older than 24 hours (the next run removes it)')
     for path in (*config.files, *config.binaries):
         if not os.path.lexists(config.home / path):
             mark(False, f'path {config.home / path}: missing')
@@ -2206,8 +2214,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             if bad:
                 raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step='watch')
             return command_watch(args.dir, args.max_age, mail, args.dry_run)
-        config = load_config(config_path_from(args.config))
+        try:
+            config = load_config(config_path_from(args.config))
+        except ConfigError:
+            # Even a broken config must not keep old plaintext alive: sweep the default place.
+            remove_expired_plaintext(Path(os.path.expanduser('~/backups.insecure')))
+            raise
         setup_logging(args.verbose, config.syslog)
+        if command != 'check' and not getattr(args, 'dry_run', False):  # those write nothing
+            for path in remove_expired_plaintext(config.insecure_dir):
+                log.info('removed plaintext older than 24 hours: %s', path)
         if command == 'check':
             return command_check(config)
         if command == 'status':
