@@ -201,6 +201,7 @@ KEYS_BY_NAME = {key.name: key for key in KEYS}
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 EMAIL_RE = re.compile(r'^[^@\s,\-][^@\s,]*@[^@\s,]+$')
 FINGERPRINT_RE = re.compile(r'^(0x)?[0-9A-Fa-f]{40}$')
+VARIABLE_RE = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -237,8 +238,9 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
     quote = ''
     while pos < len(text):
         char = text[pos]
-        if quote == "'":
-            if char == "'":
+        # Inside quotes every character is literal, except that "..." still sees \, $ and `.
+        if quote == "'" or (quote == '"' and char not in '\\$`'):
+            if char == quote:
                 quote = ''
             else:
                 out.append(char)
@@ -257,8 +259,7 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
             pos += 2
             continue
         if char == '$':
-            match = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))').match(
-                text, pos)
+            match = VARIABLE_RE.match(text, pos)
             if text.startswith('$(', pos):
                 raise ValueError('$(...) would run a command; ppbackup never runs the config')
             if text.startswith('${', pos) and not match:
@@ -271,14 +272,6 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
                 pos = match.end()
                 continue
             out.append(char)
-            pos += 1
-            continue
-        if quote == '"':
-            if char == '"':
-                quote = ''
-            else:
-                out.append(char)
-                line += char == '\n'
             pos += 1
             continue
         if char in '"\'':

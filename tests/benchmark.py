@@ -745,7 +745,8 @@ def main(argv: list[str] | None = None) -> int:
             pair = statistics.median(c['seconds'] / p['seconds'] for c, p in zip(runs, main_runs))
             out.append(f'  variant {script}: median {median:.2f} s '
                        f'(runs {listed(runs)}), '
-                       f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, VmHWM '
+                       f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, CPU '
+                       f'{med(runs, "cpu"):.2f} core-s (Python {med(runs, "py_cpu"):.2f}), VmHWM '
                        f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB')
         out += ['', *step_table('bare pipeline, per step (sequential):', bare)]
         if old:

@@ -271,3 +271,12 @@ def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterato
     sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)
     subprocess.run(['chmod', '-R', 'u+rwX', str(tmp_path)], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+@pytest.fixture
+def mounts() -> Iterator[list[Path]]:
+    """Mount points a test made (a small tmpfs, a read-only bind); unmounted afterwards."""
+    mounted: list[Path] = []
+    yield mounted
+    for path in reversed(mounted):
+        subprocess.run(['umount', '-l', str(path)], check=False)

@@ -318,14 +318,6 @@ def test_E6_gpg_dying_part_way_leaves_nothing_under_a_final_name(site: Site) -> 
 # --- Disk and filesystem -----------------------------------------------------------------------
 
 
-@pytest.fixture
-def mounts() -> Iterator[list[Path]]:
-    mounted: list[Path] = []
-    yield mounted
-    for path in reversed(mounted):
-        subprocess.run(['umount', '-l', str(path)], check=False)
-
-
 def test_F1_disk_full_while_encrypting(site: Site, mounts: list[Path]) -> None:
     site.backups.mkdir()
     sh('mount', '-t', 'tmpfs', '-o', 'size=512k,mode=0700', 'tmpfs', str(site.backups))

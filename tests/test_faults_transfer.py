@@ -16,14 +16,6 @@ from conftest import REPO, Site, sh
 import ppbackup
 
 
-@pytest.fixture
-def mounts() -> Iterator[list[Path]]:
-    mounted: list[Path] = []
-    yield mounted
-    for path in reversed(mounted):
-        subprocess.run(['umount', '-l', str(path)], check=False)
-
-
 def test_T2_a_transfer_killed_mid_file_fails_and_the_next_run_completes_it(site: Site) -> None:
     (site.home / 'site' / 'uploads' / 'big.bin').write_bytes(os.urandom(6 * 1024 * 1024))
     # Only the pace is faked: the real rsync, slowed down so that it can be caught mid-file.
