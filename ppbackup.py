@@ -1846,7 +1846,7 @@ def command_status(config: Config, as_json: bool) -> int:
     for row in rows:
         print(f'{row["slot"]:<6} {row["run"]:<28} {age(row["time"]):<30} {row["files"]:>5} '
               f'{human_size(row["bytes"]):>10}  {" ".join(row["recipients"])}')
-    print(f'last 7 days:  ' + ' '.join(f'{day[5:]}{"+" if ok else "-"}'
+    print('last 7 days:  ' + ' '.join(f'{day[5:]}{"+" if ok else "-"}'
                                        for day, ok in sorted(day_covered.items())))
     print(f'weeks held:   {len(weeks_present)} of 53: {" ".join(weeks_present) or "none"}')
     print(f'latest plaintext: {age(latest_time)}')

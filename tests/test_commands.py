@@ -39,7 +39,7 @@ def test_dry_run_prints_the_plan_and_writes_and_mails_nothing(site: Site) -> Non
     assert len(site.mails()) == mails
     out = result.stdout
     assert f'pg_dump --no-password --format=plain --dbname={site.pg_db} | zstd' in out
-    assert f'mysqldump --single-transaction' in out and 'tar --create' in out
+    assert 'mysqldump --single-transaction' in out and 'tar --create' in out
     assert 'rsync -a -H' in out
     assert 'slots: day1, wk2' in out
     # Last week's Monday run in day1 is what rotation would remove.

@@ -8,9 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator
 
-import pytest
 from conftest import REPO, Site, sh
 
 import ppbackup
