@@ -28,6 +28,7 @@ import difflib
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import logging
 import logging.handlers
@@ -1087,7 +1088,6 @@ def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Pat
                                   what=artifact.label, step=f'dump {artifact.label}',
                                   timeout=config.dump_timeout, cwd=artifact.cwd,
                                   allowed=(1,) if artifact.tar_warning_ok else ())
-        os.fsync(fd)
     except OSError as error:
         hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
         raise BackupError(f'{artifact.label}: cannot write {path}: {error.strerror}{hint}',
@@ -1137,13 +1137,15 @@ def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Seque
     _thread_pipeline.current = pipe
     try:
         with pipe, _gpg_write_errors(label, step, encrypted.parent):
+            # gpg reads the file itself (named last): no Python thread copies the bytes.
             result = gpg.encrypt_file(
-                str(plain), [rec.fingerprint for rec in recipients], armor=False,
+                io.BytesIO(b''), [rec.fingerprint for rec in recipients], armor=False,
                 always_trust=True,  # every key was checked by resolve_recipients
                 output=str(encrypted),
                 # gpg compresses by default, and compressing zstd output again only burns CPU.
                 # gpg.conf must not add anyone: no encrypt-to, no hidden key ids.
-                extra_args=['--compress-algo', 'none', '--no-encrypt-to', '--no-throw-keyids'])
+                extra_args=['--compress-algo', 'none', '--no-encrypt-to', '--no-throw-keyids',
+                            '--', str(plain)])
             if pipe.timed_out:
                 raise BackupError(f'{label}: encryption timed out after {timeout} s', step=step)
     finally:
@@ -1157,6 +1159,8 @@ def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Seque
         raise BackupError(f'{label}: ciphertext {mismatch}; refusing it', step=step)
     with open(encrypted, 'rb') as handle:
         digest = hashlib.file_digest(handle, 'sha256').hexdigest()
+        # On disk before rotation may delete an older copy (the plaintext needs no such care).
+        os.fsync(handle.fileno())
     return encrypted.stat().st_size, digest
 
 
@@ -1179,6 +1183,15 @@ def make_artifact(artifact: Artifact, config: Config, rundir: Path, slot_dir: Pa
 
 def manifest_name(config: Config, when: dt.datetime) -> str:
     return f'{config.name}-{when:%H}xx{MANIFEST_SUFFIX}'
+
+
+def fsync_dir(folder: Path) -> None:
+    """Given a folder, make the renames in it durable."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_file_atomically(path: Path, data: bytes, mtime: float) -> None:
@@ -1544,6 +1557,8 @@ def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.
             {item.encrypted_name: item.sha256 for item in weekly}), stamp)
         written.add(week_dir / manifest)
         report.slots.append(week_name)
+    for slot in {path.parent for path in written}:
+        fsync_dir(slot)  # the renames are durable before retention removes anything
     return written
 
 

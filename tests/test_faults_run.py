@@ -188,7 +188,7 @@ def assert_next_run_succeeds(site: Site, **run: Any) -> subprocess.CompletedProc
     before = len(site.mails())
     result = site.run(**run)
     assert result.returncode == 0, f'the next run did not succeed: {result.stderr}'
-    assert new_subjects(site, before) == [SUCCEEDED]
+    assert new_subjects(site, before) == [SUCCEEDED], site.mails()[-1]['body']
     leftovers = temporaries(site)
     assert not leftovers, f'temporaries left after the next run: {leftovers}'
     return result
@@ -479,7 +479,11 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
     folder.chmod(0o755)
     restore = traversable_ancestors(site.home)
     try:
-        control = site.home / 'site' / 'index.php'
+        # A control file anyone may read (whatever umask this process has by now), beside
+        # the private folder: if nobody can read it, the checks below prove something.
+        control = site.home / 'readable-by-all.txt'
+        control.write_text('public\n')
+        control.chmod(0o644)
         assert as_nobody('cat', str(control)).returncode == 0, 'the check itself cannot work'
         for umask in (0o022, 0o000):
             time.sleep(umask == 0)  # the second run in another second (rsync compares seconds)
@@ -589,7 +593,7 @@ def test_N1_failed_mail_makes_the_run_fail_loudly(site: Site) -> None:
     assert result.returncode == ppbackup.EXIT_FAILED
     assert 'mail' in result.stderr and 'could not be sent' in result.stderr, result.stderr
     # The backup itself was made and sent; only the report failed.
-    assert site.subjects() == [SUCCEEDED]
+    assert site.subjects() == [SUCCEEDED], site.mails()[0]['body']
     assert list(site.backups.glob('day*/*.sha256'))
     assert list((site.remote / 'backups').glob('day*/*.sha256'))
     assert temporaries(site) == []
