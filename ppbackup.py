@@ -491,6 +491,14 @@ def kill_all_children() -> None:
         _kill_group(pgid, grace=1.0)
 
 
+def _dies_with_us(argv: Sequence[str]) -> list[str]:
+    """Given an argv, return it run through ``setpriv --pdeathsig KILL``: the child is killed by the
+    kernel when ppbackup dies, even by kill -9 (no Python runs between fork and exec)."""
+    if shutil.which('setpriv'):
+        return ['setpriv', '--pdeathsig', 'KILL', '--', *argv]
+    return list(argv)
+
+
 def _program_missing(program: str) -> BackupError:
     return BackupError(f'{program} is not installed or not on PATH; install it (see README '
                        '"Prerequisites") or fix PATH')
@@ -509,6 +517,7 @@ class Pipeline:
         self.timeout = timeout
         self.pgid = 0
         self.procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+        self.names: list[str] = []  # each process's program, for messages
         self.timed_out = False
         self._timer: threading.Timer | None = None
 
@@ -519,7 +528,8 @@ class Pipeline:
         stderr = tempfile.TemporaryFile()
         kwargs.setdefault('stdin', subprocess.DEVNULL)
         try:
-            proc = subprocess.Popen(list(argv), stderr=stderr, process_group=self.pgid, **kwargs)
+            proc = subprocess.Popen(_dies_with_us(argv), stderr=stderr, process_group=self.pgid,
+                                    **kwargs)
         except OSError as error:
             stderr.close()
             raise BackupError(f'cannot start {argv[0]}: {error}', step=self.step) from error
@@ -532,11 +542,13 @@ class Pipeline:
                 self._timer.daemon = True
                 self._timer.start()
         self.procs.append((proc, stderr))
+        self.names.append(Path(argv[0]).name)
         return proc
 
     def adopt(self, proc: subprocess.Popen[bytes]) -> None:
         """Given a process started elsewhere in this group (python-gnupg's gpg), track it."""
         self.procs.append((proc, tempfile.TemporaryFile()))
+        self.names.append('gpg')
 
     def _expire(self) -> None:
         self.timed_out = True
@@ -571,8 +583,7 @@ class Pipeline:
             causes.reverse()
         if causes:
             index = causes[0]
-            proc = self.procs[index][0]
-            program = Path(str(proc.args[0] if isinstance(proc.args, list) else proc.args)).name
+            program = self.names[index]
             code = codes[index]
             how = f'was killed by {signal.Signals(-code).name}' if code < 0 else f'exited {code}'
             tail = self.stderr_tail(index)
@@ -713,9 +724,9 @@ class GnuPG(gnupg.GPG):  # type: ignore[misc]
     def _open_subprocess(self, args: list[str], passphrase: bool = False) -> subprocess.Popen[bytes]:
         if not shutil.which(self.gpgbinary):
             raise _program_missing(self.gpgbinary)
-        proc = subprocess.Popen(self.make_args(args, passphrase), stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=self.env,
-                                process_group=0)
+        proc = subprocess.Popen(_dies_with_us(self.make_args(args, passphrase)),
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, env=self.env, process_group=0)
         pipeline: Pipeline | None = getattr(_thread_pipeline, 'current', None)
         with _live_lock:
             _live_groups.add(proc.pid)
@@ -1498,6 +1509,8 @@ def make_all(config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: 
                     log.error('%s', error)
                     errors.append(error)
         except BaseException:
+            for future in futures:
+                future.cancel()  # artifacts not started yet never start
             kill_all_children()
             raise
     order = {artifact.filename: index for index, artifact in enumerate(artifacts)}
@@ -1597,6 +1610,9 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     except BaseException:
         for item in report.made:
             remove_path(item.encrypted_tmp)
+        # A signal leaves make_all before report.made is set: sweep this process's temporaries.
+        for entry in day_dir.glob(f'{TMP_PREFIX}{os.getpid()}-*'):
+            remove_path(entry)
         remove_path(rundir)
         if new_slot:
             with contextlib.suppress(OSError):
@@ -2205,7 +2221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
     setup_logging(args.verbose)
-    os.umask(0o077)  # plaintext is private whatever the caller's umask
+    caller_umask = os.umask(0o077)  # plaintext is private whatever the caller's umask
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if threading.current_thread() is threading.main_thread():
         for sig in previous:
@@ -2254,6 +2270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('ppbackup: this is a bug; please report it with the traceback above', file=sys.stderr)
         return EXIT_BUG
     finally:
+        os.umask(caller_umask)  # main() may be called in-process, as the tests do
         if threading.current_thread() is threading.main_thread():
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
