@@ -6,6 +6,7 @@ Run by hand, as root on a host with PostgreSQL and MariaDB running (as for the t
     python3 tests/benchmark.py --size-mb 200
     python3 tests/benchmark.py --size-mb 1000 --rounds 3
     python3 tests/benchmark.py --size-mb 200 --compare /tmp/ppb-copy/ppbackup.py   # A/B a variant
+    python3 tests/benchmark.py --size-mb 200 --quiet 0.2   # on a shared host: gate runs on idle CPUs
 
 It is not a test: pytest collects neither this file name nor anything in it.
 
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import json
 import os
 import random
@@ -42,10 +44,10 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 PPBACKUP = REPO / 'ppbackup.py'
@@ -173,7 +175,7 @@ def sh(cmd: str, *, env: dict[str, str] | None = None, input_text: str | None = 
        check: bool = True) -> subprocess.CompletedProcess[str]:
     """Run a bash command line with pipefail; raise with its output if it fails."""
     result = subprocess.run(['bash', '-o', 'pipefail', '-c', cmd], env=env, input=input_text,
-                            capture_output=True, text=True)
+                            capture_output=True, text=True, check=False)
     if check and result.returncode:
         raise RuntimeError(f'command failed ({result.returncode}): {cmd}\n{result.stdout[-2000:]}'
                            f'{result.stderr[-2000:]}')
@@ -250,7 +252,7 @@ MY_ROW_BYTES = '''SELECT AVG(LENGTH(id) + LENGTH(created) + LENGTH(customer) + L
   + LENGTH(status) + LENGTH(amount) + LENGTH(token) + LENGTH(note) + 22) FROM orders;'''
 
 
-def fill_table(target: int, row_bytes: Callable[[], float], insert: Callable[[int, int], None],
+def fill_table(target: int, row_bytes: Callable[[], float], insert: Callable[[int, int], object],
                chunk: int = 400_000) -> int:
     """Insert a calibration batch, then enough rows for ``target`` dump bytes; return the rows."""
     first = 20_000
@@ -286,10 +288,10 @@ LOG_PATHS = ['/', '/index.php', '/agenda', '/adherer', '/contact', '/wp-login.ph
              '/static/css/site.css', '/static/js/app.js', '/images/logo.png', '/api/events',
              '/api/members/search', '/boutique/panier', '/forum/topic', '/galerie/photo']
 AGENTS = ['Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0',
-          'Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) '
-          'Chrome/126.0 Safari/537.36',
-          'Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, '
-          'like Gecko) Version/17.5 Mobile/15E148 Safari/604.1',
+          ('Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) '
+           'Chrome/126.0 Safari/537.36'),
+          ('Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, '
+           'like Gecko) Version/17.5 Mobile/15E148 Safari/604.1'),
           'Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)',
           'curl/7.88.1', 'python-requests/2.31.0']
 ERRORS = ['PHP Warning:  Undefined array key "page" in /var/www/site/index.php on line 42',
@@ -315,7 +317,7 @@ def write_logs(folder: Path, total: int, rng: random.Random) -> None:
             t += rng.random() * 0.8
             if int(t) != stamp_second:
                 stamp_second = int(t)
-                stamp = dt.datetime.fromtimestamp(stamp_second, dt.timezone.utc).strftime(
+                stamp = dt.datetime.fromtimestamp(stamp_second, dt.UTC).strftime(
                     '%d/%b/%Y:%H:%M:%S +0000')
             if rng.random() < 0.03:
                 line = (f'[{stamp}] [error] [client {rng.choice(ips)}] {rng.choice(ERRORS)}, '
@@ -467,11 +469,12 @@ class Bench:
 
     def cleanup(self) -> None:
         for db in (self.pg_db, self.my_db):
-            subprocess.run(['dropdb', '--if-exists', '--', db], capture_output=True)
-            subprocess.run(['mysql', '-e', f'DROP DATABASE IF EXISTS `{db}`'], capture_output=True)
+            subprocess.run(['dropdb', '--if-exists', '--', db], capture_output=True, check=False)
+            subprocess.run(['mysql', '-e', f'DROP DATABASE IF EXISTS `{db}`'], capture_output=True,
+                           check=False)
         for home in (self.holder, self.gnupghome):
             subprocess.run(['gpgconf', '--homedir', str(home), '--kill', 'all'],
-                           capture_output=True)
+                           capture_output=True, check=False)
         if self.args.keep:
             say(f'kept {self.root}')
         else:
@@ -532,20 +535,22 @@ class Bench:
         comp, ext = ('bzip2', '.bz2') if old else (ZSTD, '.zst')
         names = {'psql': f'bench-psql.sql{ext}', 'mysql': f'bench-mysql.sql{ext}',
                  'files': f'bench-files.tar{ext}', 'binaries': f'bench-binaries.tar{ext}'}
-        steps = [('dump pg', f'{PG_DUMP.format(db=self.pg_db)} | {comp} > {q(latest / names["psql"])}'),
-                 ('dump mysql', f'{MYSQLDUMP.format(db=self.my_db)} | {comp} > '
-                                f'{q(latest / names["mysql"])}')]
+        steps = [
+            ('dump pg', f'{PG_DUMP.format(db=self.pg_db)} | {comp} > {q(latest / names["psql"])}'),
+            ('dump mysql',
+             f'{MYSQLDUMP.format(db=self.my_db)} | {comp} > {q(latest / names["mysql"])}')]
         for kind, folder in (('files', 'site'), ('binaries', 'bin')):
             out = q(latest / names[kind])
             if old:
                 steps.append((f'tar {kind}', f'tar -c -j -f {out} -C {q(self.home)} {folder}'))
             else:
-                steps.append((f'tar {kind}', f'tar -c -f - -C {q(self.home)} {folder} | {comp} > {out}'))
+                steps.append((f'tar {kind}',
+                              f'tar -c -f - -C {q(self.home)} {folder} | {comp} > {out}'))
         gpg_opts = '' if old else ' --compress-algo none'
         for kind, name in names.items():
-            steps.append((f'gpg {kind}', f'gpg --homedir {q(self.gnupghome)} --batch --no-tty '
-                          f'--trust-model always{gpg_opts} -r {self.fpr} -o {q(day / (name + ".gpg"))} '
-                          f'-e {q(latest / name)}'))
+            steps.append((f'gpg {kind}', (
+                f'gpg --homedir {q(self.gnupghome)} --batch --no-tty --trust-model always'
+                f'{gpg_opts} -r {self.fpr} -o {q(day / (name + ".gpg"))} -e {q(latest / name)}')))
         links = [f'ln {q(day / (names[k] + ".gpg"))} {q(week / (names[k] + ".gpg"))}'
                  for k in ('psql', 'mysql', 'files')]
         steps.append(('ln', ' && '.join(links)))
@@ -613,7 +618,7 @@ def step_table(title: str, runs: list[dict[str, Any]]) -> list[str]:
 
 
 def med(runs: list[dict[str, Any]], key: str) -> float:
-    return statistics.median(run[key] for run in runs)
+    return float(statistics.median(run[key] for run in runs))
 
 
 def listed(runs: list[dict[str, Any]], key: str = 'seconds', scale: float = 1,
@@ -627,6 +632,65 @@ def timeline(run: dict[str, Any]) -> list[str]:
         lines.append(f'  {at:7.2f} s  {text}')
     lines.append(f'  {run["seconds"]:7.2f} s  (process exited)')
     return lines
+
+
+def mark(ok: bool) -> str:
+    return 'ok' if ok else 'MISSED'
+
+
+def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
+    """Return the printed report: the summary table, then details, per-step times, timeline."""
+    main_runs, bare, old = results['ppbackup'], results['bare'], results['old']
+    ncpu = os.cpu_count() or 1
+    ppb_median, bare_median = med(main_runs, 'seconds'), med(bare, 'seconds')
+    paired = statistics.median(p['seconds'] / b['seconds'] for p, b in zip(main_runs, bare))
+    old_median = med(old, 'seconds') if old else float('nan')
+    old_ratio = old_median / ppb_median
+    hwm = max(run['hwm_kb'] for run in main_runs) / 1024
+    raw = sum(results['raw_bytes'].values())
+    loads = [run['other_load'] for run in main_runs + bare]
+    out = ['',
+           (f'ppbackup benchmark: {raw / MIB:.0f} MiB raw data, {len(main_runs)} alternating '
+            f'rounds, {ncpu} CPUs'),
+           (f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"ppb/bare":>9} '
+            f'{"old/ppb":>8} {"VmHWM":>8}'),
+           (f'  {raw / MIB:>5.0f}MiB {ppb_median:>8.2f}s {bare_median:>6.2f}s '
+            f'{old_median:>7.1f}s {paired:>9.2f} {old_ratio:>8.1f} {hwm:>5.1f}MiB'),
+           f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"<= 0.85":>9} {">= 10":>8} {"<= 60":>8}',
+           (f'  {"":>8} {"":>9} {"":>7} {"":>8} {mark(paired <= 0.85):>9} '
+            f'{mark(old_ratio >= 10) if old else "-":>8} {mark(hwm <= 60):>8}'),
+           (f'  ppbackup runs: {listed(main_runs)} s; bare: {listed(bare)} s; ratio of medians '
+            f'{ppb_median / bare_median:.2f}, median of paired ratios {paired:.2f} (the table), '
+            f'best of each {min(r["seconds"] for r in main_runs) / min(r["seconds"] for r in bare):.2f}'),
+           (f'  CPU used (its processes + database servers, median): ppbackup '
+            f'{med(main_runs, "cpu"):.2f} core-s = {med(main_runs, "cpu") / ppb_median / ncpu:.0%} '
+            f'of {ncpu} cores, of which its Python process {med(main_runs, "py_cpu"):.2f} s; bare '
+            f'{med(bare, "cpu"):.2f} core-s = {med(bare, "cpu") / bare_median / ncpu:.0%}'),
+           (f'  other load on this host (cores busy with processes not ours): before '
+            f'{results["load_before"]:.2f}, during ppbackup runs {listed(main_runs, "other_load")}, '
+            f'during bare runs {listed(bare, "other_load")}, after {results["load_after"]:.2f}'
+            + ('  <-- NOISY: other processes competed; the times above are not trustworthy'
+               if max(loads) > max(0.15, args.quiet) else '')
+            + (f' (this run at nice -{args.nice})' if args.nice else '')),
+           (f'  VmHWM per run: {listed(main_runs, "hwm_kb", 1024, 1)} MiB (interpreter + import '
+            f'ppbackup alone: {results["baseline_vmhwm_kb"] / 1024:.1f} MiB)'),
+           (f'  sizes: compressed {main_runs[0]["compressed"] / MIB:.1f} MiB (bare '
+            f'{bare[0]["compressed"] / MIB:.1f}), encrypted {main_runs[0]["encrypted"] / MIB:.1f} '
+            f'MiB (bare {bare[0]["encrypted"] / MIB:.1f})'
+            + (f', old recipe encrypted {old[0]["encrypted"] / MIB:.1f} MiB' if old else ''))]
+    for script, runs in results['variants'].items():
+        median = med(runs, 'seconds')
+        pair = statistics.median(c['seconds'] / p['seconds'] for c, p in zip(runs, main_runs))
+        out.append(f'  variant {script}: median {median:.2f} s (runs {listed(runs)}), '
+                   f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, CPU '
+                   f'{med(runs, "cpu"):.2f} core-s (Python {med(runs, "py_cpu"):.2f}), VmHWM '
+                   f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB')
+    out += ['', *step_table('bare pipeline, per step (sequential):', bare)]
+    if old:
+        out += ['', *step_table('old recipe, per step:', old)]
+    median_run = sorted(main_runs, key=lambda run: run['seconds'])[len(main_runs) // 2]
+    out += ['', 'ppbackup timeline (median run, from its -v log lines):', *timeline(median_run)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -643,8 +707,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--keep', action='store_true', help='keep the throwaway folder (the databases are always dropped)')
     parser.add_argument('--json', type=Path, help='also write the results as JSON here')
     parser.add_argument('--nice', type=int, default=0, metavar='N',
-                        help='run at nice -N (root): shields both sides, not the database servers, '
-                        'from other load on a shared host (0)')
+                        help='run at nice -N (root): favours both sides, not the database servers, '
+                        'over other load; little effect on load in another cgroup (0)')
     parser.add_argument('--quiet', type=float, default=0.0, metavar='CORES',
                         help='on a shared host: before each run wait until other processes use '
                         'at most CORES cores, and redo a run during which they used more (0: off)')
@@ -689,83 +753,28 @@ def main(argv: list[str] | None = None) -> int:
         for round_ in range(1, args.rounds + 1):
             for script in scripts:
                 label = script.name if script == PPBACKUP else str(script)
-                result = timed(label, lambda: bench.run_ppbackup(script))
+                result = timed(label, functools.partial(bench.run_ppbackup, script))
                 ppb[script].append(result)
                 say(f'round {round_}: {label}: {result["seconds"]:.2f} s, VmHWM '
                     f'{result["hwm_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}')
-            result = timed('bare', lambda: bench.run_recipe(old=False))
+            result = timed('bare', functools.partial(bench.run_recipe, old=False))
             bare.append(result)
             say(f'round {round_}: bare pipeline: {result["seconds"]:.2f} s, other load '
                 f'{result["other_load"]:.2f}')
         for round_ in range(1, args.old_rounds + 1):
-            result = timed('old', lambda: bench.run_recipe(old=True), slack=0.5)
+            result = timed('old', functools.partial(bench.run_recipe, old=True), slack=0.5)
             old.append(result)
             say(f'old recipe run {round_}: {result["seconds"]:.2f} s, other load '
                 f'{result["other_load"]:.2f}')
 
         load_after = background_load()
-        main_runs = ppb[args.ppbackup]
-        ppb_median = statistics.median(run['seconds'] for run in main_runs)
-        bare_median = statistics.median(run['seconds'] for run in bare)
-        paired = statistics.median(p['seconds'] / b['seconds'] for p, b in zip(main_runs, bare))
-        old_median = statistics.median(run['seconds'] for run in old) if old else float('nan')
-        hwm = max(run['hwm_kb'] for run in main_runs) / 1024
-        raw = sum(bench.raw.values())
-        ncpu = os.cpu_count() or 1
-
-        out = ['', f'ppbackup benchmark: {args.size_mb} MiB requested, {raw / MIB:.0f} MiB raw, '
-               f'{args.rounds} alternating rounds, {os.cpu_count()} CPUs',
-               f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"ppb/bare":>9} '
-               f'{"old/ppb":>8} {"VmHWM":>8}',
-               f'  {raw / MIB:>5.0f}MiB {ppb_median:>8.2f}s {bare_median:>6.2f}s '
-               f'{old_median:>7.1f}s {paired:>9.2f} {old_median / ppb_median:>8.1f} '
-               f'{hwm:>5.1f}MiB',
-               f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"<= 0.85":>9} {">= 10":>8} '
-               f'{"<= 60":>8}',
-               f'  ppbackup runs: {listed(main_runs)} s; bare: '
-               f'{listed(bare)} s; ratio of medians '
-               f'{ppb_median / bare_median:.2f}, median of paired ratios {paired:.2f}, best of each '
-               f'{min(r["seconds"] for r in main_runs) / min(r["seconds"] for r in bare):.2f}',
-               f'  CPU used (its processes + database servers, median): ppbackup '
-               f'{med(main_runs, "cpu"):.2f} core-s = {med(main_runs, "cpu") / ppb_median / ncpu:.0%}'
-               f' of {ncpu} cores, of which its Python process {med(main_runs, "py_cpu"):.2f} s; '
-               f'bare {med(bare, "cpu"):.2f} core-s = {med(bare, "cpu") / bare_median / ncpu:.0%}',
-               f'  other load on this host (cores busy with processes not ours): before '
-               f'{load_before:.2f}, during ppbackup runs {listed(main_runs, "other_load")}, during '
-               f'bare runs {listed(bare, "other_load")}, after {load_after:.2f}'
-               + ('  <-- NOISY: other processes competed; the times above are not trustworthy'
-                  if max(r['other_load'] for r in main_runs + bare) > 0.15 else '')
-               + (f' (this run at nice -{args.nice})' if args.nice else ''),
-               f'  VmHWM per run: {listed(main_runs, "hwm_kb", 1024, 1)} MiB '
-               f'(interpreter + import ppbackup alone: {baseline / 1024:.1f} MiB)',
-               f'  sizes: compressed {main_runs[0]["compressed"] / MIB:.1f} MiB (bare '
-               f'{bare[0]["compressed"] / MIB:.1f}), encrypted {main_runs[0]["encrypted"] / MIB:.1f}'
-               f' MiB (bare {bare[0]["encrypted"] / MIB:.1f})'
-               + (f', old recipe encrypted {old[0]["encrypted"] / MIB:.1f} MiB' if old else '')]
-        for script in args.compare:
-            runs = ppb[script]
-            median = statistics.median(run['seconds'] for run in runs)
-            pair = statistics.median(c['seconds'] / p['seconds'] for c, p in zip(runs, main_runs))
-            out.append(f'  variant {script}: median {median:.2f} s '
-                       f'(runs {listed(runs)}), '
-                       f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, CPU '
-                       f'{med(runs, "cpu"):.2f} core-s (Python {med(runs, "py_cpu"):.2f}), VmHWM '
-                       f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB')
-        out += ['', *step_table('bare pipeline, per step (sequential):', bare)]
-        if old:
-            out += ['', *step_table('old recipe, per step:', old)]
-        median_run = sorted(main_runs, key=lambda run: run['seconds'])[len(main_runs) // 2]
-        out += ['', 'ppbackup timeline (median run, from its -v log lines):', *timeline(median_run)]
-        say('\n'.join(out))
+        results = {'ppbackup': ppb[args.ppbackup], 'bare': bare, 'old': old,
+                   'variants': {str(script): ppb[script] for script in args.compare},
+                   'load_before': load_before, 'load_after': load_after,
+                   'baseline_vmhwm_kb': baseline, 'raw_bytes': bench.raw}
+        say('\n'.join(report(args, results)))
         if args.json:
-            args.json.write_text(json.dumps({
-                'size_mb': args.size_mb, 'raw_bytes': bench.raw, 'rounds': args.rounds,
-                'ppbackup': [{k: v for k, v in r.items()} for r in main_runs],
-                'variants': {str(s): ppb[s] for s in args.compare},
-                'bare': bare, 'old': old, 'ppbackup_median': ppb_median,
-                'bare_median': bare_median, 'old_median': old_median, 'ratio_paired': paired,
-                'old_over_ppbackup': old_median / ppb_median, 'vmhwm_mib': hwm,
-                'baseline_vmhwm_mib': baseline / 1024}, indent=1))
+            args.json.write_text(json.dumps({'size_mb': args.size_mb, **results}, indent=1))
         return 0
     finally:
         bench.cleanup()
