@@ -534,7 +534,16 @@ class Pipeline:
         except OSError as error:
             stderr.close()
             raise BackupError(f'cannot start {argv[0]}: {error}', step=self.step) from error
-        if not self.pgid:
+        self._track(proc, stderr, Path(argv[0]).name)
+        return proc
+
+    def adopt(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        """Given a process that leads a group of its own, started elsewhere (python-gnupg's gpg),
+        track it as this pipeline's: its timeout and signals reach it."""
+        self._track(proc, tempfile.TemporaryFile(), name)
+
+    def _track(self, proc: subprocess.Popen[bytes], stderr: IO[bytes], name: str) -> None:
+        if not self.pgid:  # the first process leads the group; the clock starts with it
             self.pgid = proc.pid
             with _live_lock:
                 _live_groups.add(self.pgid)
@@ -543,13 +552,7 @@ class Pipeline:
                 self._timer.daemon = True
                 self._timer.start()
         self.procs.append((proc, stderr))
-        self.names.append(Path(argv[0]).name)
-        return proc
-
-    def adopt(self, proc: subprocess.Popen[bytes]) -> None:
-        """Given a process started elsewhere in this group (python-gnupg's gpg), track it."""
-        self.procs.append((proc, tempfile.TemporaryFile()))
-        self.names.append('gpg')
+        self.names.append(name)
 
     def _expire(self) -> None:
         self.timed_out = True
@@ -729,10 +732,11 @@ class GnuPG(gnupg.GPG):  # type: ignore[misc]
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, env=self.env, process_group=0)
         pipeline: Pipeline | None = getattr(_thread_pipeline, 'current', None)
+        if pipeline is not None:  # encryption: under the artifact's timeout
+            pipeline.adopt(proc, 'gpg')
+            return proc
         with _live_lock:
             _live_groups.add(proc.pid)
-        if pipeline is not None:
-            pipeline.pgid = pipeline.pgid or proc.pid
         threading.Thread(target=self._forget_group, args=(proc,), daemon=True).start()
         return proc
 

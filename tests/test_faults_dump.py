@@ -138,6 +138,18 @@ def test_D4_a_hanging_dump_is_killed_by_the_timeout(site: Site, table_lock: None
     assert no_process(f'pg_dump --no-password --format=plain --dbname={site.pg_db}')
 
 
+def test_D4_a_hanging_encryption_is_killed_by_the_same_timeout(site: Site) -> None:
+    site.write_config(BACKUP_DUMP_TIMEOUT='3', BACKUP_MYSQL_DB=None)
+    site.shim('gpg', '#!/bin/sh\ncase "$*" in *--encrypt*) exec sleep 120;; esac\n'
+                     'exec /usr/bin/gpg "$@"\n')
+    started = time.monotonic()
+    result = site.run()
+    assert time.monotonic() - started < 30
+    mail = site.assert_failed(result, 'encrypt', {})
+    assert 'encryption timed out after 3 s' in mail['body']
+    assert no_process('sleep 120')
+
+
 def test_D5_a_failing_compressor_fails_the_run_though_the_dumper_succeeded(site: Site) -> None:
     before = first_run(site)
     site.shim('zstd', "#!/bin/sh\nhead -c 100 > /dev/null\necho 'zstd: out of memory' >&2\n"
