@@ -193,7 +193,7 @@ KEYS: tuple[Key, ...] = (
     Key('BACKUP_MAIL_ON_SUCCESS', 'bool', '1', False,
         '0: mail only on failure or warnings.'),
     Key('BACKUP_DUMP_TIMEOUT', 'int', '21600', False,
-        'Seconds one dump or archive (with its encryption) may take before it is killed.'),
+        'Seconds one dump or archive may take, and then its encryption, before it is killed.'),
     Key('BACKUP_SYNC_TIMEOUT', 'int', '21600', False,
         'Seconds the transfer to the remote may take before it is killed.'),
     Key('BACKUP_SYSLOG', 'bool', '0', False,
