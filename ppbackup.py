@@ -17,6 +17,7 @@ Run ``ppbackup`` (same as ``ppbackup run``) from cron; ``ppbackup --help`` lists
 Exit codes: 0 success, 1 the run failed, 2 bad configuration or usage, 3 a bug (with traceback),
 75 another run holds the lock, 130/143 interrupted by SIGINT/SIGTERM.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -162,42 +163,120 @@ class Key:
 
 
 KEYS: tuple[Key, ...] = (
-    Key('BACKUP_NAME', 'text', '', True,
-        'Name of this backup; it starts every file name (letters, digits, ".", "_", "-").'),
-    Key('BACKUP_REMOTE', 'text', '', True,
-        'rsync destination for ~/backups: user@host:folder, or a local folder.'),
-    Key('BACKUP_GPG_RECIPIENT', 'words', '', True,
-        'Public keys to encrypt to: full fingerprints (pinned) or user ids/emails (must be valid).'),
-    Key('BACKUP_FILES', 'words', '', False,
-        'Folders and files to archive, relative to $HOME or absolute; the crontab is added.'),
-    Key('BACKUP_BINARIES', 'words', '', False,
-        'Folders archived separately, kept in day slots only (not in week slots).'),
-    Key('BACKUP_MYSQL_DB', 'words', '', False,
-        'MySQL/MariaDB databases to dump; credentials come from ~/.my.cnf.'),
-    Key('BACKUP_PSQL_DB', 'words', '', False,
-        'PostgreSQL databases to dump; credentials come from ~/.pgpass or the PG* variables.'),
-    Key('BACKUP_ADMIN_EMAILS', 'emails', '', False,
-        'Comma-separated addresses that get a mail after every run (via mailx).'),
-    Key('ONLY_ONE_DAY', 'bool', '0', False,
-        '1: keep only the latest run, in backups/day0, with no week slots.'),
-    Key('BACKUP_LIMIT_MB', 'int', '0', False,
-        'Remove whole older runs, oldest first, until ~/backups fits in this many MB (0: no limit).'),
-    Key('BACKUP_COMPRESSION', 'choice:zstd,gzip,bzip2,xz,none', 'zstd', False,
-        'Compressor applied as each dump streams.'),
-    Key('BACKUP_DIR', 'path', '~/backups', False,
-        'Folder of encrypted slots (dayN, wkM); this is what goes to the remote.'),
-    Key('BACKUP_INSECURE_DIR', 'path', '~/backups.insecure', False,
-        'Private folder (0700) for the latest plaintext, kept at most 24 hours.'),
-    Key('BACKUP_GNUPGHOME', 'path', '', False,
-        'GnuPG home holding the recipients\' public keys (default: $GNUPGHOME or ~/.gnupg).'),
-    Key('BACKUP_MAIL_ON_SUCCESS', 'bool', '1', False,
-        '0: mail only on failure or warnings.'),
-    Key('BACKUP_DUMP_TIMEOUT', 'int', '21600', False,
-        'Seconds one dump or archive may take, and then its encryption, before it is killed.'),
-    Key('BACKUP_SYNC_TIMEOUT', 'int', '21600', False,
-        'Seconds the transfer to the remote may take before it is killed.'),
-    Key('BACKUP_SYSLOG', 'bool', '0', False,
-        '1: also log to syslog.'),
+    Key(
+        'BACKUP_NAME',
+        'text',
+        '',
+        True,
+        'Name of this backup; it starts every file name (letters, digits, ".", "_", "-").',
+    ),
+    Key(
+        'BACKUP_REMOTE',
+        'text',
+        '',
+        True,
+        'rsync destination for ~/backups: user@host:folder, or a local folder.',
+    ),
+    Key(
+        'BACKUP_GPG_RECIPIENT',
+        'words',
+        '',
+        True,
+        'Public keys to encrypt to: full fingerprints (pinned) or user ids/emails (must be valid).',
+    ),
+    Key(
+        'BACKUP_FILES',
+        'words',
+        '',
+        False,
+        'Folders and files to archive, relative to $HOME or absolute; the crontab is added.',
+    ),
+    Key(
+        'BACKUP_BINARIES',
+        'words',
+        '',
+        False,
+        'Folders archived separately, kept in day slots only (not in week slots).',
+    ),
+    Key(
+        'BACKUP_MYSQL_DB',
+        'words',
+        '',
+        False,
+        'MySQL/MariaDB databases to dump; credentials come from ~/.my.cnf.',
+    ),
+    Key(
+        'BACKUP_PSQL_DB',
+        'words',
+        '',
+        False,
+        'PostgreSQL databases to dump; credentials come from ~/.pgpass or the PG* variables.',
+    ),
+    Key(
+        'BACKUP_ADMIN_EMAILS',
+        'emails',
+        '',
+        False,
+        'Comma-separated addresses that get a mail after every run (via mailx).',
+    ),
+    Key(
+        'ONLY_ONE_DAY',
+        'bool',
+        '0',
+        False,
+        '1: keep only the latest run, in backups/day0, with no week slots.',
+    ),
+    Key(
+        'BACKUP_LIMIT_MB',
+        'int',
+        '0',
+        False,
+        'Remove whole older runs, oldest first, until ~/backups fits in this many MB (0: no limit).',
+    ),
+    Key(
+        'BACKUP_COMPRESSION',
+        'choice:zstd,gzip,bzip2,xz,none',
+        'zstd',
+        False,
+        'Compressor applied as each dump streams.',
+    ),
+    Key(
+        'BACKUP_DIR',
+        'path',
+        '~/backups',
+        False,
+        'Folder of encrypted slots (dayN, wkM); this is what goes to the remote.',
+    ),
+    Key(
+        'BACKUP_INSECURE_DIR',
+        'path',
+        '~/backups.insecure',
+        False,
+        'Private folder (0700) for the latest plaintext, kept at most 24 hours.',
+    ),
+    Key(
+        'BACKUP_GNUPGHOME',
+        'path',
+        '',
+        False,
+        "GnuPG home holding the recipients' public keys (default: $GNUPGHOME or ~/.gnupg).",
+    ),
+    Key('BACKUP_MAIL_ON_SUCCESS', 'bool', '1', False, '0: mail only on failure or warnings.'),
+    Key(
+        'BACKUP_DUMP_TIMEOUT',
+        'int',
+        '21600',
+        False,
+        'Seconds one dump or archive may take, and then its encryption, before it is killed.',
+    ),
+    Key(
+        'BACKUP_SYNC_TIMEOUT',
+        'int',
+        '21600',
+        False,
+        'Seconds the transfer to the remote may take before it is killed.',
+    ),
+    Key('BACKUP_SYSLOG', 'bool', '0', False, '1: also log to syslog.'),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
@@ -252,7 +331,7 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
         if char == '`':
             raise ValueError('backticks would run a command; ppbackup never runs the config')
         if char == '\\':
-            nxt = text[pos + 1: pos + 2]
+            nxt = text[pos + 1 : pos + 2]
             if quote == '"' and nxt not in ('$', '`', '"', '\\', '\n'):
                 out.append('\\' + nxt)  # inside double quotes a backslash stays, as in sh
             elif nxt != '\n':
@@ -291,8 +370,9 @@ def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tup
     return ''.join(out), pos, line
 
 
-def parse_assignments(text: str, environ: Mapping[str, str]) -> tuple[list[tuple[str, str, int]],
-                                                                      list[tuple[int, str]]]:
+def parse_assignments(
+    text: str, environ: Mapping[str, str]
+) -> tuple[list[tuple[str, str, int]], list[tuple[int, str]]]:
     """Given shell-style config text, return ([(key, value, line)], [(line, error)]).
 
     Supports KEY=value, export, quotes, comments and $VAR of earlier keys, HOME and USER.
@@ -318,7 +398,7 @@ def parse_assignments(text: str, environ: Mapping[str, str]) -> tuple[list[tuple
         try:
             value, pos, line = _scan_value(text, match.end(), line, known)
             rest_end = text.find('\n', pos)
-            rest = text[pos: len(text) if rest_end < 0 else rest_end]
+            rest = text[pos : len(text) if rest_end < 0 else rest_end]
             if rest.strip() and not rest.strip().startswith('#'):
                 raise ValueError('a space in an unquoted value: quote the whole value')
             # A trailing comment needs whitespace before it, as in the shell: a#b is one word.
@@ -390,12 +470,17 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         info = path.stat()
         text = path.read_text(encoding='utf-8')
     except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f'cannot read config {path}: {error}. Copy ppbackup.cfg.example there, '
-                          'or name another file with --config.', step='config') from error
+        raise ConfigError(
+            f'cannot read config {path}: {error}. Copy ppbackup.cfg.example there, '
+            'or name another file with --config.',
+            step='config',
+        ) from error
     problems: list[str] = []
     if info.st_mode & 0o022:
-        problems.append(f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o});'
-                        f' whoever can write it can redirect the backups: chmod 600 {path}')
+        problems.append(
+            f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o});'
+            f' whoever can write it can redirect the backups: chmod 600 {path}'
+        )
     if info.st_uid != os.getuid():
         problems.append(f'{path} is owned by uid {info.st_uid}, not by this user; refusing it')
     assignments, errors = parse_assignments(text, env)
@@ -421,21 +506,38 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     if not problems:
         problems += _check_values(values)
     if problems:
-        raise ConfigError(f'{len(problems)} problem(s) in the configuration', step='config',
-                          detail='\n'.join(problems))
-    gnupghome = values['BACKUP_GNUPGHOME'] if raw.get('BACKUP_GNUPGHOME', '').strip() else Path(
-        environ.get('GNUPGHOME') or home / '.gnupg')
+        raise ConfigError(
+            f'{len(problems)} problem(s) in the configuration',
+            step='config',
+            detail='\n'.join(problems),
+        )
+    gnupghome = (
+        values['BACKUP_GNUPGHOME']
+        if raw.get('BACKUP_GNUPGHOME', '').strip()
+        else Path(environ.get('GNUPGHOME') or home / '.gnupg')
+    )
     return Config(
-        path=path, home=home, name=values['BACKUP_NAME'], remote=values['BACKUP_REMOTE'],
-        recipients=values['BACKUP_GPG_RECIPIENT'], files=values['BACKUP_FILES'],
-        binaries=values['BACKUP_BINARIES'], mysql_dbs=values['BACKUP_MYSQL_DB'],
-        psql_dbs=values['BACKUP_PSQL_DB'], admin_emails=values['BACKUP_ADMIN_EMAILS'],
-        only_one_day=values['ONLY_ONE_DAY'], limit_mb=values['BACKUP_LIMIT_MB'],
-        compression=values['BACKUP_COMPRESSION'], backup_dir=values['BACKUP_DIR'],
-        insecure_dir=values['BACKUP_INSECURE_DIR'], gnupghome=gnupghome,
+        path=path,
+        home=home,
+        name=values['BACKUP_NAME'],
+        remote=values['BACKUP_REMOTE'],
+        recipients=values['BACKUP_GPG_RECIPIENT'],
+        files=values['BACKUP_FILES'],
+        binaries=values['BACKUP_BINARIES'],
+        mysql_dbs=values['BACKUP_MYSQL_DB'],
+        psql_dbs=values['BACKUP_PSQL_DB'],
+        admin_emails=values['BACKUP_ADMIN_EMAILS'],
+        only_one_day=values['ONLY_ONE_DAY'],
+        limit_mb=values['BACKUP_LIMIT_MB'],
+        compression=values['BACKUP_COMPRESSION'],
+        backup_dir=values['BACKUP_DIR'],
+        insecure_dir=values['BACKUP_INSECURE_DIR'],
+        gnupghome=gnupghome,
         mail_on_success=values['BACKUP_MAIL_ON_SUCCESS'],
-        dump_timeout=values['BACKUP_DUMP_TIMEOUT'], sync_timeout=values['BACKUP_SYNC_TIMEOUT'],
-        syslog=values['BACKUP_SYSLOG'])
+        dump_timeout=values['BACKUP_DUMP_TIMEOUT'],
+        sync_timeout=values['BACKUP_SYNC_TIMEOUT'],
+        syslog=values['BACKUP_SYSLOG'],
+    )
 
 
 def _check_values(values: Mapping[str, Any]) -> list[str]:
@@ -454,10 +556,15 @@ def _check_values(values: Mapping[str, Any]) -> list[str]:
     if not (values['BACKUP_FILES'] or values['BACKUP_MYSQL_DB'] or values['BACKUP_PSQL_DB']):
         problems.append('nothing to back up: set BACKUP_FILES, BACKUP_MYSQL_DB or BACKUP_PSQL_DB')
     backup_dir, insecure_dir = values['BACKUP_DIR'], values['BACKUP_INSECURE_DIR']
-    if backup_dir == insecure_dir or insecure_dir in backup_dir.parents \
-            or backup_dir in insecure_dir.parents:
-        problems.append('BACKUP_DIR and BACKUP_INSECURE_DIR must be separate folders: plaintext '
-                        'must never be synced')
+    if (
+        backup_dir == insecure_dir
+        or insecure_dir in backup_dir.parents
+        or backup_dir in insecure_dir.parents
+    ):
+        problems.append(
+            'BACKUP_DIR and BACKUP_INSECURE_DIR must be separate folders: plaintext '
+            'must never be synced'
+        )
     for name in ('BACKUP_DUMP_TIMEOUT', 'BACKUP_SYNC_TIMEOUT'):
         if values[name] < 1:
             problems.append(f'{name}: must be at least 1 second')
@@ -501,8 +608,10 @@ def _dies_with_us(argv: Sequence[str]) -> list[str]:
 
 
 def _program_missing(program: str) -> BackupError:
-    return BackupError(f'{program} is not installed or not on PATH; install it (see README '
-                       '"Prerequisites") or fix PATH')
+    return BackupError(
+        f'{program} is not installed or not on PATH; install it (see README '
+        '"Prerequisites") or fix PATH'
+    )
 
 
 class Pipeline:
@@ -529,8 +638,9 @@ class Pipeline:
         stderr = tempfile.TemporaryFile()
         kwargs.setdefault('stdin', subprocess.DEVNULL)
         try:
-            proc = subprocess.Popen(_dies_with_us(argv), stderr=stderr, process_group=self.pgid,
-                                    **kwargs)
+            proc = subprocess.Popen(
+                _dies_with_us(argv), stderr=stderr, process_group=self.pgid, **kwargs
+            )
         except OSError as error:
             stderr.close()
             raise BackupError(f'cannot start {argv[0]}: {error}', step=self.step) from error
@@ -567,8 +677,9 @@ class Pipeline:
         lines = stderr.read().decode('utf-8', 'replace').splitlines()[-STDERR_TAIL_LINES:]
         return mask_secrets('\n'.join(lines))
 
-    def check(self, allowed: Mapping[int, Sequence[int]] | None = None,
-              downstream_broke: bool = False) -> list[int]:
+    def check(
+        self, allowed: Mapping[int, Sequence[int]] | None = None, downstream_broke: bool = False
+    ) -> list[int]:
         """Wait for every process; return their exit codes, or raise BackupError for a failure.
 
         ``allowed`` maps a process index to extra exit codes that count as success (tar's 1).
@@ -577,11 +688,17 @@ class Pipeline:
         """
         codes = [proc.wait() for proc, _ in self.procs]
         if self.timed_out:
-            raise BackupError(f'{self.what}: timeout after {self.timeout:.0f} s; the process group '
-                              'was killed', step=self.step, detail=self._all_tails())
+            raise BackupError(
+                f'{self.what}: timeout after {self.timeout:.0f} s; the process group was killed',
+                step=self.step,
+                detail=self._all_tails(),
+            )
         allowed = allowed or {}
-        failed = [index for index, code in enumerate(codes)
-                  if code != 0 and code not in allowed.get(index, ())]
+        failed = [
+            index
+            for index, code in enumerate(codes)
+            if code != 0 and code not in allowed.get(index, ())
+        ]
         causes = [index for index in failed if codes[index] != -signal.SIGPIPE] or failed
         if downstream_broke:
             causes.reverse()
@@ -592,8 +709,7 @@ class Pipeline:
             how = f'was killed by {signal.Signals(-code).name}' if code < 0 else f'exited {code}'
             tail = self.stderr_tail(index)
             hint = ' (disk full)' if 'No space left' in tail else ''
-            raise BackupError(f'{self.what}: {program} {how}{hint}',
-                              step=self.step, detail=tail)
+            raise BackupError(f'{self.what}: {program} {how}{hint}', step=self.step, detail=tail)
         return codes
 
     def _all_tails(self) -> str:
@@ -621,17 +737,29 @@ class Pipeline:
                         stream.close()
 
 
-def run_command(argv: Sequence[str], *, what: str, step: str, timeout: float = 60,
-                input_bytes: bytes | None = None, env: Mapping[str, str] | None = None,
-                cwd: Path | None = None, ok_codes: Sequence[int] = (0,)) -> tuple[int, str]:
+def run_command(
+    argv: Sequence[str],
+    *,
+    what: str,
+    step: str,
+    timeout: float = 60,
+    input_bytes: bytes | None = None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    ok_codes: Sequence[int] = (0,),
+) -> tuple[int, str]:
     """Given an argv, run it to completion; return (exit code, stdout text).
 
     Raise BackupError when it exits with a code outside ``ok_codes`` or outlives ``timeout``.
     """
     with Pipeline(what, step, timeout) as pipe:
-        proc = pipe.start(argv, stdin=subprocess.PIPE if input_bytes is not None else
-                          subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          env=dict(env) if env is not None else None, cwd=cwd)
+        proc = pipe.start(
+            argv,
+            stdin=subprocess.PIPE if input_bytes is not None else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            env=dict(env) if env is not None else None,
+            cwd=cwd,
+        )
         out, _ = proc.communicate(input_bytes)
         codes = pipe.check({0: [code for code in ok_codes if code]})
         return codes[0], out.decode('utf-8', 'replace')
@@ -651,9 +779,17 @@ class Streamed:
     codes: list[int]
 
 
-def stream_to_file(producer: Sequence[str], compressor: Sequence[str], out_fd: int, *, what: str,
-                   step: str, timeout: float, cwd: Path | None = None,
-                   allowed: Sequence[int] = ()) -> Streamed:
+def stream_to_file(
+    producer: Sequence[str],
+    compressor: Sequence[str],
+    out_fd: int,
+    *,
+    what: str,
+    step: str,
+    timeout: float,
+    cwd: Path | None = None,
+    allowed: Sequence[int] = (),
+) -> Streamed:
     """Given a producer argv and a compressor argv, stream producer | compressor into ``out_fd``.
 
     Python sits between the two only to count the bytes, keep the last few KiB (for the trailer check)
@@ -676,7 +812,7 @@ def stream_to_file(producer: Sequence[str], compressor: Sequence[str], out_fd: i
                 tail = (tail + block[-TAIL_BYTES:])[-TAIL_BYTES:]
                 view = memoryview(block)
                 while view:
-                    view = view[os.write(dest_fd, view):]
+                    view = view[os.write(dest_fd, view) :]
                 progress.update(count)
         except BrokenPipeError:
             broken = True  # the compressor died; check() names it
@@ -707,8 +843,12 @@ class Progress:
         now = time.monotonic()
         if self.enabled and now - self.last >= 3:
             self.last = now
-            log.info('  %s: %s so far, %s/s', self.what, human_size(count),
-                     human_size(count / max(now - self.start, 1e-6)))
+            log.info(
+                '  %s: %s so far, %s/s',
+                self.what,
+                human_size(count),
+                human_size(count / max(now - self.start, 1e-6)),
+            )
 
     def done(self, count: int) -> None:
         if self.enabled and time.monotonic() - self.start >= 3:
@@ -725,12 +865,19 @@ _thread_pipeline = threading.local()
 class GnuPG(gnupg.GPG):  # type: ignore[misc]
     """python-gnupg, with its gpg children in a tracked process group (for timeouts and signals)."""
 
-    def _open_subprocess(self, args: list[str], passphrase: bool = False) -> subprocess.Popen[bytes]:
+    def _open_subprocess(
+        self, args: list[str], passphrase: bool = False
+    ) -> subprocess.Popen[bytes]:
         if not shutil.which(self.gpgbinary):
             raise _program_missing(self.gpgbinary)
-        proc = subprocess.Popen(_dies_with_us(self.make_args(args, passphrase)),
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, env=self.env, process_group=0)
+        proc = subprocess.Popen(
+            _dies_with_us(self.make_args(args, passphrase)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            env=self.env,
+            process_group=0,
+        )
         pipeline: Pipeline | None = getattr(_thread_pipeline, 'current', None)
         if pipeline is not None:  # encryption: under the artifact's timeout
             pipeline.adopt(proc, 'gpg')
@@ -764,14 +911,22 @@ def open_gnupg(gnupghome: Path) -> GnuPG:
     try:
         info = gnupghome.stat()
     except OSError as error:
-        raise BackupError(f'GnuPG home {gnupghome} is missing or unreadable: {error}; import the '
-                          'recipients\' public keys there, or set BACKUP_GNUPGHOME',
-                          step='keys') from error
+        raise BackupError(
+            f'GnuPG home {gnupghome} is missing or unreadable: {error}; import the '
+            "recipients' public keys there, or set BACKUP_GNUPGHOME",
+            step='keys',
+        ) from error
     # root reads any folder, so look at the mode too: a home chmod-ed 000 is a broken set-up.
-    if not stat.S_ISDIR(info.st_mode) or (info.st_mode & 0o500) != 0o500 or not os.access(
-            gnupghome, os.R_OK | os.X_OK):
-        raise BackupError(f'GnuPG home {gnupghome} is not a readable folder (mode '
-                          f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it', step='keys')
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or (info.st_mode & 0o500) != 0o500
+        or not os.access(gnupghome, os.R_OK | os.X_OK)
+    ):
+        raise BackupError(
+            f'GnuPG home {gnupghome} is not a readable folder (mode '
+            f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it',
+            step='keys',
+        )
     try:
         gpg = GnuPG(gpgbinary='gpg', gnupghome=str(gnupghome))
     except (OSError, ValueError, RuntimeError) as error:
@@ -806,45 +961,76 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
             problems.append(f'recipient {spec}: no such public key in the keyring; import it')
             continue
         if len(matches) > 1:
-            problems.append(f'recipient {spec}: matches {len(matches)} keys; give a full fingerprint')
+            problems.append(
+                f'recipient {spec}: matches {len(matches)} keys; give a full fingerprint'
+            )
             continue
         key = matches[0]
         validity = key.get('trust', '')
         if validity in ('r', 'e', 'i', 'd', 'n'):
-            why = {'r': 'revoked', 'e': 'expired', 'i': 'invalid', 'd': 'disabled',
-                   'n': 'not valid'}[validity]
+            why = {
+                'r': 'revoked',
+                'e': 'expired',
+                'i': 'invalid',
+                'd': 'disabled',
+                'n': 'not valid',
+            }[validity]
             problems.append(f'recipient {spec} ({key["fingerprint"]}): key is {why}')
             continue
         if not pinned and validity not in ('f', 'u'):
-            problems.append(f'recipient {spec}: key {key["fingerprint"]} is not valid in this keyring '
-                            '(gpg would refuse it); give its full fingerprint to pin it, or sign it')
+            problems.append(
+                f'recipient {spec}: key {key["fingerprint"]} is not valid in this keyring '
+                '(gpg would refuse it); give its full fingerprint to pin it, or sign it'
+            )
             continue
         subkeys = [sub for sub in key.get('subkey_info', {}).values()] or []
-        usable = [sub for sub in subkeys if 'e' in sub.get('cap', '') and sub.get('trust', '') not in
-                  ('r', 'e', 'i', 'd') and not (_timestamp(sub.get('expires', '')) or
-                                                dt.datetime.max) <= now]
+        usable = [
+            sub
+            for sub in subkeys
+            if 'e' in sub.get('cap', '')
+            and sub.get('trust', '') not in ('r', 'e', 'i', 'd')
+            and not (_timestamp(sub.get('expires', '')) or dt.datetime.max) <= now
+        ]
         if 'e' in key.get('cap', '') and 'E' in key.get('cap', ''):
-            usable.append({'keyid': key['keyid'], 'expires': key.get('expires', ''),
-                           'keygrip': key.get('keygrip', '')})
+            usable.append(
+                {
+                    'keyid': key['keyid'],
+                    'expires': key.get('expires', ''),
+                    'keygrip': key.get('keygrip', ''),
+                }
+            )
         if 'E' not in key.get('cap', '') or not usable:
-            problems.append(f'recipient {spec} ({key["fingerprint"]}): no usable encryption key '
-                            '(expired, revoked or missing subkey)')
+            problems.append(
+                f'recipient {spec} ({key["fingerprint"]}): no usable encryption key '
+                '(expired, revoked or missing subkey)'
+            )
             continue
         primary_expiry = _timestamp(key.get('expires', ''))
         sub_expiry = [_timestamp(sub.get('expires', '')) for sub in usable]
-        latest_sub = None if any(exp is None for exp in sub_expiry) else max(
-            exp for exp in sub_expiry if exp is not None)
+        latest_sub = (
+            None
+            if any(exp is None for exp in sub_expiry)
+            else max(exp for exp in sub_expiry if exp is not None)
+        )
         expiries = [exp for exp in (primary_expiry, latest_sub) if exp is not None]
         grips = {sub.get('keygrip', '') for sub in subkeys} | {key.get('keygrip', '')}
-        recipients.append(Recipient(
-            spec=spec, fingerprint=key['fingerprint'], uid=(key['uids'] or [''])[0],
-            expires=min(expiries) if expiries else None,
-            encryption_keyids=frozenset(sub['keyid'].upper() for sub in usable),
-            keygrips=frozenset(grip for grip in grips if grip)))
+        recipients.append(
+            Recipient(
+                spec=spec,
+                fingerprint=key['fingerprint'],
+                uid=(key['uids'] or [''])[0],
+                expires=min(expiries) if expiries else None,
+                encryption_keyids=frozenset(sub['keyid'].upper() for sub in usable),
+                keygrips=frozenset(grip for grip in grips if grip),
+            )
+        )
     if problems:
-        raise BackupError('; '.join(problems), step='keys',
-                          detail='The run stopped before any dump: it never encrypts to fewer '
-                                 'recipients than configured.')
+        raise BackupError(
+            '; '.join(problems),
+            step='keys',
+            detail='The run stopped before any dump: it never encrypts to fewer '
+            'recipients than configured.',
+        )
     return recipients, key_warnings(recipients, Path(gpg.gnupghome))
 
 
@@ -855,13 +1041,19 @@ def key_warnings(recipients: Sequence[Recipient], gnupghome: Path) -> list[str]:
     for recipient in recipients:
         if recipient.expires and recipient.expires <= soon:
             days = max(0, (recipient.expires - dt.datetime.now()).days)
-            warnings.append(f'recipient key {recipient.fingerprint} ({recipient.uid}) expires in '
-                            f'{days} days, on {recipient.expires:%Y-%m-%d}: extend it and re-import')
+            warnings.append(
+                f'recipient key {recipient.fingerprint} ({recipient.uid}) expires in '
+                f'{days} days, on {recipient.expires:%Y-%m-%d}: extend it and re-import'
+            )
         # gpg keeps each secret key as private-keys-v1.d/KEYGRIP.key; looking there needs no agent.
-        if any((gnupghome / 'private-keys-v1.d' / f'{grip}.key').exists()
-               for grip in recipient.keygrips):
-            warnings.append(f'the SECRET key of recipient {recipient.fingerprint} is on this host: '
-                            'anyone with this host can read its backup history; move it off')
+        if any(
+            (gnupghome / 'private-keys-v1.d' / f'{grip}.key').exists()
+            for grip in recipient.keygrips
+        ):
+            warnings.append(
+                f'the SECRET key of recipient {recipient.fingerprint} is on this host: '
+                'anyone with this host can read its backup history; move it off'
+            )
     return warnings
 
 
@@ -870,13 +1062,27 @@ def packet_recipients(path: Path, gnupghome: Path) -> list[str]:
 
     Raise BackupError if gpg cannot parse the file as OpenPGP data.
     """
-    code, out = run_command(['gpg', '--homedir', str(gnupghome), '--batch', '--no-tty',
-                             '--list-only', '--list-packets', '--', str(path)],
-                            what=f'gpg --list-packets {path.name}', step='verify', timeout=120)
+    code, out = run_command(
+        [
+            'gpg',
+            '--homedir',
+            str(gnupghome),
+            '--batch',
+            '--no-tty',
+            '--list-only',
+            '--list-packets',
+            '--',
+            str(path),
+        ],
+        what=f'gpg --list-packets {path.name}',
+        step='verify',
+        timeout=120,
+    )
     keyids = re.findall(r':pubkey enc packet: .*keyid ([0-9A-Fa-f]{16})', out)
     if ':encrypted data packet:' not in out and ':aead encrypted packet:' not in out:
-        raise BackupError(f'{path.name}: no encrypted data packet: not an OpenPGP backup',
-                          step='verify')
+        raise BackupError(
+            f'{path.name}: no encrypted data packet: not an OpenPGP backup', step='verify'
+        )
     return [keyid.upper() for keyid in keyids]
 
 
@@ -907,8 +1113,10 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
     except OSError as error:
         raise BackupError(f'cannot create {path}: {error.strerror}', step='prepare') from error
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise BackupError(f'{path} is a symlink or not a folder; refusing to follow it. Remove it '
-                          'and run again', step='prepare')
+        raise BackupError(
+            f'{path} is a symlink or not a folder; refusing to follow it. Remove it and run again',
+            step='prepare',
+        )
     if info.st_uid != os.getuid():
         raise BackupError(f'{path} is owned by uid {info.st_uid}, not by this user', step='prepare')
     if stat.S_IMODE(info.st_mode) != mode:
@@ -921,11 +1129,14 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
 def create_private_file(path: Path) -> int:
     """Given a path, create it new (never through a symlink), 0600, and return its fd."""
     try:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       0o600)
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
     except OSError as error:
         hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-        raise BackupError(f'cannot create {path}: {error.strerror}{hint}', step='prepare') from error
+        raise BackupError(
+            f'cannot create {path}: {error.strerror}{hint}', step='prepare'
+        ) from error
 
 
 def temp_name(final: Path) -> Path:
@@ -948,8 +1159,11 @@ def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
     latest = insecure_dir / 'latest'
     if insecure_dir.is_symlink() or not os.path.lexists(latest):
         return []
-    if latest.is_symlink() or not latest.is_dir() or \
-            time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
+    if (
+        latest.is_symlink()
+        or not latest.is_dir()
+        or time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE
+    ):
         remove_path(latest)  # a planted symlink is removed, never followed
         return [str(latest)]
     return []
@@ -983,8 +1197,9 @@ def run_lock(config: Config) -> Iterator[None]:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as error:
-            raise LockedError(f'another ppbackup run holds {lock_path}; nothing was done',
-                              step='lock') from error
+            raise LockedError(
+                f'another ppbackup run holds {lock_path}; nothing was done', step='lock'
+            ) from error
         yield
     finally:
         os.close(fd)
@@ -1037,13 +1252,30 @@ def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Arti
             argv: tuple[str, ...]
             if kind == 'mysql':
                 # --single-transaction: a consistent InnoDB snapshot without locking the site.
-                argv = ('mysqldump', '--single-transaction', '--quick', '--routines', '--events',
-                        '--triggers', '--hex-blob', '--default-character-set=utf8mb4', '--', db)
+                argv = (
+                    'mysqldump',
+                    '--single-transaction',
+                    '--quick',
+                    '--routines',
+                    '--events',
+                    '--triggers',
+                    '--hex-blob',
+                    '--default-character-set=utf8mb4',
+                    '--',
+                    db,
+                )
             else:
                 # --no-password: fail at once instead of waiting on a prompt nobody sees.
                 argv = ('pg_dump', '--no-password', '--format=plain', f'--dbname={db}')
-            artifacts.append(Artifact(kind, f'{kind} {db}', f'{config.name}-{name_kind}-{hour}.sql{ext}',
-                                      argv, trailer=TRAILERS[kind]))
+            artifacts.append(
+                Artifact(
+                    kind,
+                    f'{kind} {db}',
+                    f'{config.name}-{name_kind}-{hour}.sql{ext}',
+                    argv,
+                    trailer=TRAILERS[kind],
+                )
+            )
     for kind, paths in (('files', config.files), ('binaries', config.binaries)):
         if not paths:
             continue
@@ -1053,29 +1285,48 @@ def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Arti
             argv += ('--directory', str(rundir), 'crontab')
         # After "--" a name is a name, even one that looks like --checkpoint-action=...
         argv += ('--directory', str(config.home), '--', *paths)
-        artifacts.append(Artifact(kind, kind, f'{config.name}-{kind}-{hour}.tar{ext}', argv,
-                                  cwd=config.home, weekly=kind == 'files', tar_warning_ok=True))
+        artifacts.append(
+            Artifact(
+                kind,
+                kind,
+                f'{config.name}-{kind}-{hour}.tar{ext}',
+                argv,
+                cwd=config.home,
+                weekly=kind == 'files',
+                tar_warning_ok=True,
+            )
+        )
     return artifacts
 
 
 def check_paths(config: Config) -> None:
     """Raise BackupError naming every configured path that does not exist."""
-    missing = [path for path in (*config.files, *config.binaries)
-               if not os.path.lexists(config.home / path)]
+    missing = [
+        path
+        for path in (*config.files, *config.binaries)
+        if not os.path.lexists(config.home / path)
+    ]
     if missing:
-        raise BackupError('missing path(s) in BACKUP_FILES/BACKUP_BINARIES: ' + ', '.join(
-            str(config.home / path) for path in missing), step='archive')
+        raise BackupError(
+            'missing path(s) in BACKUP_FILES/BACKUP_BINARIES: '
+            + ', '.join(str(config.home / path) for path in missing),
+            step='archive',
+        )
 
 
 def check_credential_files(config: Config) -> None:
     """Raise BackupError if ~/.pgpass or ~/.my.cnf is readable by others: its passwords would leak,
     and libpq ignores such a .pgpass, which would then fail at the prompt."""
     for name, used in (('.pgpass', config.psql_dbs), ('.my.cnf', config.mysql_dbs)):
-        path = Path(os.environ.get('PGPASSFILE', config.home / name)) if name == '.pgpass' else \
-            config.home / name
+        path = (
+            Path(os.environ.get('PGPASSFILE', config.home / name))
+            if name == '.pgpass'
+            else config.home / name
+        )
         if used and path.exists() and path.stat().st_mode & 0o077:
-            raise BackupError(f'{path} is readable by group or others: chmod 600 {path}',
-                              step='dump')
+            raise BackupError(
+                f'{path} is readable by group or others: chmod 600 {path}', step='dump'
+            )
 
 
 def save_crontab(rundir: Path) -> None:
@@ -1083,8 +1334,9 @@ def save_crontab(rundir: Path) -> None:
     text = ''
     if shutil.which('crontab'):
         with contextlib.suppress(BackupError):
-            code, text = run_command(['crontab', '-l'], what='crontab -l', step='archive',
-                                     timeout=30, ok_codes=(0, 1))
+            code, text = run_command(
+                ['crontab', '-l'], what='crontab -l', step='archive', timeout=30, ok_codes=(0, 1)
+            )
             text = text if code == 0 else ''
     fd = create_private_file(rundir / 'crontab')
     with os.fdopen(fd, 'w') as handle:
@@ -1101,14 +1353,22 @@ def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Pat
     path = rundir / artifact.filename
     fd = create_private_file(path)
     try:
-        streamed = stream_to_file(artifact.argv, COMPRESSORS[config.compression][0], fd,
-                                  what=artifact.label, step=f'dump {artifact.label}',
-                                  timeout=config.dump_timeout, cwd=artifact.cwd,
-                                  allowed=(1,) if artifact.tar_warning_ok else ())
+        streamed = stream_to_file(
+            artifact.argv,
+            COMPRESSORS[config.compression][0],
+            fd,
+            what=artifact.label,
+            step=f'dump {artifact.label}',
+            timeout=config.dump_timeout,
+            cwd=artifact.cwd,
+            allowed=(1,) if artifact.tar_warning_ok else (),
+        )
     except OSError as error:
         hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-        raise BackupError(f'{artifact.label}: cannot write {path}: {error.strerror}{hint}',
-                          step=f'dump {artifact.label}') from error
+        raise BackupError(
+            f'{artifact.label}: cannot write {path}: {error.strerror}{hint}',
+            step=f'dump {artifact.label}',
+        ) from error
     finally:
         os.close(fd)
     warnings = []
@@ -1116,8 +1376,11 @@ def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Pat
         if streamed.raw_bytes == 0:
             raise BackupError(f'{artifact.label}: the dump is empty', step=f'dump {artifact.label}')
         if artifact.trailer not in streamed.tail:
-            raise BackupError(f'{artifact.label}: the dump is truncated (no end-of-dump line '
-                              f'{artifact.trailer.decode()!r})', step=f'dump {artifact.label}')
+            raise BackupError(
+                f'{artifact.label}: the dump is truncated (no end-of-dump line '
+                f'{artifact.trailer.decode()!r})',
+                step=f'dump {artifact.label}',
+            )
     if streamed.codes and streamed.codes[0] == 1:
         warnings.append(f'{artifact.label}: tar warned that files changed while being read')
     return path, streamed.raw_bytes, warnings
@@ -1138,12 +1401,19 @@ def _gpg_write_errors(label: str, step: str, folder: Path) -> Iterator[None]:
         yield
     except OSError as error:
         hint = ' (disk full)' if disk_full(folder) else ''
-        raise BackupError(f'{label}: gpg failed while encrypting: {error.strerror or error}{hint}',
-                          step=step) from error
+        raise BackupError(
+            f'{label}: gpg failed while encrypting: {error.strerror or error}{hint}', step=step
+        ) from error
 
 
-def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Sequence[Recipient],
-                     timeout: float, label: str) -> tuple[int, str]:
+def encrypt_artifact(
+    plain: Path,
+    encrypted: Path,
+    gpg: GnuPG,
+    recipients: Sequence[Recipient],
+    timeout: float,
+    label: str,
+) -> tuple[int, str]:
     """Given a plaintext file, encrypt it to exactly ``recipients`` into ``encrypted``.
 
     Return (size, SHA-256). Raise BackupError if gpg fails or the result is addressed to anyone else.
@@ -1156,13 +1426,22 @@ def encrypt_artifact(plain: Path, encrypted: Path, gpg: GnuPG, recipients: Seque
         with pipe, _gpg_write_errors(label, step, encrypted.parent):
             # gpg reads the file itself (named last): no Python thread copies the bytes.
             result = gpg.encrypt_file(
-                io.BytesIO(b''), [rec.fingerprint for rec in recipients], armor=False,
+                io.BytesIO(b''),
+                [rec.fingerprint for rec in recipients],
+                armor=False,
                 always_trust=True,  # every key was checked by resolve_recipients
                 output=str(encrypted),
                 # gpg compresses by default, and compressing zstd output again only burns CPU.
                 # gpg.conf must not add anyone: no encrypt-to, no hidden key ids.
-                extra_args=['--compress-algo', 'none', '--no-encrypt-to', '--no-throw-keyids',
-                            '--', str(plain)])
+                extra_args=[
+                    '--compress-algo',
+                    'none',
+                    '--no-encrypt-to',
+                    '--no-throw-keyids',
+                    '--',
+                    str(plain),
+                ],
+            )
             if pipe.timed_out:
                 raise BackupError(f'{label}: encryption timed out after {timeout} s', step=step)
     finally:
@@ -1185,9 +1464,14 @@ def encrypt_made(made: Made, config: Config, gpg: GnuPG, recipients: Sequence[Re
     """Given a dumped artifact, encrypt it beside its day slot; return it with size and SHA-256."""
     log.info('encrypt %s', made.artifact.label)
     try:
-        made.size, made.sha256 = encrypt_artifact(made.plain_path, made.encrypted_tmp, gpg,
-                                                  recipients, config.dump_timeout,
-                                                  made.artifact.label)
+        made.size, made.sha256 = encrypt_artifact(
+            made.plain_path,
+            made.encrypted_tmp,
+            gpg,
+            recipients,
+            config.dump_timeout,
+            made.artifact.label,
+        )
     except BaseException:
         remove_path(made.encrypted_tmp)
         raise
@@ -1257,8 +1541,9 @@ def slot_runs(slot: Path) -> list[SlotRun]:
         for manifest in slot.glob('*' + MANIFEST_SUFFIX):
             if manifest.name.startswith('.') or not manifest.is_file():
                 continue
-            runs.append(SlotRun(slot, manifest, sorted(read_manifest(manifest)),
-                                manifest.lstat().st_mtime))
+            runs.append(
+                SlotRun(slot, manifest, sorted(read_manifest(manifest)), manifest.lstat().st_mtime)
+            )
     return sorted(runs, key=lambda run: run.time)
 
 
@@ -1266,9 +1551,14 @@ def all_slots(backup_dir: Path) -> list[Path]:
     """Given the backups folder, return its dayN/wkM slot folders."""
     if not backup_dir.is_dir():
         return []
-    return sorted((p for p in backup_dir.iterdir() if re.fullmatch(r'(day|wk)[0-9]+', p.name)
-                   and p.is_dir() and not p.is_symlink()), key=lambda p: (p.name[0], len(p.name),
-                                                                          p.name))
+    return sorted(
+        (
+            p
+            for p in backup_dir.iterdir()
+            if re.fullmatch(r'(day|wk)[0-9]+', p.name) and p.is_dir() and not p.is_symlink()
+        ),
+        key=lambda p: (p.name[0], len(p.name), p.name),
+    )
 
 
 def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
@@ -1303,6 +1593,7 @@ def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[P
 
 def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path]:
     """Return whole runs to remove, oldest first, until the disk use fits BACKUP_LIMIT_MB."""
+
     def usage(excluded: set[Path]) -> int:
         seen: set[tuple[int, int]] = set()
         total = 0
@@ -1319,8 +1610,10 @@ def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path
     limit = config.limit_mb * 1024 * 1024
     removed = set(doomed)
     extra: list[Path] = []
-    runs = sorted((run for slot in all_slots(config.backup_dir) for run in slot_runs(slot)),
-                  key=lambda run: run.time)
+    runs = sorted(
+        (run for slot in all_slots(config.backup_dir) for run in slot_runs(slot)),
+        key=lambda run: run.time,
+    )
     for run in runs:
         if usage(removed) <= limit:
             break
@@ -1341,8 +1634,13 @@ def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path
 def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
     """Return rsync's argv start: archive mode, hard links kept (the remote week copy costs no
     disk either), and an ssh that fails fast."""
-    argv = ['rsync', '-a', *(['-H'] if hard_links else []), f'--timeout={RSYNC_IO_TIMEOUT}',
-            f'--partial-dir={PARTIAL_DIR}']
+    argv = [
+        'rsync',
+        '-a',
+        *(['-H'] if hard_links else []),
+        f'--timeout={RSYNC_IO_TIMEOUT}',
+        f'--partial-dir={PARTIAL_DIR}',
+    ]
     if ':' in config.remote.split('/', 1)[0]:
         rsh = os.environ.get('RSYNC_RSH', 'ssh')
         if Path(shlex.split(rsh)[0]).name == 'ssh':
@@ -1355,17 +1653,30 @@ def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
 def sync_remote(config: Config) -> None:
     """Copy the backups folder to the remote. Raise BackupError if rsync fails or times out."""
     source = str(config.backup_dir).rstrip('/')
-    run_command([*rsync_base(config), '--', source, config.remote],
-                          what=f'rsync to {config.remote}', step='sync',
-                          timeout=config.sync_timeout)
+    run_command(
+        [*rsync_base(config), '--', source, config.remote],
+        what=f'rsync to {config.remote}',
+        step='sync',
+        timeout=config.sync_timeout,
+    )
 
 
 def resend_remote(config: Config, relative_files: Sequence[str]) -> None:
     """Given files relative to the backups folder's parent, send them again whatever their times."""
-    run_command([*rsync_base(config), '--ignore-times', '--files-from=-', '--',
-                 str(config.backup_dir.parent) + '/', config.remote],
-                what=f'rsync to {config.remote}', step='sync', timeout=config.sync_timeout,
-                input_bytes=''.join(name + '\n' for name in relative_files).encode())
+    run_command(
+        [
+            *rsync_base(config),
+            '--ignore-times',
+            '--files-from=-',
+            '--',
+            str(config.backup_dir.parent) + '/',
+            config.remote,
+        ],
+        what=f'rsync to {config.remote}',
+        step='sync',
+        timeout=config.sync_timeout,
+        input_bytes=''.join(name + '\n' for name in relative_files).encode(),
+    )
 
 
 def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> list[str]:
@@ -1380,8 +1691,13 @@ def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> l
     else:
         argv += ['--', str(config.backup_dir).rstrip('/'), config.remote]
         payload = None
-    _, out = run_command(argv, what=f'rsync --checksum check of {config.remote}', step='verify '
-                         'remote', timeout=config.sync_timeout, input_bytes=payload)
+    _, out = run_command(
+        argv,
+        what=f'rsync --checksum check of {config.remote}',
+        step='verify remote',
+        timeout=config.sync_timeout,
+        input_bytes=payload,
+    )
     bad = []
     for line in out.splitlines():
         # "<f"/">f" means rsync would send the file: missing or different on the remote.
@@ -1399,8 +1715,13 @@ def send_mail(addresses: Sequence[str], subject: str, body: str) -> None:
     """Given addresses, mail them through mailx. Raise BackupError if mailx fails."""
     if not addresses:
         return
-    run_command(['mailx', '-s', subject, '--', *addresses], what='mailx', step='mail', timeout=120,
-                input_bytes=body.encode('utf-8'))
+    run_command(
+        ['mailx', '-s', subject, '--', *addresses],
+        what='mailx',
+        step='mail',
+        timeout=120,
+        input_bytes=body.encode('utf-8'),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1431,17 +1752,26 @@ class Report:
         return f'[ppbackup] {name}: succeeded'
 
     def body(self) -> str:
-        lines = [f'backup:      {self.config.name}', f'host:        {os.uname().nodename}',
-                 f'remote:      {self.config.remote}',
-                 f'started:     {dt.datetime.fromtimestamp(self.started):%Y-%m-%d %H:%M:%S}',
-                 f'duration:    {time.time() - self.started:.1f} s']
+        lines = [
+            f'backup:      {self.config.name}',
+            f'host:        {os.uname().nodename}',
+            f'remote:      {self.config.remote}',
+            f'started:     {dt.datetime.fromtimestamp(self.started):%Y-%m-%d %H:%M:%S}',
+            f'duration:    {time.time() - self.started:.1f} s',
+        ]
         if self.error:
             lines += ['', f'FAILED at step: {self.error.step or self.step}', f'error: {self.error}']
             if self.error.detail:
-                lines += ['', 'last lines of its error output:',
-                          *('  ' + line for line in mask_secrets(self.error.detail).splitlines())]
-            lines += ['', 'Earlier backups were left untouched. See README, "What happens when '
-                      'things go wrong".']
+                lines += [
+                    '',
+                    'last lines of its error output:',
+                    *('  ' + line for line in mask_secrets(self.error.detail).splitlines()),
+                ]
+            lines += [
+                '',
+                'Earlier backups were left untouched. See README, "What happens when '
+                'things go wrong".',
+            ]
         if self.warnings:
             lines += ['', 'WARNINGS:', *(f'  - {warning}' for warning in self.warnings)]
         if self.made and not self.error:
@@ -1452,8 +1782,11 @@ class Report:
         if self.removed:
             lines += [f'removed by retention: {len(self.removed)} file(s)']
         if self.recipients:
-            lines += ['', 'encrypted to:', *(f'  {rec.fingerprint}  {rec.uid}'
-                                             for rec in self.recipients)]
+            lines += [
+                '',
+                'encrypted to:',
+                *(f'  {rec.fingerprint}  {rec.uid}' for rec in self.recipients),
+            ]
         return '\n'.join(lines) + '\n'
 
 
@@ -1467,8 +1800,11 @@ def load_state(config: Config) -> dict[str, Any]:
 
 def save_state(config: Config, state: Mapping[str, Any]) -> None:
     with contextlib.suppress(BackupError):
-        write_file_atomically(config.insecure_dir / STATE_NAME,
-                              json.dumps(state, indent=1, sort_keys=True).encode(), time.time())
+        write_file_atomically(
+            config.insecure_dir / STATE_NAME,
+            json.dumps(state, indent=1, sort_keys=True).encode(),
+            time.time(),
+        )
 
 
 def preflight(config: Config, report: Report) -> GnuPG:
@@ -1491,8 +1827,9 @@ def preflight(config: Config, report: Report) -> GnuPG:
     return gpg
 
 
-def make_all(config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path,
-             when: dt.datetime) -> list[Made]:
+def make_all(
+    config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path, when: dt.datetime
+) -> list[Made]:
     """Dump every artifact, one after another, while the previous one is encrypted: each dump
     already keeps both cores busy (dumper, server, zstd -T0), so two at once only contend, but gpg
     uses one core and fits beside the next dump. Raise the first BackupError after all finished."""
@@ -1502,8 +1839,10 @@ def make_all(config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: 
     errors: list[BackupError] = []
     encrypting: list[concurrent.futures.Future[Made]] = []
     made: list[Made] = []
-    with concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps, \
-            concurrent.futures.ThreadPoolExecutor(1) as encryptions:
+    with (
+        concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps,
+        concurrent.futures.ThreadPoolExecutor(1) as encryptions,
+    ):
         dumping = [dumps.submit(dump_artifact, artifact, config, rundir) for artifact in artifacts]
         try:
             for artifact, future in zip(artifacts, dumping):
@@ -1514,10 +1853,12 @@ def make_all(config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: 
                     errors.append(error)
                     continue
                 name = artifact.filename + '.gpg'
-                item = Made(artifact, plain, raw_bytes, temp_name(day_dir / name), name,
-                            warnings=warnings)
-                encrypting.append(encryptions.submit(encrypt_made, item, config, gpg,
-                                                     report.recipients))
+                item = Made(
+                    artifact, plain, raw_bytes, temp_name(day_dir / name), name, warnings=warnings
+                )
+                encrypting.append(
+                    encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
+                )
             for encrypted in encrypting:
                 try:
                     made.append(encrypted.result())
@@ -1547,13 +1888,16 @@ def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]
     for item in made:
         before = previous.get(item.artifact.label)
         if item.artifact.trailer and before and item.raw_bytes < before * SHRINK_WARN_RATIO:
-            warnings.append(f'{item.artifact.label} shrank from {human_size(before)} to '
-                            f'{human_size(item.raw_bytes)} since the last run: check the data')
+            warnings.append(
+                f'{item.artifact.label} shrank from {human_size(before)} to '
+                f'{human_size(item.raw_bytes)} since the last run: check the data'
+            )
     return warnings
 
 
-def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.datetime,
-                 stamp: float) -> set[Path]:
+def commit_slots(
+    config: Config, report: Report, made: Sequence[Made], when: dt.datetime, stamp: float
+) -> set[Path]:
     """Rename the encrypted files into their day slot, write the manifest, hard-link the week slot.
 
     Return every path this run wrote (retention never removes them).
@@ -1568,8 +1912,11 @@ def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.
         os.replace(item.encrypted_tmp, final)  # a new inode: the week twin of an old run survives
         written.add(final)
     manifest = manifest_name(config, when)
-    write_file_atomically(day_dir / manifest, manifest_bytes(
-        {item.encrypted_name: item.sha256 for item in made}), stamp)
+    write_file_atomically(
+        day_dir / manifest,
+        manifest_bytes({item.encrypted_name: item.sha256 for item in made}),
+        stamp,
+    )
     written.add(day_dir / manifest)
     report.slots.append(day_name)
     if week_name:
@@ -1582,8 +1929,11 @@ def commit_slots(config: Config, report: Report, made: Sequence[Made], when: dt.
             os.link(day_dir / item.encrypted_name, link_tmp)
             os.replace(link_tmp, week_dir / item.encrypted_name)
             written.add(week_dir / item.encrypted_name)
-        write_file_atomically(week_dir / manifest, manifest_bytes(
-            {item.encrypted_name: item.sha256 for item in weekly}), stamp)
+        write_file_atomically(
+            week_dir / manifest,
+            manifest_bytes({item.encrypted_name: item.sha256 for item in weekly}),
+            stamp,
+        )
         written.add(week_dir / manifest)
         report.slots.append(week_name)
     for slot in {path.parent for path in written}:
@@ -1634,8 +1984,12 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
             with contextlib.suppress(OSError):
                 day_dir.rmdir()  # an empty slot would look like a lost backup in status
         raise
-    state.update(last_run=stamp, raw_sizes={item.artifact.label: item.raw_bytes for item in made},
-                 last_result='running', files=[item.encrypted_name for item in made])
+    state.update(
+        last_run=stamp,
+        raw_sizes={item.artifact.label: item.raw_bytes for item in made},
+        last_result='running',
+        files=[item.encrypted_name for item in made],
+    )
     report.step = 'rotate'
     for path in retention_plan(config, when, written):
         remove_path(path)
@@ -1651,13 +2005,16 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
         if bad:
             # rsync's quick check (size and mtime) misses a file rewritten with the same size in
             # the same second, and a copy corrupted on the remote: send exactly those again.
-            report.warnings.append(f'{len(bad)} remote cop(ies) differed from the manifest after '
-                                   f'the transfer and were sent again: {", ".join(bad)}')
+            report.warnings.append(
+                f'{len(bad)} remote cop(ies) differed from the manifest after '
+                f'the transfer and were sent again: {", ".join(bad)}'
+            )
             resend_remote(config, bad)
             bad = remote_mismatches(config, rel)
         if bad:
-            raise BackupError('the remote copy differs from the manifest: ' + ', '.join(bad),
-                              step='verify remote')
+            raise BackupError(
+                'the remote copy differs from the manifest: ' + ', '.join(bad), step='verify remote'
+            )
     state['last_transfer'] = time.time()
     save_state(config, state)
 
@@ -1678,8 +2035,9 @@ def command_run(config: Config, dry_run: bool) -> int:
             code = EXIT_FAILED
         except OSError as error:  # disk full, read-only folder...: name the path
             hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-            report.error = BackupError(f'{error.filename or ""}: {error.strerror}{hint}',
-                                       step=report.step)
+            report.error = BackupError(
+                f'{error.filename or ""}: {error.strerror}{hint}', step=report.step
+            )
             code = EXIT_FAILED
         except Interrupted as interrupt:
             kill_all_children()
@@ -1687,8 +2045,9 @@ def command_run(config: Config, dry_run: bool) -> int:
             code = 128 + interrupt.signum
         except Exception as error:  # a bug: still exactly one FAILED mail, then exit 3
             kill_all_children()
-            report.error = BackupError(f'internal error: {error!r}', step=report.step,
-                                       detail=traceback.format_exc())
+            report.error = BackupError(
+                f'internal error: {error!r}', step=report.step, detail=traceback.format_exc()
+            )
             code = EXIT_BUG
         state = load_state(config)
         state['last_result'] = 'failed' if report.error else 'succeeded'
@@ -1696,8 +2055,11 @@ def command_run(config: Config, dry_run: bool) -> int:
         state['last_error'] = str(report.error) if report.error else ''
         save_state(config, state)
     if report.error:
-        print(f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
-              f'{report.error}', file=sys.stderr)
+        print(
+            f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
+            f'{report.error}',
+            file=sys.stderr,
+        )
         if report.error.detail:
             print(mask_secrets(report.error.detail), file=sys.stderr)
     for warning in report.warnings:
@@ -1706,8 +2068,10 @@ def command_run(config: Config, dry_run: bool) -> int:
         try:
             send_mail(config.admin_emails, report.subject(), report.body())
         except BackupError as error:
-            print(f'ppbackup: the report mail could not be sent: {error}\n{error.detail}',
-                  file=sys.stderr)
+            print(
+                f'ppbackup: the report mail could not be sent: {error}\n{error.detail}',
+                file=sys.stderr,
+            )
             code = code or EXIT_FAILED
     if not report.error:
         log.info('done in %.1f s: %s', time.time() - report.started, ', '.join(report.slots))
@@ -1719,23 +2083,36 @@ def print_plan(config: Config) -> int:
     when = dt.datetime.now()
     day_name, week_name = slot_names(config, when)
     rundir = config.insecure_dir / f'{RUN_PREFIX}PID'
-    print(f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written')
+    print(
+        f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written'
+    )
     compressor = COMPRESSORS[config.compression][0]
     print('commands:')
     for artifact in plan_artifacts(config, when, rundir):
-        pipeline = shlex.join(artifact.argv) + (' | ' + shlex.join(compressor) if compressor else '')
+        pipeline = shlex.join(artifact.argv) + (
+            ' | ' + shlex.join(compressor) if compressor else ''
+        )
         print(f'  {mask_secrets(pipeline)} > {rundir.parent / "latest" / artifact.filename}')
-        print(f'  gpg --encrypt --compress-algo none '
-              f'{" ".join("-r " + spec for spec in config.recipients)} -> '
-              f'{config.backup_dir / day_name / (artifact.filename + ".gpg")}')
-    print(f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}')
+        print(
+            f'  gpg --encrypt --compress-algo none '
+            f'{" ".join("-r " + spec for spec in config.recipients)} -> '
+            f'{config.backup_dir / day_name / (artifact.filename + ".gpg")}'
+        )
+    print(
+        f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}'
+    )
     print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
-    names = {config.backup_dir / day_name / (a.filename + '.gpg')
-             for a in plan_artifacts(config, when, rundir)}
+    names = {
+        config.backup_dir / day_name / (a.filename + '.gpg')
+        for a in plan_artifacts(config, when, rundir)
+    }
     names.add(config.backup_dir / day_name / manifest_name(config, when))
     if week_name:
-        names |= {config.backup_dir / week_name / (a.filename + '.gpg')
-                  for a in plan_artifacts(config, when, rundir) if a.weekly}
+        names |= {
+            config.backup_dir / week_name / (a.filename + '.gpg')
+            for a in plan_artifacts(config, when, rundir)
+            if a.weekly
+        }
         names.add(config.backup_dir / week_name / manifest_name(config, when))
     doomed = retention_plan(config, when, names)
     print(f'rotation would remove {len(doomed)} file(s):')
@@ -1770,30 +2147,41 @@ def command_check(config: Config) -> int:
     programs += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
     for program in programs:
         if not shutil.which(program):
-            mark(False if program != 'mailx' or config.admin_emails else None,
-                 f'{program}: not found on PATH')
+            mark(
+                False if program != 'mailx' or config.admin_emails else None,
+                f'{program}: not found on PATH',
+            )
             continue
         if program == 'mailx':  # mailx has no harmless version flag: never risk sending a mail
             mark(True, f'mailx: {shutil.which(program)}')
             continue
         flag = '--version'
         try:
-            _, out = run_command([program, flag], what=program, step='check', timeout=20,
-                                 ok_codes=range(256))
+            _, out = run_command(
+                [program, flag], what=program, step='check', timeout=20, ok_codes=range(256)
+            )
             mark(True, f'{program}: {(out.strip().splitlines() or ["found"])[0]}')
         except BackupError as error:
             mark(False, f'{program}: {error}')
     for db in config.psql_dbs:
         try:
-            run_command(['psql', '--no-password', '-X', '-A', '-t', '-c', 'select 1',
-                         f'--dbname={db}'], what=f'psql {db}', step='check', timeout=30)
+            run_command(
+                ['psql', '--no-password', '-X', '-A', '-t', '-c', 'select 1', f'--dbname={db}'],
+                what=f'psql {db}',
+                step='check',
+                timeout=30,
+            )
             mark(True, f'PostgreSQL database {db}: reachable')
         except BackupError as error:
             mark(False, f'PostgreSQL database {db}: {error} {error.detail.strip()[-200:]}')
     for db in config.mysql_dbs:
         try:
-            run_command(['mysql', '--batch', '-e', 'select 1', '--', db], what=f'mysql {db}',
-                        step='check', timeout=30)
+            run_command(
+                ['mysql', '--batch', '-e', 'select 1', '--', db],
+                what=f'mysql {db}',
+                step='check',
+                timeout=30,
+            )
             mark(True, f'MySQL database {db}: reachable')
         except BackupError as error:
             mark(False, f'MySQL database {db}: {error} {error.detail.strip()[-200:]}')
@@ -1814,8 +2202,11 @@ def command_check(config: Config) -> int:
             mark(False, f'{folder}: a symlink or not a folder')
         else:
             mode = stat.S_IMODE(folder.stat().st_mode)
-            mark(mode & 0o077 == 0 or None, f'{folder}: mode {mode:o}'
-                 + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'))
+            mark(
+                mode & 0o077 == 0 or None,
+                f'{folder}: mode {mode:o}'
+                + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'),
+            )
     latest = config.insecure_dir / 'latest'
     if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
         mark(False, f'{latest}: plaintext older than 24 hours (the next run removes it)')
@@ -1824,8 +2215,12 @@ def command_check(config: Config) -> int:
             mark(False, f'path {config.home / path}: missing')
     try:
         with tempfile.TemporaryDirectory() as empty:
-            run_command([*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
-                        what=f'rsync probe of {config.remote}', step='check', timeout=90)
+            run_command(
+                [*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
+                what=f'rsync probe of {config.remote}',
+                step='check',
+                timeout=90,
+            )
         mark(True, f'remote {config.remote}: reachable')
     except BackupError as error:
         mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
@@ -1848,10 +2243,19 @@ def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[s
                     size += path.stat().st_size
             if run.files and (slot / run.files[0]).is_file():
                 with contextlib.suppress(BackupError):
-                    keyids.update(packet_recipients(slot / run.files[0],
-                                                    gnupghome or config.gnupghome))
-            rows.append({'slot': slot.name, 'run': run.manifest.name, 'time': run.time,
-                         'files': len(run.files), 'bytes': size, 'recipients': sorted(keyids)})
+                    keyids.update(
+                        packet_recipients(slot / run.files[0], gnupghome or config.gnupghome)
+                    )
+            rows.append(
+                {
+                    'slot': slot.name,
+                    'run': run.manifest.name,
+                    'time': run.time,
+                    'files': len(run.files),
+                    'bytes': size,
+                    'recipients': sorted(keyids),
+                }
+            )
     return rows
 
 
@@ -1868,14 +2272,22 @@ def command_status(config: Config, as_json: bool) -> int:
     for day in days:
         slot = 'day0' if config.only_one_day else f'day{day.isoweekday()}'
         day_covered[day.isoformat()] = any(
-            row['slot'] == slot and dt.date.fromtimestamp(row['time']) == day for row in rows)
-    weeks_present = sorted({row['slot'] for row in rows if row['slot'].startswith('wk')},
-                           key=lambda name: int(name[2:]))
+            row['slot'] == slot and dt.date.fromtimestamp(row['time']) == day for row in rows
+        )
+    weeks_present = sorted(
+        {row['slot'] for row in rows if row['slot'].startswith('wk')},
+        key=lambda name: int(name[2:]),
+    )
     data = {
-        'name': config.name, 'remote': config.remote, 'slots': rows,
-        'latest_plaintext': latest_time, 'last_result': state.get('last_result'),
-        'last_result_time': state.get('last_result_time'), 'last_error': state.get('last_error'),
-        'last_transfer': state.get('last_transfer'), 'days_covered': day_covered,
+        'name': config.name,
+        'remote': config.remote,
+        'slots': rows,
+        'latest_plaintext': latest_time,
+        'last_result': state.get('last_result'),
+        'last_result_time': state.get('last_result_time'),
+        'last_error': state.get('last_error'),
+        'last_transfer': state.get('last_transfer'),
+        'days_covered': day_covered,
         'weeks_present': weeks_present,
     }
     if as_json:
@@ -1891,20 +2303,27 @@ def command_status(config: Config, as_json: bool) -> int:
     print(f'{config.name} -> {config.remote}')
     print(f'{"slot":<6} {"run":<28} {"time":<30} {"files":>5} {"size":>10}  recipients')
     for row in rows:
-        print(f'{row["slot"]:<6} {row["run"]:<28} {age(row["time"]):<30} {row["files"]:>5} '
-              f'{human_size(row["bytes"]):>10}  {" ".join(row["recipients"])}')
-    print('last 7 days:  ' + ' '.join(f'{day[5:]}{"+" if ok else "-"}'
-                                       for day, ok in sorted(day_covered.items())))
+        print(
+            f'{row["slot"]:<6} {row["run"]:<28} {age(row["time"]):<30} {row["files"]:>5} '
+            f'{human_size(row["bytes"]):>10}  {" ".join(row["recipients"])}'
+        )
+    print(
+        'last 7 days:  '
+        + ' '.join(f'{day[5:]}{"+" if ok else "-"}' for day, ok in sorted(day_covered.items()))
+    )
     print(f'weeks held:   {len(weeks_present)} of 53: {" ".join(weeks_present) or "none"}')
     print(f'latest plaintext: {age(latest_time)}')
-    print(f'last run:     {state.get("last_result", "never")} at {age(state.get("last_result_time"))}'
-          + (f': {state["last_error"]}' if state.get('last_error') else ''))
+    print(
+        f'last run:     {state.get("last_result", "never")} at {age(state.get("last_result_time"))}'
+        + (f': {state["last_error"]}' if state.get('last_error') else '')
+    )
     print(f'last transfer: {age(state.get("last_transfer"))}')
     return EXIT_OK
 
 
-def check_tree(root: Path, recipients: Sequence[Recipient] | None, gnupghome: Path | None
-               ) -> list[str]:
+def check_tree(
+    root: Path, recipients: Sequence[Recipient] | None, gnupghome: Path | None
+) -> list[str]:
     """Given a folder of slots, check every manifest's files: present, SHA-256, and (with
     recipients) whole OpenPGP data addressed to exactly them. Return the problems, each named."""
     problems = []
@@ -1918,13 +2337,16 @@ def check_tree(root: Path, recipients: Sequence[Recipient] | None, gnupghome: Pa
                 with open(path, 'rb') as handle:
                     actual = hashlib.file_digest(handle, 'sha256').hexdigest()
                 if actual != digest:
-                    problems.append(f'{slot.name}/{name}: SHA-256 does not match the manifest '
-                                    '(altered or truncated)')
+                    problems.append(
+                        f'{slot.name}/{name}: SHA-256 does not match the manifest '
+                        '(altered or truncated)'
+                    )
                     continue
                 if recipients is not None and gnupghome is not None:
                     try:
-                        mismatch = check_addressed_to(packet_recipients(path, gnupghome),
-                                                      recipients)
+                        mismatch = check_addressed_to(
+                            packet_recipients(path, gnupghome), recipients
+                        )
                     except BackupError as error:
                         mismatch = str(error)
                     if mismatch:
@@ -1938,13 +2360,17 @@ def command_verify(config: Config, remote: bool) -> int:
     recipients, _ = resolve_recipients(gpg, config.recipients)
     problems = check_tree(config.backup_dir, recipients, config.gnupghome)
     if remote:
-        problems += [f'remote copy of {name}: missing or differs'
-                     for name in remote_mismatches(config, None)]
+        problems += [
+            f'remote copy of {name}: missing or differs' for name in remote_mismatches(config, None)
+        ]
     for problem in problems:
         print(f'BAD  {problem}')
     runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
-    print(f'{runs} run(s) checked' + (', remote included' if remote else '') +
-          (': all is well' if not problems else f': {len(problems)} problem(s)'))
+    print(
+        f'{runs} run(s) checked'
+        + (', remote included' if remote else '')
+        + (': all is well' if not problems else f': {len(problems)} problem(s)')
+    )
     return EXIT_OK if not problems else EXIT_FAILED
 
 
@@ -1978,10 +2404,13 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
                 pipe.check()
             except BackupError as error:
                 if 'No secret key' in error.detail or 'decryption failed' in error.detail:
-                    raise BackupError(f'{source.name}: cannot decrypt: no matching private key in '
-                                      f'{gnupghome or os.environ.get("GNUPGHOME", "~/.gnupg")}. '
-                                      'Run this where a recipient\'s private key is.',
-                                      step='decrypt', detail=error.detail) from error
+                    raise BackupError(
+                        f'{source.name}: cannot decrypt: no matching private key in '
+                        f'{gnupghome or os.environ.get("GNUPGHOME", "~/.gnupg")}. '
+                        "Run this where a recipient's private key is.",
+                        step='decrypt',
+                        detail=error.detail,
+                    ) from error
                 raise
         if tmp and target:
             os.replace(tmp, target)
@@ -2017,8 +2446,11 @@ def watch_retention(root: Path) -> list[Path]:
                 keep_files |= set(run.files) | {run.manifest.name}
         for run in runs[:-1]:
             for name in [run.manifest.name, *run.files]:
-                if name not in keep_files and (slot / name).is_file() and \
-                        (slot / name) not in doomed:
+                if (
+                    name not in keep_files
+                    and (slot / name).is_file()
+                    and (slot / name) not in doomed
+                ):
                     doomed.append(slot / name)
     return doomed
 
@@ -2035,8 +2467,10 @@ def command_watch(root: Path, max_age_hours: float, mail: Sequence[str], dry_run
     elif time.time() - newest > max_age_hours * 3600:
         since = dt.datetime.fromtimestamp(newest)
         hours = (time.time() - newest) / 3600
-        problems.append(f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
-                        f'more than --max-age {max_age_hours:g} h)')
+        problems.append(
+            f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
+            f'more than --max-age {max_age_hours:g} h)'
+        )
     removed = []
     for path in watch_retention(root):
         if dry_run:
@@ -2071,27 +2505,50 @@ def _demo_databases(work: Path) -> tuple[list[str], list[str], Callable[[], None
     psql: list[str] = []
     mysql: list[str] = []
     cleanups: list[list[str]] = []
-    sql = ('CREATE TABLE members (id integer PRIMARY KEY, name varchar(80));'
-           "INSERT INTO members VALUES (1, 'Ada'), (2, 'Grace'), (3, 'Émilie');")
+    sql = (
+        'CREATE TABLE members (id integer PRIMARY KEY, name varchar(80));'
+        "INSERT INTO members VALUES (1, 'Ada'), (2, 'Grace'), (3, 'Émilie');"
+    )
     with contextlib.suppress(BackupError):
-        run_command(['createdb', '--no-password', '--', name], what='createdb', step='demo',
-                    timeout=30)
+        run_command(
+            ['createdb', '--no-password', '--', name], what='createdb', step='demo', timeout=30
+        )
         cleanups.append(['dropdb', '--no-password', '--if-exists', '--', name])
-        run_command(['psql', '--no-password', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-c', sql,
-                     f'--dbname={name}'], what='psql', step='demo', timeout=30)
+        run_command(
+            [
+                'psql',
+                '--no-password',
+                '-X',
+                '-q',
+                '-v',
+                'ON_ERROR_STOP=1',
+                '-c',
+                sql,
+                f'--dbname={name}',
+            ],
+            what='psql',
+            step='demo',
+            timeout=30,
+        )
         psql.append(name)
     with contextlib.suppress(BackupError):
-        run_command(['mysql', '--batch', '-e', f'CREATE DATABASE `{name}`'], what='mysql',
-                    step='demo', timeout=30)
+        run_command(
+            ['mysql', '--batch', '-e', f'CREATE DATABASE `{name}`'],
+            what='mysql',
+            step='demo',
+            timeout=30,
+        )
         cleanups.append(['mysql', '--batch', '-e', f'DROP DATABASE IF EXISTS `{name}`'])
-        run_command(['mysql', '--batch', '-e', sql, '--', name], what='mysql', step='demo',
-                    timeout=30)
+        run_command(
+            ['mysql', '--batch', '-e', sql, '--', name], what='mysql', step='demo', timeout=30
+        )
         mysql.append(name)
 
     def cleanup() -> None:
         for argv in cleanups:
             with contextlib.suppress(BackupError):
                 run_command(argv, what=argv[0], step='demo', timeout=30)
+
     return psql, mysql, cleanup
 
 
@@ -2106,24 +2563,38 @@ def command_demo() -> int:
             home.mkdir(mode=0o700)
         print(f'demo folder: {work}')
         holder = GnuPG(gnupghome=str(holder_home))
-        key = holder.gen_key(holder.gen_key_input(
-            key_type='EDDSA', key_curve='ed25519', subkey_type='ECDH', subkey_curve='cv25519',
-            name_real='ppbackup demo', name_email='demo@ppbackup.invalid', no_protection=True,
-            expire_date='2d'))
+        key = holder.gen_key(
+            holder.gen_key_input(
+                key_type='EDDSA',
+                key_curve='ed25519',
+                subkey_type='ECDH',
+                subkey_curve='cv25519',
+                name_real='ppbackup demo',
+                name_email='demo@ppbackup.invalid',
+                no_protection=True,
+                expire_date='2d',
+            )
+        )
         if not key.fingerprint:
             raise BackupError(f'could not make a demo key: {key.stderr[-300:]}', step='demo')
         GnuPG(gnupghome=str(host_home)).import_keys(holder.export_keys(key.fingerprint))
-        print(f'demo key: {key.fingerprint} (public key on the "host", private key with the '
-              '"key holder")')
+        print(
+            f'demo key: {key.fingerprint} (public key on the "host", private key with the '
+            '"key holder")'
+        )
         data = work / 'home' / 'site'
         (data / 'uploads').mkdir(parents=True)
         (data / 'index.html').write_text('<h1>Demo association</h1>\n')
         (data / 'members.csv').write_text('id,name\n1,Ada\n2,Grace\n3,Émilie\n')
         (data / 'uploads' / 'photo.bin').write_bytes(os.urandom(256 * 1024))
         psql, mysql, cleanup_dbs = _demo_databases(work)
-        print('databases: ' + (', '.join([*(f'psql {db}' for db in psql),
-                                          *(f'mysql {db}' for db in mysql)]) or
-                               'none reachable; files only'))
+        print(
+            'databases: '
+            + (
+                ', '.join([*(f'psql {db}' for db in psql), *(f'mysql {db}' for db in mysql)])
+                or 'none reachable; files only'
+            )
+        )
         config_path = work / 'ppbackup.cfg'
         config_path.write_text(
             f'BACKUP_NAME=demo\nBACKUP_REMOTE={shlex.quote(str(work / "remote"))}\n'
@@ -2131,7 +2602,8 @@ def command_demo() -> int:
             f'BACKUP_PSQL_DB="{" ".join(psql)}"\nBACKUP_MYSQL_DB="{" ".join(mysql)}"\n'
             f'BACKUP_GNUPGHOME={shlex.quote(str(host_home))}\n'
             f'BACKUP_DIR={shlex.quote(str(work / "home" / "backups"))}\n'
-            f'BACKUP_INSECURE_DIR={shlex.quote(str(work / "home" / "backups.insecure"))}\n')
+            f'BACKUP_INSECURE_DIR={shlex.quote(str(work / "home" / "backups.insecure"))}\n'
+        )
         config_path.chmod(0o600)
         (work / 'remote').mkdir()
         config = load_config(config_path, {**os.environ, 'HOME': str(work / 'home')})
@@ -2150,12 +2622,15 @@ def command_demo() -> int:
         restored_files = work / 'restored.tar'
         encrypted = next(remote_slot.glob('demo-files-*.gpg'))
         command_decrypt(encrypted, str(restored_files), str(holder_home))
-        code, listing = run_command(['tar', '-t', '-f', str(restored_files)], what='tar -t',
-                                    step='demo')
+        code, listing = run_command(
+            ['tar', '-t', '-f', str(restored_files)], what='tar -t', step='demo'
+        )
         if 'site/members.csv' not in listing:
             raise BackupError('the decrypted archive lacks site/members.csv', step='demo')
-        print(f'{encrypted.name} -> tar archive with {len(listing.split())} entries, '
-              'site/members.csv included')
+        print(
+            f'{encrypted.name} -> tar archive with {len(listing.split())} entries, '
+            'site/members.csv included'
+        )
         for dump in remote_slot.glob('demo-*sql*.gpg'):
             restored = work / 'restored.sql'
             command_decrypt(dump, str(restored), str(holder_home))
@@ -2169,8 +2644,12 @@ def command_demo() -> int:
         cleanup_dbs()
         for home in (host_home, holder_home):
             with contextlib.suppress(OSError, subprocess.SubprocessError):
-                subprocess.run(['gpgconf', '--homedir', str(home), '--kill', 'all'],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=10)
+                subprocess.run(
+                    ['gpgconf', '--homedir', str(home), '--kill', 'all'],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                    timeout=10,
+                )
         shutil.rmtree(work, ignore_errors=True)
 
 
@@ -2181,11 +2660,17 @@ def command_demo() -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog='ppbackup', description='Privacy-preserving backups: dump, encrypt to public keys, '
-        'rotate, rsync, mail. With no command, "run".')
+        prog='ppbackup',
+        description='Privacy-preserving backups: dump, encrypt to public keys, '
+        'rotate, rsync, mail. With no command, "run".',
+    )
     parser.add_argument('--version', action='version', version=f'ppbackup {__version__}')
-    parser.add_argument('--config', help=f'config file (default: $PPBACKUP_CONFIG or {DEFAULT_CONFIG})')
-    parser.add_argument('-v', '--verbose', action='store_true', help='show each step even under cron')
+    parser.add_argument(
+        '--config', help=f'config file (default: $PPBACKUP_CONFIG or {DEFAULT_CONFIG})'
+    )
+    parser.add_argument(
+        '-v', '--verbose', action='store_true', help='show each step even under cron'
+    )
     commands = parser.add_subparsers(dest='command', metavar='COMMAND')
     run = commands.add_parser('run', help='run one backup cycle (the default)')
     run.add_argument('--dry-run', action='store_true', help='print the plan; write nothing')

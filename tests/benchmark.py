@@ -27,6 +27,7 @@ What it does, in a throwaway folder that it removes at the end:
 6. prints the summary table, the bare pipeline's per-step times and ppbackup's timeline (from its
    ``-v`` log lines, time-stamped as they arrive).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,12 +60,14 @@ SHARES = {'psql': 0.43, 'mysql': 0.10, 'logs': 0.25, 'uploads': 0.20, 'binaries'
 ZSTD = 'zstd -q -T0 -3 -c'
 # The same dump options as ppbackup.plan_artifacts, so that both sides dump the same bytes.
 PG_DUMP = 'pg_dump --no-password --format=plain --dbname={db}'
-MYSQLDUMP = ('mysqldump --single-transaction --quick --routines --events --triggers --hex-blob '
-             '--default-character-set=utf8mb4 -- {db}')
+MYSQLDUMP = (
+    'mysqldump --single-transaction --quick --routines --events --triggers --hex-blob '
+    '--default-character-set=utf8mb4 -- {db}'
+)
 
 # Runs ppbackup.main() in this process and writes, at exit, the exact peak RSS (VmHWM, kB) and the
 # CPU seconds of this Python process itself (its children, gpg, zstd..., are not in them).
-WRAPPER = r'''
+WRAPPER = r"""
 import atexit, os, resource, sys
 def _write_hwm():
     with open('/proc/self/status') as status:
@@ -78,17 +81,43 @@ sys.argv = [script, *sys.argv[2:]]
 sys.path.insert(0, os.path.dirname(script))
 import ppbackup
 sys.exit(ppbackup.main(sys.argv[1:]))
-'''
+"""
 
-LOREM = ('the general assembly approved the annual accounts and thanked the volunteers for the '
-         'summer festival the treasurer presented the budget for next year with a small increase '
-         'of the membership fee the board will meet again in september to prepare the autumn '
-         'campaign and the newsletter members asked for a second workshop on repairing bicycles '
-         'and for more evening opening hours of the shared garden and the library ')
-FIRST = ['Ada', 'Grace', 'Émilie', 'Alan', 'Barbara', 'Edsger', 'Frances', 'Hedy', 'Ken',
-         'Margaret', 'Niklaus', 'Radia']
-LAST = ['Lovelace', 'Hopper', 'du Châtelet', 'Turing', 'Liskov', 'Dijkstra', 'Allen', 'Lamarr',
-        'Thompson', 'Hamilton', 'Wirth', 'Perlman']
+LOREM = (
+    'the general assembly approved the annual accounts and thanked the volunteers for the '
+    'summer festival the treasurer presented the budget for next year with a small increase '
+    'of the membership fee the board will meet again in september to prepare the autumn '
+    'campaign and the newsletter members asked for a second workshop on repairing bicycles '
+    'and for more evening opening hours of the shared garden and the library '
+)
+FIRST = [
+    'Ada',
+    'Grace',
+    'Émilie',
+    'Alan',
+    'Barbara',
+    'Edsger',
+    'Frances',
+    'Hedy',
+    'Ken',
+    'Margaret',
+    'Niklaus',
+    'Radia',
+]
+LAST = [
+    'Lovelace',
+    'Hopper',
+    'du Châtelet',
+    'Turing',
+    'Liskov',
+    'Dijkstra',
+    'Allen',
+    'Lamarr',
+    'Thompson',
+    'Hamilton',
+    'Wirth',
+    'Perlman',
+]
 DOMAINS = ['example.org', 'mail.example.net', 'asso.example.fr']
 STATUSES = ['paid', 'pending', 'shipped', 'refunded', 'cancelled']
 
@@ -171,14 +200,27 @@ def say(text: str) -> None:
     print(text, flush=True)
 
 
-def sh(cmd: str, *, env: dict[str, str] | None = None, input_text: str | None = None,
-       check: bool = True) -> subprocess.CompletedProcess[str]:
+def sh(
+    cmd: str,
+    *,
+    env: dict[str, str] | None = None,
+    input_text: str | None = None,
+    check: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run a bash command line with pipefail; raise with its output if it fails."""
-    result = subprocess.run(['bash', '-o', 'pipefail', '-c', cmd], env=env, input=input_text,
-                            capture_output=True, text=True, check=False)
+    result = subprocess.run(
+        ['bash', '-o', 'pipefail', '-c', cmd],
+        env=env,
+        input=input_text,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if check and result.returncode:
-        raise RuntimeError(f'command failed ({result.returncode}): {cmd}\n{result.stdout[-2000:]}'
-                           f'{result.stderr[-2000:]}')
+        raise RuntimeError(
+            f'command failed ({result.returncode}): {cmd}\n{result.stdout[-2000:]}'
+            f'{result.stderr[-2000:]}'
+        )
     return result
 
 
@@ -191,32 +233,45 @@ def sql_array(items: list[str]) -> str:
 
 
 def sql_elt(items: list[str]) -> str:
-    return f'ELT(1 + FLOOR(RAND() * {len(items)}), ' + ','.join(
-        "'" + item.replace("'", "''") + "'" for item in items) + ')'
+    return (
+        f'ELT(1 + FLOOR(RAND() * {len(items)}), '
+        + ','.join("'" + item.replace("'", "''") + "'" for item in items)
+        + ')'
+    )
 
 
 def psql(db: str, sql: str) -> str:
-    return subprocess.run(['psql', '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', db],
-                          input=sql, capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ['psql', '-X', '-q', '-A', '-t', '-v', 'ON_ERROR_STOP=1', '-d', db],
+        input=sql,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def mysql(db: str, sql: str) -> str:
-    return subprocess.run(['mysql', '--batch', '--skip-column-names', '--', db], input=sql,
-                          capture_output=True, text=True, check=True).stdout.strip()
+    return subprocess.run(
+        ['mysql', '--batch', '--skip-column-names', '--', db],
+        input=sql,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 # ---------------------------------------------------------------------------------------------------
 # The dataset
 # ---------------------------------------------------------------------------------------------------
 
-PG_TABLE = '''CREATE TABLE orders (id bigint PRIMARY KEY, created timestamptz NOT NULL,
+PG_TABLE = """CREATE TABLE orders (id bigint PRIMARY KEY, created timestamptz NOT NULL,
   customer text NOT NULL, email text NOT NULL, status text NOT NULL, amount numeric(10,2) NOT NULL,
-  token text NOT NULL, note text NOT NULL);'''
+  token text NOT NULL, note text NOT NULL);"""
 
 
 def pg_insert(lo: int, hi: int) -> str:
     n = len(FIRST) - 1
-    return f'''INSERT INTO orders SELECT g,
+    return f"""INSERT INTO orders SELECT g,
   timestamptz '2021-01-01 00:00:00+00' + g * interval '13 seconds',
   ({sql_array(FIRST)})[1 + (random() * {n})::int] || ' ' || ({sql_array(LAST)})[1 + (random() * {n})::int],
   'member' || (random() * 50000)::int || '@' || ({sql_array(DOMAINS)})[1 + (random() * 2)::int],
@@ -224,36 +279,40 @@ def pg_insert(lo: int, hi: int) -> str:
   round((random() * 500)::numeric, 2),
   md5(random()::text),
   substr('{LOREM}', 1 + (random() * 300)::int, 20 + (random() * 100)::int)
-FROM generate_series({lo}, {hi}) AS g;'''
+FROM generate_series({lo}, {hi}) AS g;"""
 
 
 # Bytes of one row in pg_dump's COPY text: the columns, 7 tabs and a newline.
-PG_ROW_BYTES = '''SELECT avg(octet_length(id::text) + octet_length(created::text) + octet_length(customer)
+PG_ROW_BYTES = """SELECT avg(octet_length(id::text) + octet_length(created::text) + octet_length(customer)
   + octet_length(email) + octet_length(status) + octet_length(amount::text) + octet_length(token)
-  + octet_length(note) + 8) FROM orders;'''
+  + octet_length(note) + 8) FROM orders;"""
 
-MY_TABLE = '''CREATE TABLE orders (id BIGINT PRIMARY KEY, created DATETIME NOT NULL,
+MY_TABLE = """CREATE TABLE orders (id BIGINT PRIMARY KEY, created DATETIME NOT NULL,
   customer VARCHAR(80) NOT NULL, email VARCHAR(80) NOT NULL, status VARCHAR(16) NOT NULL,
   amount DECIMAL(10,2) NOT NULL, token CHAR(32) NOT NULL, note VARCHAR(255) NOT NULL)
-  ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;'''
+  ENGINE=InnoDB DEFAULT CHARSET=utf8mb4;"""
 
 
 def my_insert(lo: int, hi: int) -> str:
-    return f'''INSERT INTO orders SELECT seq, TIMESTAMP'2021-01-01 00:00:00' + INTERVAL seq * 13 SECOND,
+    return f"""INSERT INTO orders SELECT seq, TIMESTAMP'2021-01-01 00:00:00' + INTERVAL seq * 13 SECOND,
   CONCAT({sql_elt(FIRST)}, ' ', {sql_elt(LAST)}),
   CONCAT('member', FLOOR(RAND() * 50000), '@', {sql_elt(DOMAINS)}),
   {sql_elt(STATUSES)}, ROUND(RAND() * 500, 2), MD5(RAND()),
   SUBSTRING('{LOREM}', 1 + FLOOR(RAND() * 300), 20 + FLOOR(RAND() * 100))
-FROM seq_{lo}_to_{hi};'''
+FROM seq_{lo}_to_{hi};"""
 
 
 # Bytes of one row in mysqldump's extended INSERT: the columns, 12 quotes, 7 commas, (), and ",".
-MY_ROW_BYTES = '''SELECT AVG(LENGTH(id) + LENGTH(created) + LENGTH(customer) + LENGTH(email)
-  + LENGTH(status) + LENGTH(amount) + LENGTH(token) + LENGTH(note) + 22) FROM orders;'''
+MY_ROW_BYTES = """SELECT AVG(LENGTH(id) + LENGTH(created) + LENGTH(customer) + LENGTH(email)
+  + LENGTH(status) + LENGTH(amount) + LENGTH(token) + LENGTH(note) + 22) FROM orders;"""
 
 
-def fill_table(target: int, row_bytes: Callable[[], float], insert: Callable[[int, int], object],
-               chunk: int = 400_000) -> int:
+def fill_table(
+    target: int,
+    row_bytes: Callable[[], float],
+    insert: Callable[[int, int], object],
+    chunk: int = 400_000,
+) -> int:
     """Insert a calibration batch, then enough rows for ``target`` dump bytes; return the rows."""
     first = 20_000
     insert(1, first)
@@ -269,8 +328,9 @@ def fill_table(target: int, row_bytes: Callable[[], float], insert: Callable[[in
 def build_postgres(db: str, target: int) -> int:
     subprocess.run(['createdb', '--', db], check=True)
     psql(db, PG_TABLE)
-    rows = fill_table(target, lambda: float(psql(db, PG_ROW_BYTES)),
-                      lambda lo, hi: psql(db, pg_insert(lo, hi)))
+    rows = fill_table(
+        target, lambda: float(psql(db, PG_ROW_BYTES)), lambda lo, hi: psql(db, pg_insert(lo, hi))
+    )
     psql(db, 'VACUUM (FREEZE, ANALYZE) orders;')  # hint bits set now, not by the first timed dump
     return rows
 
@@ -278,33 +338,62 @@ def build_postgres(db: str, target: int) -> int:
 def build_mysql(db: str, target: int) -> int:
     subprocess.run(['mysql', '-e', f'CREATE DATABASE `{db}` CHARACTER SET utf8mb4'], check=True)
     mysql(db, MY_TABLE)
-    rows = fill_table(target, lambda: float(mysql(db, MY_ROW_BYTES)),
-                      lambda lo, hi: mysql(db, my_insert(lo, hi)), chunk=200_000)
+    rows = fill_table(
+        target,
+        lambda: float(mysql(db, MY_ROW_BYTES)),
+        lambda lo, hi: mysql(db, my_insert(lo, hi)),
+        chunk=200_000,
+    )
     mysql(db, 'ANALYZE TABLE orders;')
     return rows
 
 
-LOG_PATHS = ['/', '/index.php', '/agenda', '/adherer', '/contact', '/wp-login.php', '/news/feed',
-             '/static/css/site.css', '/static/js/app.js', '/images/logo.png', '/api/events',
-             '/api/members/search', '/boutique/panier', '/forum/topic', '/galerie/photo']
-AGENTS = ['Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0',
-          ('Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) '
-           'Chrome/126.0 Safari/537.36'),
-          ('Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, '
-           'like Gecko) Version/17.5 Mobile/15E148 Safari/604.1'),
-          'Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)',
-          'curl/7.88.1', 'python-requests/2.31.0']
-ERRORS = ['PHP Warning:  Undefined array key "page" in /var/www/site/index.php on line 42',
-          'PHP Notice:  session_start(): Ignoring session_start() because a session is active',
-          'upstream timed out (110: Connection timed out) while reading response header',
-          'PHP Fatal error:  Allowed memory size of 134217728 bytes exhausted']
+LOG_PATHS = [
+    '/',
+    '/index.php',
+    '/agenda',
+    '/adherer',
+    '/contact',
+    '/wp-login.php',
+    '/news/feed',
+    '/static/css/site.css',
+    '/static/js/app.js',
+    '/images/logo.png',
+    '/api/events',
+    '/api/members/search',
+    '/boutique/panier',
+    '/forum/topic',
+    '/galerie/photo',
+]
+AGENTS = [
+    'Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0',
+    (
+        'Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) '
+        'Chrome/126.0 Safari/537.36'
+    ),
+    (
+        'Mozilla/5.0 (iPhone; CPU iPhone OS 17_5 like Mac OS X) AppleWebKit/605.1.15 (KHTML, '
+        'like Gecko) Version/17.5 Mobile/15E148 Safari/604.1'
+    ),
+    'Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)',
+    'curl/7.88.1',
+    'python-requests/2.31.0',
+]
+ERRORS = [
+    'PHP Warning:  Undefined array key "page" in /var/www/site/index.php on line 42',
+    'PHP Notice:  session_start(): Ignoring session_start() because a session is active',
+    'upstream timed out (110: Connection timed out) while reading response header',
+    'PHP Fatal error:  Allowed memory size of 134217728 bytes exhausted',
+]
 
 
 def write_logs(folder: Path, total: int, rng: random.Random) -> None:
     """Write ``total`` bytes of access and error logs: text that compresses like real logs."""
     folder.mkdir(parents=True)
-    ips = [f'{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.'
-           f'{rng.randrange(1, 255)}' for _ in range(5000)]
+    ips = [
+        f'{rng.randrange(1, 224)}.{rng.randrange(256)}.{rng.randrange(256)}.{rng.randrange(1, 255)}'
+        for _ in range(5000)
+    ]
     t = 1_700_000_000.0
     stamp_second, stamp = -1, ''
     written, index = 0, 0
@@ -318,17 +407,22 @@ def write_logs(folder: Path, total: int, rng: random.Random) -> None:
             if int(t) != stamp_second:
                 stamp_second = int(t)
                 stamp = dt.datetime.fromtimestamp(stamp_second, dt.UTC).strftime(
-                    '%d/%b/%Y:%H:%M:%S +0000')
+                    '%d/%b/%Y:%H:%M:%S +0000'
+                )
             if rng.random() < 0.03:
-                line = (f'[{stamp}] [error] [client {rng.choice(ips)}] {rng.choice(ERRORS)}, '
-                        f'request id {rng.getrandbits(48):012x}\n')
+                line = (
+                    f'[{stamp}] [error] [client {rng.choice(ips)}] {rng.choice(ERRORS)}, '
+                    f'request id {rng.getrandbits(48):012x}\n'
+                )
             else:
                 path = rng.choice(LOG_PATHS)
                 if rng.random() < 0.5:
                     path += f'?id={rng.randrange(100000)}'
-                line = (f'{rng.choice(ips)} - - [{stamp}] "GET {path} HTTP/1.1" '
-                        f'{rng.choice((200, 200, 200, 200, 304, 404, 302, 500))} '
-                        f'{rng.randrange(200, 60000)} "-" "{rng.choice(AGENTS)}"\n')
+                line = (
+                    f'{rng.choice(ips)} - - [{stamp}] "GET {path} HTTP/1.1" '
+                    f'{rng.choice((200, 200, 200, 200, 304, 404, 302, 500))} '
+                    f'{rng.randrange(200, 60000)} "-" "{rng.choice(AGENTS)}"\n'
+                )
             lines.append(line)
             size += len(line)
         data = ''.join(lines).encode()[:want]
@@ -365,7 +459,7 @@ def write_binaries(folder: Path, total: int) -> None:
             if source.is_symlink() or not source.is_file():
                 continue
             try:
-                data = source.read_bytes()[:total - written]
+                data = source.read_bytes()[: total - written]
             except OSError:
                 continue
             (folder / source.name).write_bytes(data)
@@ -383,8 +477,12 @@ def measure(cmd: str) -> int:
 
 
 def gpg(home: Path, *args: str) -> str:
-    return subprocess.run(['gpg', '--homedir', str(home), '--batch', '--no-tty', '--passphrase', '',
-                           *args], capture_output=True, text=True, check=True).stdout
+    return subprocess.run(
+        ['gpg', '--homedir', str(home), '--batch', '--no-tty', '--passphrase', '', *args],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
 
 
 def make_keys(holder: Path, host: Path) -> str:
@@ -394,12 +492,20 @@ def make_keys(holder: Path, host: Path) -> str:
         home.mkdir(mode=0o700, parents=True)
     uid = 'ppbench <ppbench@example.invalid>'
     gpg(holder, '--quick-gen-key', uid, 'ed25519', 'cert', 'never')
-    fpr = next(line.split(':')[9] for line in gpg(holder, '--with-colons', '--list-keys',
-                                                   uid).splitlines() if line.startswith('fpr:'))
+    fpr = next(
+        line.split(':')[9]
+        for line in gpg(holder, '--with-colons', '--list-keys', uid).splitlines()
+        if line.startswith('fpr:')
+    )
     gpg(holder, '--quick-add-key', fpr, 'cv25519', 'encr', 'never')
     public = gpg(holder, '--armor', '--export', fpr)
-    subprocess.run(['gpg', '--homedir', str(host), '--batch', '--import'], input=public, text=True,
-                   capture_output=True, check=True)
+    subprocess.run(
+        ['gpg', '--homedir', str(host), '--batch', '--import'],
+        input=public,
+        text=True,
+        capture_output=True,
+        check=True,
+    )
     return fpr
 
 
@@ -451,7 +557,8 @@ class Bench:
             'BACKUP_BINARIES=bin\n'
             f'BACKUP_PSQL_DB={self.pg_db}\n'
             f'BACKUP_MYSQL_DB={self.my_db}\n'
-            f'BACKUP_GNUPGHOME={q(self.gnupghome)}\n')
+            f'BACKUP_GNUPGHOME={q(self.gnupghome)}\n'
+        )
         cfg.chmod(0o600)
         # Measure what each source really yields (this also warms every cache both sides read).
         self.raw = {
@@ -462,19 +569,25 @@ class Bench:
         }
         os.sync()
         total = sum(self.raw.values())
-        say(f'dataset built in {time.perf_counter() - start:.0f} s: {total / MIB:.0f} MiB raw '
+        say(
+            f'dataset built in {time.perf_counter() - start:.0f} s: {total / MIB:.0f} MiB raw '
             f'(pg_dump {self.raw["psql"] / MIB:.0f} MiB, {rows_pg} rows; mysqldump '
             f'{self.raw["mysql"] / MIB:.0f} MiB, {rows_my} rows; files tar '
-            f'{self.raw["files"] / MIB:.0f} MiB; binaries tar {self.raw["binaries"] / MIB:.0f} MiB)')
+            f'{self.raw["files"] / MIB:.0f} MiB; binaries tar {self.raw["binaries"] / MIB:.0f} MiB)'
+        )
 
     def cleanup(self) -> None:
         for db in (self.pg_db, self.my_db):
             subprocess.run(['dropdb', '--if-exists', '--', db], capture_output=True, check=False)
-            subprocess.run(['mysql', '-e', f'DROP DATABASE IF EXISTS `{db}`'], capture_output=True,
-                           check=False)
+            subprocess.run(
+                ['mysql', '-e', f'DROP DATABASE IF EXISTS `{db}`'], capture_output=True, check=False
+            )
         for home in (self.holder, self.gnupghome):
-            subprocess.run(['gpgconf', '--homedir', str(home), '--kill', 'all'],
-                           capture_output=True, check=False)
+            subprocess.run(
+                ['gpgconf', '--homedir', str(home), '--kill', 'all'],
+                capture_output=True,
+                check=False,
+            )
         if self.args.keep:
             say(f'kept {self.root}')
         else:
@@ -495,9 +608,15 @@ class Bench:
         events: list[tuple[float, str]] = []
         cpu = meter().sample()
         start = time.perf_counter()
-        proc = subprocess.Popen([sys.executable, '-c', WRAPPER, str(script), '-v', 'run'],
-                                env=self.env, cwd=self.home, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc = subprocess.Popen(
+            [sys.executable, '-c', WRAPPER, str(script), '-v', 'run'],
+            env=self.env,
+            cwd=self.home,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
         assert proc.stdout is not None
         for line in proc.stdout:  # time-stamped as they arrive: the run's timeline
             events.append((time.perf_counter() - start, line.rstrip('\n')))
@@ -510,20 +629,34 @@ class Bench:
         made = sorted((self.home / 'backups').glob('day*/*.gpg'))  # day* even across midnight
         copied = sorted((self.remote / 'backups').glob('day*/*.gpg'))
         if len(made) != 4 or len(copied) != 4:
-            raise RuntimeError(f'expected 4 encrypted files here and on the remote, got '
-                               f'{len(made)} and {len(copied)}:\n{output}')
-        plain = sum(p.stat().st_size for p in (self.home / 'backups.insecure' / 'latest').glob('bench-*'))
+            raise RuntimeError(
+                f'expected 4 encrypted files here and on the remote, got '
+                f'{len(made)} and {len(copied)}:\n{output}'
+            )
+        plain = sum(
+            p.stat().st_size for p in (self.home / 'backups.insecure' / 'latest').glob('bench-*')
+        )
         hwm_kb, py_cpu = self.hwm_file.read_text().split()
-        return {'seconds': seconds, 'hwm_kb': int(hwm_kb), 'py_cpu': float(py_cpu), 'cpu': ours,
-                'other_load': max(0.0, host - ours) / seconds,
-                'events': events,
-                'compressed': plain, 'encrypted': sum(p.stat().st_size for p in made)}
+        return {
+            'seconds': seconds,
+            'hwm_kb': int(hwm_kb),
+            'py_cpu': float(py_cpu),
+            'cpu': ours,
+            'other_load': max(0.0, host - ours) / seconds,
+            'events': events,
+            'compressed': plain,
+            'encrypted': sum(p.stat().st_size for p in made),
+        }
 
     def baseline_hwm(self) -> int:
         """VmHWM (kB) of the interpreter after importing ppbackup, running nothing: the floor."""
         self.hwm_file.unlink(missing_ok=True)
-        subprocess.run([sys.executable, '-c', WRAPPER, str(PPBACKUP), '--version'], env=self.env,
-                       capture_output=True, check=True)
+        subprocess.run(
+            [sys.executable, '-c', WRAPPER, str(PPBACKUP), '--version'],
+            env=self.env,
+            capture_output=True,
+            check=True,
+        )
         return int(self.hwm_file.read_text().split()[0])
 
     # -- the shell recipes ------------------------------------------------------------------------
@@ -533,26 +666,42 @@ class Bench:
         latest, backups = self.bare / 'latest', self.bare / 'backups'
         day, week = backups / self.day, backups / self.week
         comp, ext = ('bzip2', '.bz2') if old else (ZSTD, '.zst')
-        names = {'psql': f'bench-psql.sql{ext}', 'mysql': f'bench-mysql.sql{ext}',
-                 'files': f'bench-files.tar{ext}', 'binaries': f'bench-binaries.tar{ext}'}
+        names = {
+            'psql': f'bench-psql.sql{ext}',
+            'mysql': f'bench-mysql.sql{ext}',
+            'files': f'bench-files.tar{ext}',
+            'binaries': f'bench-binaries.tar{ext}',
+        }
         steps = [
             ('dump pg', f'{PG_DUMP.format(db=self.pg_db)} | {comp} > {q(latest / names["psql"])}'),
-            ('dump mysql',
-             f'{MYSQLDUMP.format(db=self.my_db)} | {comp} > {q(latest / names["mysql"])}')]
+            (
+                'dump mysql',
+                f'{MYSQLDUMP.format(db=self.my_db)} | {comp} > {q(latest / names["mysql"])}',
+            ),
+        ]
         for kind, folder in (('files', 'site'), ('binaries', 'bin')):
             out = q(latest / names[kind])
             if old:
                 steps.append((f'tar {kind}', f'tar -c -j -f {out} -C {q(self.home)} {folder}'))
             else:
-                steps.append((f'tar {kind}',
-                              f'tar -c -f - -C {q(self.home)} {folder} | {comp} > {out}'))
+                steps.append(
+                    (f'tar {kind}', f'tar -c -f - -C {q(self.home)} {folder} | {comp} > {out}')
+                )
         gpg_opts = '' if old else ' --compress-algo none'
         for kind, name in names.items():
-            steps.append((f'gpg {kind}', (
-                f'gpg --homedir {q(self.gnupghome)} --batch --no-tty --trust-model always'
-                f'{gpg_opts} -r {self.fpr} -o {q(day / (name + ".gpg"))} -e {q(latest / name)}')))
-        links = [f'ln {q(day / (names[k] + ".gpg"))} {q(week / (names[k] + ".gpg"))}'
-                 for k in ('psql', 'mysql', 'files')]
+            steps.append(
+                (
+                    f'gpg {kind}',
+                    (
+                        f'gpg --homedir {q(self.gnupghome)} --batch --no-tty --trust-model always'
+                        f'{gpg_opts} -r {self.fpr} -o {q(day / (name + ".gpg"))} -e {q(latest / name)}'
+                    ),
+                )
+            )
+        links = [
+            f'ln {q(day / (names[k] + ".gpg"))} {q(week / (names[k] + ".gpg"))}'
+            for k in ('psql', 'mysql', 'files')
+        ]
         steps.append(('ln', ' && '.join(links)))
         steps.append(('rsync', f'rsync -a -H {q(backups)} {q(self.bare_remote)}'))
         return steps
@@ -560,8 +709,12 @@ class Bench:
     def clear_bare(self) -> None:
         for path in (self.bare, self.bare_remote):
             shutil.rmtree(path, ignore_errors=True)
-        for path in (self.bare / 'latest', self.bare / 'backups' / self.day,
-                     self.bare / 'backups' / self.week, self.bare_remote):
+        for path in (
+            self.bare / 'latest',
+            self.bare / 'backups' / self.day,
+            self.bare / 'backups' / self.week,
+            self.bare_remote,
+        ):
             path.mkdir(parents=True, mode=0o700)
         os.sync()
 
@@ -580,9 +733,15 @@ class Bench:
         ours, host = meter().since(whole)
         plain = sum(p.stat().st_size for p in (self.bare / 'latest').iterdir())
         encrypted = sum(p.stat().st_size for p in (self.bare / 'backups' / self.day).iterdir())
-        return {'seconds': seconds, 'steps': steps, 'step_cpu': cpu, 'cpu': ours,
-                'other_load': max(0.0, host - ours) / seconds,
-                'compressed': plain, 'encrypted': encrypted}
+        return {
+            'seconds': seconds,
+            'steps': steps,
+            'step_cpu': cpu,
+            'cpu': ours,
+            'other_load': max(0.0, host - ours) / seconds,
+            'compressed': plain,
+            'encrypted': encrypted,
+        }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -602,18 +761,25 @@ def step_table(title: str, runs: list[dict[str, Any]]) -> list[str]:
     """Median wall seconds per step, its share, and the CPU busy during it (core-seconds, and
     as a share of the 2 (or n) cores: near 100 % means the step is CPU-bound)."""
     names = list(group_steps(runs[0]['steps']))
-    medians = {name: statistics.median(group_steps(run['steps'])[name] for run in runs)
-               for name in names}
-    cpus = {name: statistics.median(group_steps(run['step_cpu'])[name] for run in runs)
-            for name in names}
+    medians = {
+        name: statistics.median(group_steps(run['steps'])[name] for run in runs) for name in names
+    }
+    cpus = {
+        name: statistics.median(group_steps(run['step_cpu'])[name] for run in runs)
+        for name in names
+    }
     total = sum(medians.values())
     ncpu = os.cpu_count() or 1
     lines = [title, f'  {"step":<16}{"median s":>10}{"share":>8}{"CPU core-s":>12}{"CPU use":>9}']
-    lines += [f'  {name:<16}{medians[name]:>10.2f}{medians[name] / total:>8.0%}{cpus[name]:>12.2f}'
-              f'{cpus[name] / max(medians[name], 1e-9) / ncpu:>9.0%}' for name in names]
+    lines += [
+        f'  {name:<16}{medians[name]:>10.2f}{medians[name] / total:>8.0%}{cpus[name]:>12.2f}'
+        f'{cpus[name] / max(medians[name], 1e-9) / ncpu:>9.0%}'
+        for name in names
+    ]
     cpu_total = sum(cpus.values())
-    lines.append(f'  {"sum":<16}{total:>10.2f}{"":>8}{cpu_total:>12.2f}'
-                 f'{cpu_total / total / ncpu:>9.0%}')
+    lines.append(
+        f'  {"sum":<16}{total:>10.2f}{"":>8}{cpu_total:>12.2f}{cpu_total / total / ncpu:>9.0%}'
+    )
     return lines
 
 
@@ -621,8 +787,9 @@ def med(runs: list[dict[str, Any]], key: str) -> float:
     return float(statistics.median(run[key] for run in runs))
 
 
-def listed(runs: list[dict[str, Any]], key: str = 'seconds', scale: float = 1,
-           digits: int = 2) -> str:
+def listed(
+    runs: list[dict[str, Any]], key: str = 'seconds', scale: float = 1, digits: int = 2
+) -> str:
     return ', '.join(f'{run[key] / scale:.{digits}f}' for run in runs)
 
 
@@ -649,42 +816,67 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
     hwm = max(run['hwm_kb'] for run in main_runs) / 1024
     raw = sum(results['raw_bytes'].values())
     loads = [run['other_load'] for run in main_runs + bare]
-    out = ['',
-           (f'ppbackup benchmark: {raw / MIB:.0f} MiB raw data, {len(main_runs)} alternating '
-            f'rounds, {ncpu} CPUs'),
-           (f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"ppb/bare":>9} '
-            f'{"old/ppb":>8} {"VmHWM":>8}'),
-           (f'  {raw / MIB:>5.0f}MiB {ppb_median:>8.2f}s {bare_median:>6.2f}s '
-            f'{old_median:>7.1f}s {paired:>9.2f} {old_ratio:>8.1f} {hwm:>5.1f}MiB'),
-           f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"<= 0.85":>9} {">= 10":>8} {"<= 60":>8}',
-           (f'  {"":>8} {"":>9} {"":>7} {"":>8} {mark(paired <= 0.85):>9} '
-            f'{mark(old_ratio >= 10) if old else "-":>8} {mark(hwm <= 60):>8}'),
-           (f'  ppbackup runs: {listed(main_runs)} s; bare: {listed(bare)} s; ratio of medians '
+    out = [
+        '',
+        (
+            f'ppbackup benchmark: {raw / MIB:.0f} MiB raw data, {len(main_runs)} alternating '
+            f'rounds, {ncpu} CPUs'
+        ),
+        (
+            f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"ppb/bare":>9} '
+            f'{"old/ppb":>8} {"VmHWM":>8}'
+        ),
+        (
+            f'  {raw / MIB:>5.0f}MiB {ppb_median:>8.2f}s {bare_median:>6.2f}s '
+            f'{old_median:>7.1f}s {paired:>9.2f} {old_ratio:>8.1f} {hwm:>5.1f}MiB'
+        ),
+        f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"<= 0.85":>9} {">= 10":>8} {"<= 60":>8}',
+        (
+            f'  {"":>8} {"":>9} {"":>7} {"":>8} {mark(paired <= 0.85):>9} '
+            f'{mark(old_ratio >= 10) if old else "-":>8} {mark(hwm <= 60):>8}'
+        ),
+        (
+            f'  ppbackup runs: {listed(main_runs)} s; bare: {listed(bare)} s; ratio of medians '
             f'{ppb_median / bare_median:.2f}, median of paired ratios {paired:.2f} (the table), '
-            f'best of each {min(r["seconds"] for r in main_runs) / min(r["seconds"] for r in bare):.2f}'),
-           (f'  CPU used (its processes + database servers, median): ppbackup '
+            f'best of each {min(r["seconds"] for r in main_runs) / min(r["seconds"] for r in bare):.2f}'
+        ),
+        (
+            f'  CPU used (its processes + database servers, median): ppbackup '
             f'{med(main_runs, "cpu"):.2f} core-s = {med(main_runs, "cpu") / ppb_median / ncpu:.0%} '
             f'of {ncpu} cores, of which its Python process {med(main_runs, "py_cpu"):.2f} s; bare '
-            f'{med(bare, "cpu"):.2f} core-s = {med(bare, "cpu") / bare_median / ncpu:.0%}'),
-           (f'  other load on this host (cores busy with processes not ours): before '
+            f'{med(bare, "cpu"):.2f} core-s = {med(bare, "cpu") / bare_median / ncpu:.0%}'
+        ),
+        (
+            f'  other load on this host (cores busy with processes not ours): before '
             f'{results["load_before"]:.2f}, during ppbackup runs {listed(main_runs, "other_load")}, '
             f'during bare runs {listed(bare, "other_load")}, after {results["load_after"]:.2f}'
-            + ('  <-- NOISY: other processes competed; the times above are not trustworthy'
-               if max(loads) > max(0.15, args.quiet) else '')
-            + (f' (this run at nice -{args.nice})' if args.nice else '')),
-           (f'  VmHWM per run: {listed(main_runs, "hwm_kb", 1024, 1)} MiB (interpreter + import '
-            f'ppbackup alone: {results["baseline_vmhwm_kb"] / 1024:.1f} MiB)'),
-           (f'  sizes: compressed {main_runs[0]["compressed"] / MIB:.1f} MiB (bare '
+            + (
+                '  <-- NOISY: other processes competed; the times above are not trustworthy'
+                if max(loads) > max(0.15, args.quiet)
+                else ''
+            )
+            + (f' (this run at nice -{args.nice})' if args.nice else '')
+        ),
+        (
+            f'  VmHWM per run: {listed(main_runs, "hwm_kb", 1024, 1)} MiB (interpreter + import '
+            f'ppbackup alone: {results["baseline_vmhwm_kb"] / 1024:.1f} MiB)'
+        ),
+        (
+            f'  sizes: compressed {main_runs[0]["compressed"] / MIB:.1f} MiB (bare '
             f'{bare[0]["compressed"] / MIB:.1f}), encrypted {main_runs[0]["encrypted"] / MIB:.1f} '
             f'MiB (bare {bare[0]["encrypted"] / MIB:.1f})'
-            + (f', old recipe encrypted {old[0]["encrypted"] / MIB:.1f} MiB' if old else ''))]
+            + (f', old recipe encrypted {old[0]["encrypted"] / MIB:.1f} MiB' if old else '')
+        ),
+    ]
     for script, runs in results['variants'].items():
         median = med(runs, 'seconds')
         pair = statistics.median(c['seconds'] / p['seconds'] for c, p in zip(runs, main_runs))
-        out.append(f'  variant {script}: median {median:.2f} s (runs {listed(runs)}), '
-                   f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, CPU '
-                   f'{med(runs, "cpu"):.2f} core-s (Python {med(runs, "py_cpu"):.2f}), VmHWM '
-                   f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB')
+        out.append(
+            f'  variant {script}: median {median:.2f} s (runs {listed(runs)}), '
+            f'variant/ppbackup {pair:.2f}, /bare {median / bare_median:.2f}, CPU '
+            f'{med(runs, "cpu"):.2f} core-s (Python {med(runs, "py_cpu"):.2f}), VmHWM '
+            f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB'
+        )
     out += ['', *step_table('bare pipeline, per step (sequential):', bare)]
     if old:
         out += ['', *step_table('old recipe, per step:', old)]
@@ -696,25 +888,56 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--size-mb', type=int, default=200, help='raw dataset size in MiB (200)')
-    parser.add_argument('--rounds', type=int, default=3,
-                        help='alternating rounds of ppbackup and the bare pipeline (3)')
-    parser.add_argument('--old-rounds', type=int, default=1,
-                        help='runs of the old bzip2 recipe, after the rounds (1; 0 skips it)')
+    parser.add_argument(
+        '--rounds',
+        type=int,
+        default=3,
+        help='alternating rounds of ppbackup and the bare pipeline (3)',
+    )
+    parser.add_argument(
+        '--old-rounds',
+        type=int,
+        default=1,
+        help='runs of the old bzip2 recipe, after the rounds (1; 0 skips it)',
+    )
     parser.add_argument('--ppbackup', type=Path, default=PPBACKUP, help='ppbackup.py to time')
-    parser.add_argument('--compare', type=Path, action='append', default=[],
-                        help='another ppbackup.py (a variant) to time in the same rounds')
+    parser.add_argument(
+        '--compare',
+        type=Path,
+        action='append',
+        default=[],
+        help='another ppbackup.py (a variant) to time in the same rounds',
+    )
     parser.add_argument('--tmpdir', help='where to make the throwaway folder (default $TMPDIR)')
-    parser.add_argument('--keep', action='store_true', help='keep the throwaway folder (the databases are always dropped)')
+    parser.add_argument(
+        '--keep',
+        action='store_true',
+        help='keep the throwaway folder (the databases are always dropped)',
+    )
     parser.add_argument('--json', type=Path, help='also write the results as JSON here')
-    parser.add_argument('--nice', type=int, default=0, metavar='N',
-                        help='run at nice -N (root): favours both sides, not the database servers, '
-                        'over other load; little effect on load in another cgroup (0)')
-    parser.add_argument('--quiet', type=float, default=0.0, metavar='CORES',
-                        help='on a shared host: before each run wait until other processes use '
-                        'at most CORES cores, and redo a run during which they used more (0: off)')
+    parser.add_argument(
+        '--nice',
+        type=int,
+        default=0,
+        metavar='N',
+        help='run at nice -N (root): favours both sides, not the database servers, '
+        'over other load; little effect on load in another cgroup (0)',
+    )
+    parser.add_argument(
+        '--quiet',
+        type=float,
+        default=0.0,
+        metavar='CORES',
+        help='on a shared host: before each run wait until other processes use '
+        'at most CORES cores, and redo a run during which they used more (0: off)',
+    )
     parser.add_argument('--retries', type=int, default=4, help='redos per run with --quiet (4)')
-    parser.add_argument('--max-wait', type=float, default=300,
-                        help='seconds to wait for a quiet host before each run with --quiet (300)')
+    parser.add_argument(
+        '--max-wait',
+        type=float,
+        default=300,
+        help='seconds to wait for a quiet host before each run with --quiet (300)',
+    )
     args = parser.parse_args(argv)
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, -args.nice)  # every child inherits it
@@ -727,14 +950,18 @@ def main(argv: list[str] | None = None) -> int:
         baseline = bench.baseline_hwm()
         load_before = background_load()
         if load_before > 0.15:
-            say(f'WARNING: other processes keep {load_before:.2f} of {os.cpu_count()} cores busy; '
-                'the timings will be noisy')
+            say(
+                f'WARNING: other processes keep {load_before:.2f} of {os.cpu_count()} cores busy; '
+                'the timings will be noisy'
+            )
         scripts = [args.ppbackup, *args.compare]
         ppb: dict[Path, list[dict[str, Any]]] = {script: [] for script in scripts}
         bare: list[dict[str, Any]] = []
         old: list[dict[str, Any]] = []
-        def timed(what: str, run: Callable[[], dict[str, Any]], slack: float = 0.0
-                  ) -> dict[str, Any]:
+
+        def timed(
+            what: str, run: Callable[[], dict[str, Any]], slack: float = 0.0
+        ) -> dict[str, Any]:
             """Run once; with --quiet, wait for a quiet host first and redo a run that other
             processes competed with (up to --retries times). ``slack``: cores the run leaves idle
             anyway (the old recipe's bzip2 uses one), so other load up to it does not count."""
@@ -743,11 +970,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.quiet:
                     wait_quiet(threshold, args.max_wait)
                 result = run()
-                if not args.quiet or result['other_load'] <= threshold or \
-                        attempt == args.retries:
+                if not args.quiet or result['other_load'] <= threshold or attempt == args.retries:
                     break
-                say(f'  ({what}: {result["seconds"]:.2f} s discarded: other processes kept '
-                    f'{result["other_load"]:.2f} cores busy)')
+                say(
+                    f'  ({what}: {result["seconds"]:.2f} s discarded: other processes kept '
+                    f'{result["other_load"]:.2f} cores busy)'
+                )
             return result
 
         for round_ in range(1, args.rounds + 1):
@@ -755,23 +983,35 @@ def main(argv: list[str] | None = None) -> int:
                 label = script.name if script == PPBACKUP else str(script)
                 result = timed(label, functools.partial(bench.run_ppbackup, script))
                 ppb[script].append(result)
-                say(f'round {round_}: {label}: {result["seconds"]:.2f} s, VmHWM '
-                    f'{result["hwm_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}')
+                say(
+                    f'round {round_}: {label}: {result["seconds"]:.2f} s, VmHWM '
+                    f'{result["hwm_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}'
+                )
             result = timed('bare', functools.partial(bench.run_recipe, old=False))
             bare.append(result)
-            say(f'round {round_}: bare pipeline: {result["seconds"]:.2f} s, other load '
-                f'{result["other_load"]:.2f}')
+            say(
+                f'round {round_}: bare pipeline: {result["seconds"]:.2f} s, other load '
+                f'{result["other_load"]:.2f}'
+            )
         for round_ in range(1, args.old_rounds + 1):
             result = timed('old', functools.partial(bench.run_recipe, old=True), slack=0.5)
             old.append(result)
-            say(f'old recipe run {round_}: {result["seconds"]:.2f} s, other load '
-                f'{result["other_load"]:.2f}')
+            say(
+                f'old recipe run {round_}: {result["seconds"]:.2f} s, other load '
+                f'{result["other_load"]:.2f}'
+            )
 
         load_after = background_load()
-        results = {'ppbackup': ppb[args.ppbackup], 'bare': bare, 'old': old,
-                   'variants': {str(script): ppb[script] for script in args.compare},
-                   'load_before': load_before, 'load_after': load_after,
-                   'baseline_vmhwm_kb': baseline, 'raw_bytes': bench.raw}
+        results = {
+            'ppbackup': ppb[args.ppbackup],
+            'bare': bare,
+            'old': old,
+            'variants': {str(script): ppb[script] for script in args.compare},
+            'load_before': load_before,
+            'load_after': load_after,
+            'baseline_vmhwm_kb': baseline,
+            'raw_bytes': bench.raw,
+        }
         say('\n'.join(report(args, results)))
         if args.json:
             args.json.write_text(json.dumps({'size_mb': args.size_mb, **results}, indent=1))

@@ -4,6 +4,7 @@ Everything runs against the real programs on this machine: PostgreSQL, MariaDB, 
 rsync. Only mail delivery is a shim (it records what it was given), and faults that cannot be caused
 for real are PATH shims written by the tests that need them.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -27,17 +28,31 @@ import ppbackup  # noqa: E402
 CANARY = 'CANARY-' + secrets.token_hex(8)  # a marker that must never leave latest/ unencrypted
 
 
-def sh(*argv: str, input: str | bytes | None = None, check: bool = True,
-       env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+def sh(
+    *argv: str,
+    input: str | bytes | None = None,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+) -> subprocess.CompletedProcess[str]:
     """Run a helper command for a test and return its result (text)."""
     data = input.decode() if isinstance(input, bytes) else input
-    return subprocess.run(list(argv), input=data, capture_output=True, text=True, check=check,
-                          env=env, cwd=cwd, timeout=120)
+    return subprocess.run(
+        list(argv),
+        input=data,
+        capture_output=True,
+        text=True,
+        check=check,
+        env=env,
+        cwd=cwd,
+        timeout=120,
+    )
 
 
 def gpg(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return sh('gpg', '--homedir', str(home), '--batch', '--no-tty', '--passphrase', '', *args,
-              check=check)
+    return sh(
+        'gpg', '--homedir', str(home), '--batch', '--no-tty', '--passphrase', '', *args, check=check
+    )
 
 
 def make_key(home: Path, uid: str, *, expire: str = 'never', faked: str | None = None) -> str:
@@ -45,8 +60,9 @@ def make_key(home: Path, uid: str, *, expire: str = 'never', faked: str | None =
     extra = ['--faked-system-time', faked] if faked else []
     gpg(home, *extra, '--quick-gen-key', uid, 'ed25519', 'cert', expire)
     listing = gpg(home, '--with-colons', '--list-keys', uid).stdout
-    fingerprint = next(line.split(':')[9] for line in listing.splitlines()
-                       if line.startswith('fpr:'))
+    fingerprint = next(
+        line.split(':')[9] for line in listing.splitlines() if line.startswith('fpr:')
+    )
     gpg(home, *extra, '--quick-add-key', fingerprint, 'cv25519', 'encr', expire)
     return fingerprint
 
@@ -161,16 +177,28 @@ class Site:
         path.chmod(0o755)
         return path
 
-    def run(self, *args: str, faketime: str | None = None, timeout: float = 300,
-            extra_env: dict[str, str] | None = None, stdin: Any = subprocess.DEVNULL
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self,
+        *args: str,
+        faketime: str | None = None,
+        timeout: float = 300,
+        extra_env: dict[str, str] | None = None,
+        stdin: Any = subprocess.DEVNULL,
+    ) -> subprocess.CompletedProcess[str]:
         """Run the real ppbackup command in a subprocess, optionally under a faked clock."""
         argv = [sys.executable, str(REPO / 'ppbackup.py'), *args]
         if faketime:
             argv = ['faketime', '-f', faketime, *argv]
         env = {**self.env, **(extra_env or {})}
-        return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout,
-                              stdin=stdin, cwd=self.home)
+        return subprocess.run(
+            argv,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            stdin=stdin,
+            cwd=self.home,
+        )
 
     def mails(self) -> list[dict[str, Any]]:
         found = sorted(self.mails_dir.glob('mail-*.json'), key=lambda p: int(p.stem[5:]))
@@ -181,18 +209,28 @@ class Site:
 
     def decrypt(self, path: Path, out: Path) -> None:
         """Decrypt and decompress a backup as the key holder would (the real command)."""
-        result = self.run('decrypt', str(path), '-o', str(out), '--gnupghome',
-                          str(self.keys.holder))
+        result = self.run(
+            'decrypt', str(path), '-o', str(out), '--gnupghome', str(self.keys.holder)
+        )
         assert result.returncode == 0, result.stderr
 
     def temporaries(self) -> list[Path]:
         """Return leftovers of a run: temporary files and run folders, anywhere under $HOME."""
-        return [path for path in self.home.rglob('*')
-                if path.name.startswith(('.ppbackup-tmp-', '.ppbackup-run-'))]
+        return [
+            path
+            for path in self.home.rglob('*')
+            if path.name.startswith(('.ppbackup-tmp-', '.ppbackup-run-'))
+        ]
 
-    def assert_failed(self, result: subprocess.CompletedProcess[str], step: str,
-                      before: dict[str, tuple[int, bytes]], mails_before: int = 0,
-                      code: int = 1, new_files_allowed: bool = False) -> dict[str, Any]:
+    def assert_failed(
+        self,
+        result: subprocess.CompletedProcess[str],
+        step: str,
+        before: dict[str, tuple[int, bytes]],
+        mails_before: int = 0,
+        code: int = 1,
+        new_files_allowed: bool = False,
+    ) -> dict[str, Any]:
         """Check the invariant of every failure: the exit code, exactly one FAILED mail naming
         the step, earlier backups (local and remote) byte-identical with the same inodes, nothing
         half-written under a final name, no temporaries, and the lock released. Return the mail."""
@@ -255,17 +293,29 @@ def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterato
     remote.mkdir()
     (shims / 'mailx').write_text(MAILX_SHIM.replace('PYTHON', sys.executable))
     (shims / 'mailx').chmod(0o755)
-    env = {**os.environ, 'HOME': str(home), 'PATH': f'{shims}:{os.environ["PATH"]}',
-           'MAILX_DIR': str(mails_dir), 'GNUPGHOME': str(gnupghome), 'DONT_FAKE_MONOTONIC': '1'}
+    env = {
+        **os.environ,
+        'HOME': str(home),
+        'PATH': f'{shims}:{os.environ["PATH"]}',
+        'MAILX_DIR': str(mails_dir),
+        'GNUPGHOME': str(gnupghome),
+        'DONT_FAKE_MONOTONIC': '1',
+    }
     env.pop('PPBACKUP_CONFIG', None)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv('PPBACKUP_CONFIG', raising=False)
     the_site = Site(tmp_path, home, keys, pg_db, my_db, shims, mails_dir, remote, env)
     the_site.write_config(
-        BACKUP_NAME='assoc', BACKUP_REMOTE=str(remote), BACKUP_GPG_RECIPIENT=f'"{keys.alice} {keys.bob}"',
-        BACKUP_FILES='"site \'my docs\'"', BACKUP_BINARIES='bin', BACKUP_PSQL_DB=pg_db,
-        BACKUP_MYSQL_DB=my_db, BACKUP_ADMIN_EMAILS='admin@example.org,second@example.org')
+        BACKUP_NAME='assoc',
+        BACKUP_REMOTE=str(remote),
+        BACKUP_GPG_RECIPIENT=f'"{keys.alice} {keys.bob}"',
+        BACKUP_FILES='"site \'my docs\'"',
+        BACKUP_BINARIES='bin',
+        BACKUP_PSQL_DB=pg_db,
+        BACKUP_MYSQL_DB=my_db,
+        BACKUP_ADMIN_EMAILS='admin@example.org,second@example.org',
+    )
     yield the_site
     drop_databases(pg_db, my_db)
     sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)

@@ -5,6 +5,7 @@ an ``sshd_config`` listening on a free loopback port, starts ``/usr/sbin/sshd -D
 the port accepts connections. Who may log in, and how, is chosen per test by rewriting
 ``authorized_keys``: sshd reads it again on every connection.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,8 +29,12 @@ def free_port() -> int:
 
 def keygen(path: Path, comment: str) -> str:
     """Make an ed25519 key pair at ``path`` (no passphrase); return the public key line."""
-    subprocess.run(['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', str(path)],
-                   check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        ['ssh-keygen', '-q', '-t', 'ed25519', '-N', '', '-C', comment, '-f', str(path)],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     return path.with_name(path.name + '.pub').read_text().strip()
 
 
@@ -45,15 +50,28 @@ class Sshd:
     log: Path  # sshd's own stderr (-e)
     proc: subprocess.Popen[bytes]
 
-    def rsh(self, *, port: int | None = None, known_hosts: Path | None = None,
-            strict: bool = True) -> str:
+    def rsh(
+        self, *, port: int | None = None, known_hosts: Path | None = None, strict: bool = True
+    ) -> str:
         """Return an RSYNC_RSH command line for this server (or another port / known_hosts).
 
         ``-F /dev/null`` keeps the machine's and root's ssh_config out of the test.
         """
-        argv = ['ssh', '-F', '/dev/null', '-p', str(port or self.port), '-i', str(self.client_key),
-                '-o', f'UserKnownHostsFile={known_hosts or self.known_hosts}',
-                '-o', 'GlobalKnownHostsFile=/dev/null', '-o', 'IdentitiesOnly=yes']
+        argv = [
+            'ssh',
+            '-F',
+            '/dev/null',
+            '-p',
+            str(port or self.port),
+            '-i',
+            str(self.client_key),
+            '-o',
+            f'UserKnownHostsFile={known_hosts or self.known_hosts}',
+            '-o',
+            'GlobalKnownHostsFile=/dev/null',
+            '-o',
+            'IdentitiesOnly=yes',
+        ]
         if strict:
             argv += ['-o', 'StrictHostKeyChecking=yes']
         for word in argv:
@@ -70,8 +88,10 @@ class Sshd:
 
     def allow_write_only(self, folder: Path) -> None:
         """Let the client key in only through ``rrsync -wo folder``: writes below it, no reads."""
-        options = (f'command="rrsync -wo {folder}",no-pty,no-agent-forwarding,'
-                   'no-port-forwarding,no-X11-forwarding')
+        options = (
+            f'command="rrsync -wo {folder}",no-pty,no-agent-forwarding,'
+            'no-port-forwarding,no-X11-forwarding'
+        )
         self.authorized_keys.write_text(f'{options} {self.client_pub}\n')
 
     def deny_all(self) -> None:
@@ -114,8 +134,10 @@ def _wait_for_port(port: int, proc: subprocess.Popen[bytes], deadline: float) ->
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return False
-        with contextlib.suppress(OSError), \
-                socket.create_connection(('127.0.0.1', port), timeout=1) as sock:
+        with (
+            contextlib.suppress(OSError),
+            socket.create_connection(('127.0.0.1', port), timeout=1) as sock,
+        ):
             sock.settimeout(2)
             if sock.recv(4).startswith(b'SSH-'):  # sshd itself answers, not someone else
                 return True
@@ -139,13 +161,17 @@ def start_sshd(folder: Path) -> Iterator[Sshd]:
     for _attempt in range(5):  # another process may take the free port before sshd binds it
         port = free_port()
         config = _write_config(folder, port, host_key, authorized_keys)
-        check = subprocess.run([SSHD, '-t', '-f', str(config)], capture_output=True, text=True,
-                               timeout=30, check=False)
+        check = subprocess.run(
+            [SSHD, '-t', '-f', str(config)], capture_output=True, text=True, timeout=30, check=False
+        )
         assert check.returncode == 0, f'sshd -t rejects the config: {check.stderr}'
         with open(log, 'ab') as log_handle:
-            proc = subprocess.Popen([SSHD, '-D', '-e', '-f', str(config)],
-                                    stdin=subprocess.DEVNULL, stdout=log_handle,
-                                    stderr=subprocess.STDOUT)
+            proc = subprocess.Popen(
+                [SSHD, '-D', '-e', '-f', str(config)],
+                stdin=subprocess.DEVNULL,
+                stdout=log_handle,
+                stderr=subprocess.STDOUT,
+            )
         if _wait_for_port(port, proc, time.monotonic() + 15):
             break
         if proc.poll() is None:
@@ -156,8 +182,9 @@ def start_sshd(folder: Path) -> Iterator[Sshd]:
         raise RuntimeError(f'sshd did not start:\n{last_error}')
     known_hosts = folder / 'known_hosts'
     known_hosts.write_text(f'[127.0.0.1]:{port} {host_key_line}\n')
-    server = Sshd(folder, port, host_key_line, client_key, client_pub, known_hosts,
-                  authorized_keys, log, proc)
+    server = Sshd(
+        folder, port, host_key_line, client_key, client_pub, known_hosts, authorized_keys, log, proc
+    )
     try:
         yield server
     finally:

@@ -1,4 +1,5 @@
 """The operator's commands: check, status, verify, decrypt, demo and run --dry-run."""
+
 from __future__ import annotations
 
 import json
@@ -60,14 +61,18 @@ def test_check_passes_on_a_good_setup(site: Site) -> None:
 
 def test_check_fails_on_a_missing_key_an_unreachable_remote_and_a_database(site: Site) -> None:
     missing = '89ABCDEF0123456789ABCDEF0123456789ABCDEF'
-    site.write_config(BACKUP_GPG_RECIPIENT=f'"{site.keys.alice} {missing}"',
-                      BACKUP_REMOTE='root@127.0.0.1:/nowhere', BACKUP_PSQL_DB='ppbt_nope')
+    site.write_config(
+        BACKUP_GPG_RECIPIENT=f'"{site.keys.alice} {missing}"',
+        BACKUP_REMOTE='root@127.0.0.1:/nowhere',
+        BACKUP_PSQL_DB='ppbt_nope',
+    )
     result = site.run('check', extra_env={'RSYNC_RSH': 'ssh -p 9'}, timeout=120)
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert any(line.startswith('FAIL') and missing in line for line in lines)
-    assert any(line.startswith('FAIL') and 'remote root@127.0.0.1:/nowhere' in line
-               for line in lines)
+    assert any(
+        line.startswith('FAIL') and 'remote root@127.0.0.1:/nowhere' in line for line in lines
+    )
     assert any(line.startswith('FAIL') and 'ppbt_nope' in line for line in lines)
     assert '3 problem(s)' in result.stdout
 
@@ -83,7 +88,9 @@ def test_status_shows_slots_coverage_and_last_run(site: Site) -> None:
     assert 'weeks held:   1 of 53: wk1' in out
     assert 'last run:     succeeded' in out
     data = json.loads(site.run('status', '--json', faketime='@2027-01-05 09:00:00').stdout)
-    assert data['days_covered']['2027-01-05'] is True and data['days_covered']['2027-01-03'] is False
+    assert (
+        data['days_covered']['2027-01-05'] is True and data['days_covered']['2027-01-03'] is False
+    )
     assert {row['slot'] for row in data['slots']} == {'day1', 'day2', 'wk1'}
     row = next(row for row in data['slots'] if row['slot'] == 'day2')
     assert row['files'] == 4 and row['bytes'] > 0
@@ -111,8 +118,10 @@ def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(site:
     assert site.run('verify').returncode == 0  # local copies are fine
     bad_remote = site.run('verify', '--remote')
     assert bad_remote.returncode == 1
-    assert f'remote copy of backups/{day.name}/{remote_file.name}: missing or differs' in \
-        bad_remote.stdout
+    assert (
+        f'remote copy of backups/{day.name}/{remote_file.name}: missing or differs'
+        in bad_remote.stdout
+    )
 
 
 def test_verify_catches_a_file_addressed_to_other_keys(site: Site) -> None:
@@ -137,9 +146,19 @@ def test_decrypt_round_trips_a_dump_into_a_restorable_database(site: Site) -> No
     finally:
         sh('dropdb', '--if-exists', '--', restored, check=False)
     # To stdout, as a pipe into psql would use it.
-    piped = subprocess.run([sys.executable, str(REPO / 'ppbackup.py'), 'decrypt', str(dump),
-                            '--gnupghome', str(site.keys.holder)], capture_output=True,
-                           env=site.env, timeout=60)
+    piped = subprocess.run(
+        [
+            sys.executable,
+            str(REPO / 'ppbackup.py'),
+            'decrypt',
+            str(dump),
+            '--gnupghome',
+            str(site.keys.holder),
+        ],
+        capture_output=True,
+        env=site.env,
+        timeout=60,
+    )
     assert piped.returncode == 0 and piped.stdout == out.read_bytes()
 
 
@@ -167,8 +186,9 @@ def test_demo_runs_the_whole_cycle_and_leaves_no_trace(site: Site) -> None:
     assert 'lines of SQL with the sample rows' in out  # a database was reachable here
     assert tree(site.home) == before
     assert set(Path('/tmp').glob('ppbackup-demo-*')) == demo_dirs
-    leftover = psql('postgres', "SELECT count(*) FROM pg_database WHERE datname LIKE "
-                                "'ppbackup_demo_%'")
+    leftover = psql(
+        'postgres', "SELECT count(*) FROM pg_database WHERE datname LIKE 'ppbackup_demo_%'"
+    )
     assert leftover.strip() == '0'
 
 
@@ -177,8 +197,13 @@ def test_progress_is_shown_on_a_terminal_only(site: Site) -> None:
     quiet = site.run()
     assert quiet.returncode == 0 and quiet.stderr == ''
     started = time.monotonic()
-    loud = subprocess.run(['script', '-qec', f'{sys.executable} {REPO / "ppbackup.py"} -v',
-                           '/dev/null'], env=site.env, capture_output=True, text=True, timeout=120)
+    loud = subprocess.run(
+        ['script', '-qec', f'{sys.executable} {REPO / "ppbackup.py"} -v', '/dev/null'],
+        env=site.env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert loud.returncode == 0, loud.stdout
     assert 'dump files' in loud.stdout and 'sync to' in loud.stdout
     assert time.monotonic() - started < 120

@@ -1,4 +1,5 @@
 """The config is shell-style, parsed and never executed; every mistake is reported at once (exit 2)."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,9 @@ BASE = 'BACKUP_NAME=x\nBACKUP_REMOTE=/r\nBACKUP_GPG_RECIPIENT=a@example.org\nBAC
 
 
 def test_shell_syntax_is_understood(site: Site) -> None:
-    config = load(site, """
+    config = load(
+        site,
+        """
 # a comment line
 export BACKUP_NAME='assoc'   # trailing comment
 BACKUP_REMOTE="backup@host.example:/srv/$BACKUP_NAME"
@@ -37,7 +40,8 @@ BACKUP_LIMIT_MB=500
 BACKUP_ADMIN_EMAILS="a@example.org, b@example.org"
 BACKUP_COMPRESSION=xz
 BACKUP_DIR=/srv/enc
-""")
+""",
+    )
     assert config.name == 'assoc'
     assert config.remote == 'backup@host.example:/srv/assoc'
     assert config.recipients == ('alice@example.org', '0x0123456789ABCDEF0123456789ABCDEF01234567')
@@ -64,8 +68,11 @@ def test_B1_shell_code_is_never_run(site: Site, tmp_path: Path) -> None:
 
 
 def test_B2_every_mistake_is_reported_at_once_with_a_suggestion(site: Site) -> None:
-    detail = problems(site, 'BACKUP_NAME=x\nBACKUP_GPG_RECIPENT=a@example.org\nBACKUP_FILES=site\n'
-                            'BACKUP_LIMIT_MB=lots\nBACKUP_COMPRESION=zstd\n')
+    detail = problems(
+        site,
+        'BACKUP_NAME=x\nBACKUP_GPG_RECIPENT=a@example.org\nBACKUP_FILES=site\n'
+        'BACKUP_LIMIT_MB=lots\nBACKUP_COMPRESION=zstd\n',
+    )
     assert 'unknown key BACKUP_GPG_RECIPENT; did you mean BACKUP_GPG_RECIPIENT?' in detail
     assert 'did you mean BACKUP_COMPRESSION?' in detail
     assert 'BACKUP_REMOTE is required' in detail
@@ -87,18 +94,21 @@ def test_nothing_to_back_up_is_refused(site: Site) -> None:
     assert 'nothing to back up' in detail
 
 
-@pytest.mark.parametrize('line, expected', [
-    ('BACKUP_FILES=a b', 'a space in an unquoted value'),
-    ('BACKUP_FILES="unterminated', 'unterminated'),
-    ('BACKUP_FILES=${HOME:-/x}', 'only plain ${NAME}'),
-    ('BACKUP_FILES=$NOT_A_KEY', '$NOT_A_KEY is not an earlier key'),
-    ('BACKUP_FILES=a;rm', "unquoted ';'"),
-    ('echo hello', 'not a KEY=value assignment'),
-    ('BACKUP_ADMIN_EMAILS=-oProxyCommand=x', 'not an email address'),
-    ('ONLY_ONE_DAY=maybe', 'expected 1 or 0'),
-    ('BACKUP_COMPRESSION=lz4', 'expected one of zstd'),
-    ('BACKUP_DIR=~/backups.insecure/x', 'must be separate folders'),
-])
+@pytest.mark.parametrize(
+    'line, expected',
+    [
+        ('BACKUP_FILES=a b', 'a space in an unquoted value'),
+        ('BACKUP_FILES="unterminated', 'unterminated'),
+        ('BACKUP_FILES=${HOME:-/x}', 'only plain ${NAME}'),
+        ('BACKUP_FILES=$NOT_A_KEY', '$NOT_A_KEY is not an earlier key'),
+        ('BACKUP_FILES=a;rm', "unquoted ';'"),
+        ('echo hello', 'not a KEY=value assignment'),
+        ('BACKUP_ADMIN_EMAILS=-oProxyCommand=x', 'not an email address'),
+        ('ONLY_ONE_DAY=maybe', 'expected 1 or 0'),
+        ('BACKUP_COMPRESSION=lz4', 'expected one of zstd'),
+        ('BACKUP_DIR=~/backups.insecure/x', 'must be separate folders'),
+    ],
+)
 def test_bad_lines_are_named(site: Site, line: str, expected: str) -> None:
     assert expected in problems(site, BASE + line + '\n')
 

@@ -1,4 +1,5 @@
 """The backup cycle, end to end, proven by restores: as the README describes it."""
+
 from __future__ import annotations
 
 import os
@@ -40,9 +41,15 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
     week = next(site.backups.glob('wk*'))
     names = sorted(path.name for path in day.iterdir())
     hour = names[0].rsplit('-', 1)[1][:4]
-    assert names == sorted([f'assoc-{hour}.sha256', f'assoc-binaries-{hour}.tar.zst.gpg',
-                            f'assoc-files-{hour}.tar.zst.gpg', f'assoc-mysql-{hour}.sql.zst.gpg',
-                            f'assoc-psql-{hour}.sql.zst.gpg'])
+    assert names == sorted(
+        [
+            f'assoc-{hour}.sha256',
+            f'assoc-binaries-{hour}.tar.zst.gpg',
+            f'assoc-files-{hour}.tar.zst.gpg',
+            f'assoc-mysql-{hour}.sql.zst.gpg',
+            f'assoc-psql-{hour}.sql.zst.gpg',
+        ]
+    )
     # The week slot holds hard links to the database and files copies, and no binaries.
     assert sorted(p.name for p in week.iterdir()) == [n for n in names if 'binaries' not in n]
     for path in week.glob('*.gpg'):
@@ -84,8 +91,15 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
         assert tar.extractfile('bin/tool').read() == (site.home / 'bin' / 'tool').read_bytes()
 
     # Encrypted to exactly the configured keys, both of them.
-    packets = sh('gpg', '--homedir', str(site.keys.holder), '--batch', '--list-only',
-                 '--list-packets', str(day / f'assoc-psql-{hour}.sql.zst.gpg')).stdout
+    packets = sh(
+        'gpg',
+        '--homedir',
+        str(site.keys.holder),
+        '--batch',
+        '--list-only',
+        '--list-packets',
+        str(day / f'assoc-psql-{hour}.sql.zst.gpg'),
+    ).stdout
     assert packets.count(':pubkey enc packet:') == 2
 
     # The remote holds the same bytes.
@@ -109,8 +123,15 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
     assert mails[0]['argv'][-2:] == ['admin@example.org', 'second@example.org']
     assert site.subjects() == ['[ppbackup] assoc: succeeded']
     body = mails[0]['body']
-    for needed in (str(site.remote), site.keys.alice, site.keys.bob, day.name, week.name,
-                   f'assoc-psql-{hour}.sql.zst.gpg', 'duration'):
+    for needed in (
+        str(site.remote),
+        site.keys.alice,
+        site.keys.bob,
+        day.name,
+        week.name,
+        f'assoc-psql-{hour}.sql.zst.gpg',
+        'duration',
+    ):
         assert needed in body
     assert CANARY not in body
 
@@ -144,8 +165,13 @@ def slot_hours(slot: Path) -> list[str]:
 
 def test_rotation_over_days_and_weeks_with_a_faked_clock(site: Site) -> None:
     site.write_config(BACKUP_MYSQL_DB=None, BACKUP_BINARIES=None)
-    for when in (at('2027-01-04'), at('2027-01-04', '14:00:00'), at('2027-01-05'),
-                 at('2027-01-11'), at('2027-01-12', '03:00:00')):
+    for when in (
+        at('2027-01-04'),
+        at('2027-01-04', '14:00:00'),
+        at('2027-01-05'),
+        at('2027-01-11'),
+        at('2027-01-12', '03:00:00'),
+    ):
         result = site.run(faketime=when)
         assert result.returncode == 0, result.stderr
     backups = site.backups
@@ -153,7 +179,8 @@ def test_rotation_over_days_and_weeks_with_a_faked_clock(site: Site) -> None:
     # day1 was used in week 1 (two runs) and again in week 2: last week's runs are gone.
     assert slot_hours(backups / 'day1') == ['assoc-03xx.sha256']
     assert (backups / 'day1' / 'assoc-03xx.sha256').stat().st_mtime > (
-        backups / 'wk1' / 'assoc-03xx.sha256').stat().st_mtime
+        backups / 'wk1' / 'assoc-03xx.sha256'
+    ).stat().st_mtime
     assert not list((backups / 'day1').glob('*14xx*'))
     # A week slot holds only its newest run: week 1's is Tuesday's.
     assert slot_hours(backups / 'wk1') == ['assoc-03xx.sha256']

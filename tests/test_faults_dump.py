@@ -3,6 +3,7 @@
 Faults are caused for real where one machine allows (a killed connection, a held table lock, an
 expired key, a small tmpfs, a read-only bind mount); PATH shims only where nothing else can.
 """
+
 from __future__ import annotations
 
 import os
@@ -45,17 +46,34 @@ def no_process(pattern: str) -> bool:
 def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site) -> None:
     before = first_run(site)
     # Hold a lock so pg_dump waits mid-dump, then kill its connection from the server side.
-    locker = subprocess.Popen(['psql', '-X', '-q', '-d', site.pg_db, '-c',
-                               'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; '
-                               'SELECT pg_sleep(20);'], stdout=subprocess.DEVNULL)
+    locker = subprocess.Popen(
+        [
+            'psql',
+            '-X',
+            '-q',
+            '-d',
+            site.pg_db,
+            '-c',
+            'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(20);',
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     try:
         time.sleep(0.5)
-        run = subprocess.Popen([sys.executable, str(REPO / 'ppbackup.py')], env=site.env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        run = subprocess.Popen(
+            [sys.executable, str(REPO / 'ppbackup.py')],
+            env=site.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         for _ in range(100):
-            killed = psql(site.pg_db, "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-                                      f"WHERE datname = '{site.pg_db}' AND application_name = "
-                                      "'pg_dump'")
+            killed = psql(
+                site.pg_db,
+                'SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+                f"WHERE datname = '{site.pg_db}' AND application_name = "
+                "'pg_dump'",
+            )
             if 't' in killed:
                 break
             time.sleep(0.1)
@@ -74,10 +92,13 @@ def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site)
 
 def test_D1_a_dumper_that_dies_half_way_through_a_pipe_is_caught(site: Site) -> None:
     before = first_run(site)
-    site.shim('mysqldump', """#!/bin/sh
+    site.shim(
+        'mysqldump',
+        """#!/bin/sh
         echo '-- MariaDB dump'; echo 'CREATE TABLE t (x int);'
         echo 'mysqldump: Lost connection to server' >&2; exit 2
-        """)
+        """,
+    )
     mail = site.assert_failed(later(site), f'dump mysql {site.my_db}', before, mails_before=1)
     assert 'mysqldump exited 2' in mail['body'] and 'Lost connection' in mail['body']
 
@@ -92,7 +113,7 @@ def test_D2_an_empty_or_truncated_dump_fails(site: Site, output: str) -> None:
 
 def test_D2_a_truncated_mysql_dump_fails(site: Site) -> None:
     before = first_run(site)
-    site.shim('mysqldump', "#!/bin/sh\n/usr/bin/mysqldump \"$@\" | head -n 20\n")
+    site.shim('mysqldump', '#!/bin/sh\n/usr/bin/mysqldump "$@" | head -n 20\n')
     mail = site.assert_failed(later(site), 'dump mysql', before, mails_before=1)
     assert 'truncated' in mail['body'] and '-- Dump completed' in mail['body']
 
@@ -119,9 +140,18 @@ def test_D3_a_pgpass_others_can_read_fails_fast(site: Site) -> None:
 @pytest.fixture
 def table_lock(site: Site) -> Iterator[None]:
     """Another session holds ACCESS EXCLUSIVE on a table: pg_dump waits on it forever."""
-    locker = subprocess.Popen(['psql', '-X', '-q', '-d', site.pg_db, '-c',
-                               'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; '
-                               'SELECT pg_sleep(60);'], stdout=subprocess.DEVNULL)
+    locker = subprocess.Popen(
+        [
+            'psql',
+            '-X',
+            '-q',
+            '-d',
+            site.pg_db,
+            '-c',
+            'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);',
+        ],
+        stdout=subprocess.DEVNULL,
+    )
     time.sleep(0.5)
     yield
     locker.kill()
@@ -140,8 +170,10 @@ def test_D4_a_hanging_dump_is_killed_by_the_timeout(site: Site, table_lock: None
 
 def test_D4_a_hanging_encryption_is_killed_by_the_same_timeout(site: Site) -> None:
     site.write_config(BACKUP_DUMP_TIMEOUT='3', BACKUP_MYSQL_DB=None)
-    site.shim('gpg', '#!/bin/sh\ncase "$*" in *--encrypt*) exec sleep 120;; esac\n'
-                     'exec /usr/bin/gpg "$@"\n')
+    site.shim(
+        'gpg',
+        '#!/bin/sh\ncase "$*" in *--encrypt*) exec sleep 120;; esac\nexec /usr/bin/gpg "$@"\n',
+    )
     started = time.monotonic()
     result = site.run()
     assert time.monotonic() - started < 30
@@ -152,8 +184,9 @@ def test_D4_a_hanging_encryption_is_killed_by_the_same_timeout(site: Site) -> No
 
 def test_D5_a_failing_compressor_fails_the_run_though_the_dumper_succeeded(site: Site) -> None:
     before = first_run(site)
-    site.shim('zstd', "#!/bin/sh\nhead -c 100 > /dev/null\necho 'zstd: out of memory' >&2\n"
-                      "exit 1\n")
+    site.shim(
+        'zstd', "#!/bin/sh\nhead -c 100 > /dev/null\necho 'zstd: out of memory' >&2\nexit 1\n"
+    )
     mail = site.assert_failed(later(site), 'dump', before, mails_before=1)
     assert 'zstd exited 1' in mail['body'] and 'out of memory' in mail['body'], mail['body']
 
@@ -179,8 +212,12 @@ def test_D6_a_file_changed_while_read_is_only_a_warning(site: Site) -> None:
     writer = threading.Thread(target=append)
     writer.start()
     try:
-        site.write_config(BACKUP_MYSQL_DB=None, BACKUP_PSQL_DB=None, BACKUP_BINARIES=None,
-                          BACKUP_COMPRESSION='none')
+        site.write_config(
+            BACKUP_MYSQL_DB=None,
+            BACKUP_PSQL_DB=None,
+            BACKUP_BINARIES=None,
+            BACKUP_COMPRESSION='none',
+        )
         result = site.run()
     finally:
         stop.set()
@@ -209,7 +246,7 @@ def test_D7_a_dump_that_shrank_by_half_warns_and_still_goes_to_the_week_slot(sit
 def pg_dump_spy(site: Site) -> Path:
     """A pass-through pg_dump that leaves a mark: proves whether any dump started."""
     mark = site.root / 'pg_dump-ran'
-    site.shim('pg_dump', f"#!/bin/sh\ntouch {mark}\nexec /usr/bin/pg_dump \"$@\"\n")
+    site.shim('pg_dump', f'#!/bin/sh\ntouch {mark}\nexec /usr/bin/pg_dump "$@"\n')
     return mark
 
 
@@ -219,8 +256,14 @@ def test_E1_an_unusable_recipient_fails_before_any_dump(site: Site, which: str) 
     mark = pg_dump_spy(site)
     missing = '89ABCDEF0123456789ABCDEF0123456789ABCDEF'
     if which == 'expired':
-        sh('gpg', '--homedir', str(site.home / '.gnupg'), '--batch', '--import',
-           input=site.keys.public[site.keys.expired])
+        sh(
+            'gpg',
+            '--homedir',
+            str(site.home / '.gnupg'),
+            '--batch',
+            '--import',
+            input=site.keys.public[site.keys.expired],
+        )
         spec, named = site.keys.expired, site.keys.expired
     elif which == 'missing':
         spec, named = missing, missing
@@ -237,8 +280,14 @@ def test_E1_a_user_id_recipient_must_be_valid(site: Site, tmp_path: Path) -> Non
     other = tmp_path / 'other-gnupg'
     other.mkdir(mode=0o700)
     make_key(other, 'Carol <carol@example.org>')
-    sh('gpg', '--homedir', str(site.home / '.gnupg'), '--batch', '--import',
-       input=gpg(other, '--armor', '--export', 'carol@example.org').stdout)
+    sh(
+        'gpg',
+        '--homedir',
+        str(site.home / '.gnupg'),
+        '--batch',
+        '--import',
+        input=gpg(other, '--armor', '--export', 'carol@example.org').stdout,
+    )
     site.write_config(BACKUP_GPG_RECIPIENT='carol@example.org')
     mail = site.assert_failed(site.run(), 'keys', {})
     assert 'is not valid in this keyring' in mail['body']
@@ -249,8 +298,14 @@ def test_E2_a_key_expiring_soon_warns_in_the_mail_and_in_check(site: Site, tmp_p
     home = tmp_path / 'soon'
     home.mkdir(mode=0o700)
     soon = make_key(home, 'Soon <soon@example.org>', expire='10d')
-    sh('gpg', '--homedir', str(site.home / '.gnupg'), '--batch', '--import',
-       input=gpg(home, '--armor', '--export', soon).stdout)
+    sh(
+        'gpg',
+        '--homedir',
+        str(site.home / '.gnupg'),
+        '--batch',
+        '--import',
+        input=gpg(home, '--armor', '--export', soon).stdout,
+    )
     site.write_config(BACKUP_GPG_RECIPIENT=f'"{site.keys.alice} {soon}"')
     assert site.run().returncode == 0
     assert 'WARNING' in site.subjects()[0]
@@ -297,7 +352,8 @@ def subkey_of(site: Site, fingerprint: str) -> str:
 
 def test_E4_gpg_conf_cannot_add_a_recipient(site: Site) -> None:
     (site.home / '.gnupg' / 'gpg.conf').write_text(
-        f'encrypt-to {site.keys.bob}\ndefault-recipient {site.keys.bob}\n')
+        f'encrypt-to {site.keys.bob}\ndefault-recipient {site.keys.bob}\n'
+    )
     site.write_config(BACKUP_GPG_RECIPIENT=site.keys.alice)
     assert site.run().returncode == 0
     for path in site.backups.rglob('*.gpg'):
@@ -309,20 +365,24 @@ def test_E5_a_recipient_secret_key_on_the_host_is_a_warning(site: Site) -> None:
     sh('gpg', '--homedir', str(site.home / '.gnupg'), '--batch', '--import', input=secret)
     assert site.run().returncode == 0
     assert 'WARNING' in site.subjects()[0]
-    assert f'the SECRET key of recipient {site.keys.alice} is on this host' in \
-        site.mails()[0]['body']
+    assert (
+        f'the SECRET key of recipient {site.keys.alice} is on this host' in site.mails()[0]['body']
+    )
 
 
 def test_E6_gpg_dying_part_way_leaves_nothing_under_a_final_name(site: Site) -> None:
     before = first_run(site)
     # gpg writes part of its output, then dies as if killed or out of disk.
-    site.shim('gpg', """#!/bin/sh
+    site.shim(
+        'gpg',
+        """#!/bin/sh
         case "$*" in *--encrypt*)
           out=$(printf '%s\\n' "$@" | grep -A1 -x -- --output | tail -n 1)
           head -c 1000 /dev/urandom > "$out"; kill -9 $$;;
         esac
         exec /usr/bin/gpg "$@"
-        """)
+        """,
+    )
     mail = site.assert_failed(later(site), 'encrypt', before, mails_before=1)
     assert 'gpg failed' in mail['body']
 
@@ -367,8 +427,10 @@ def test_F3_rotation_property_many_days_with_random_faults(site: Site) -> None:
     faults = {
         'dump': ('pg_dump', '#!/bin/sh\necho partial; exit 1\n'),
         'compress': ('zstd', '#!/bin/sh\ncat > /dev/null; exit 1\n'),
-        'encrypt': ('gpg', '#!/bin/sh\ncase "$*" in *--encrypt*) exit 2;; esac\n'
-                           'exec /usr/bin/gpg "$@"\n'),
+        'encrypt': (
+            'gpg',
+            '#!/bin/sh\ncase "$*" in *--encrypt*) exit 2;; esac\nexec /usr/bin/gpg "$@"\n',
+        ),
         'sync': ('rsync', '#!/bin/sh\nexit 12\n'),
     }
     start = time.mktime((2027, 3, 1, 3, 0, 0, 0, 0, -1))
@@ -448,7 +510,7 @@ def test_B3_a_value_that_looks_like_an_option_is_a_name(site: Site, tmp_path: Pa
 
 
 def test_B5_names_with_spaces_quotes_and_non_ascii_work(site: Site) -> None:
-    odd = site.home / "l'été \"quoted\" & spaced"
+    odd = site.home / 'l\'été "quoted" & spaced'
     odd.mkdir()
     (odd / 'ünïcødé.txt').write_text('ok\n')
     words = shlex.join(['site', 'my docs', odd.name])  # shell-style words inside the value

@@ -6,6 +6,7 @@ invariant where it applies: the exit code, exactly one FAILED mail naming the st
 untouched (same bytes, same inodes), no temporaries after the next run, the lock released (a next
 run succeeds) and no child process left running.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -62,8 +63,11 @@ def assert_untouched(site: Site, before: dict[str, tuple[int, bytes]]) -> None:
     after = site.snapshot(site.backups, site.remote)
     vanished = [path for path in before if path not in after]
     changed = [path for path in before if path in after and after[path] != before[path]]
-    new = [path for path in after if path not in before and
-           not Path(path).name.startswith(TEMP_PREFIXES)]
+    new = [
+        path
+        for path in after
+        if path not in before and not Path(path).name.startswith(TEMP_PREFIXES)
+    ]
     assert not vanished, f'earlier backups removed: {vanished}'
     assert not changed, f'earlier backups rewritten (bytes or inode): {changed}'
     assert not new, f'files written under their final name by a run that did not finish: {new}'
@@ -86,14 +90,19 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
         data = Path(f'/proc/{pid}/stat').read_text()
     except OSError:
         return None
-    fields = data[data.rindex(')') + 2:].split()
+    fields = data[data.rindex(')') + 2 :].split()
     return fields[0], int(fields[3])
 
 
 def cmdline(pid: int) -> str:
     try:
-        return Path(f'/proc/{pid}/cmdline').read_bytes().replace(b'\0', b' ').decode(
-            'utf-8', 'replace').strip()
+        return (
+            Path(f'/proc/{pid}/cmdline')
+            .read_bytes()
+            .replace(b'\0', b' ')
+            .decode('utf-8', 'replace')
+            .strip()
+        )
     except OSError:
         return ''
 
@@ -141,12 +150,20 @@ def sessions(site: Site) -> Iterator[list[int]]:
             os.kill(int(line.split(':', 1)[0]), signal.SIGKILL)
 
 
-def start(site: Site, sids: list[int], *args: str, extra_env: dict[str, str] | None = None
-          ) -> subprocess.Popen[str]:
+def start(
+    site: Site, sids: list[int], *args: str, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     """Start the real command in its own session (so its process group can be signalled)."""
-    proc = subprocess.Popen([*COMMAND, *args], env={**site.env, **(extra_env or {})}, cwd=site.home,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [*COMMAND, *args],
+        env={**site.env, **(extra_env or {})},
+        cwd=site.home,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     sids.append(proc.pid)
     return proc
 
@@ -171,8 +188,9 @@ def sleeping_dump(site: Site, program: str = 'pg_dump') -> Path:
     sleeper = site.shims / 'ppbt-sleeper'
     if not sleeper.exists():
         sleeper.symlink_to('/bin/sleep')
-    site.shim(program, f'#!/bin/sh\necho "-- a dump that hangs"\ntouch {marker}\n'
-                       f'exec {sleeper} 30\n')
+    site.shim(
+        program, f'#!/bin/sh\necho "-- a dump that hangs"\ntouch {marker}\nexec {sleeper} 30\n'
+    )
     return marker
 
 
@@ -220,8 +238,10 @@ class ProcSampler:
                     except OSError:
                         continue
                     if part == 'cmdline' and data:
-                        self.seen.update(os.path.basename(word.decode('utf-8', 'replace'))
-                                         for word in data.split(b'\0')[:3])
+                        self.seen.update(
+                            os.path.basename(word.decode('utf-8', 'replace'))
+                            for word in data.split(b'\0')[:3]
+                        )
                     if self.needle in data:
                         shown = data[:300].replace(b'\0', b' ')
                         self.hits.append(f'/proc/{entry.name}/{part}: {shown!r}')
@@ -237,8 +257,13 @@ class ProcSampler:
         self._thread.join(timeout=10)
 
 
-def files_containing(roots: list[Path], needle: bytes, *, skip: Callable[[Path], bool] = lambda p:
-                     False, newer_than: float | None = None) -> list[str]:
+def files_containing(
+    roots: list[Path],
+    needle: bytes,
+    *,
+    skip: Callable[[Path], bool] = lambda p: False,
+    newer_than: float | None = None,
+) -> list[str]:
     found = []
     for root in roots:
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -299,8 +324,9 @@ def test_C1_second_run_exits_75_and_touches_nothing(site: Site, sessions: list[i
     assert_next_run_succeeds(site)  # the lock was released
 
 
-def test_C2_lock_left_by_kill_9_does_not_block_the_next_run(site: Site,
-                                                            sessions: list[int]) -> None:
+def test_C2_lock_left_by_kill_9_does_not_block_the_next_run(
+    site: Site, sessions: list[int]
+) -> None:
     before = baseline(site)
     marker = sleeping_dump(site)
     victim = start(site, sessions)
@@ -321,7 +347,8 @@ def test_C2_lock_left_by_kill_9_does_not_block_the_next_run(site: Site,
 
 
 def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
-        site: Site, sessions: list[int]) -> None:
+    site: Site, sessions: list[int]
+) -> None:
     baseline(site)
     # Kill the run's process group at points spread over a whole run (about 0.9 s here).
     for delay in (0.1, 0.3, 0.45, 0.6, 0.75, 0.9):
@@ -346,8 +373,12 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
 
     # And the worst point: a real pg_dump hung on a table lock (D4) when the run is killed.
     before = site.snapshot(site.backups, site.remote)
-    locker = subprocess.Popen(['psql', '-X', '-q', '-A', '-t', '-d', site.pg_db],
-                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    locker = subprocess.Popen(
+        ['psql', '-X', '-q', '-A', '-t', '-d', site.pg_db],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert locker.stdin and locker.stdout
         locker.stdin.write('BEGIN; LOCK TABLE members IN ACCESS EXCLUSIVE MODE; SELECT 42;\n')
@@ -355,8 +386,10 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
         assert locker.stdout.readline().strip() == '42'
         victim = start(site, sessions)
         deadline = time.monotonic() + 20
-        waiting = "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() " \
-                  "AND application_name = 'pg_dump' AND wait_event_type = 'Lock'"
+        waiting = (
+            'SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() '
+            "AND application_name = 'pg_dump' AND wait_event_type = 'Lock'"
+        )
         while psql(site.pg_db, waiting).strip() != '1':
             assert victim.poll() is None and time.monotonic() < deadline
             time.sleep(0.05)
@@ -373,15 +406,18 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
 
 
 def test_K2_sigterm_and_sigint_stop_children_and_remove_temporaries(
-        site: Site, sessions: list[int]) -> None:
+    site: Site, sessions: list[int]
+) -> None:
     before = baseline(site)
     tar_started = site.root / 'tar.started'
     site.shim('tar', f'#!/bin/sh\necho "$$" >> {tar_started}\nexec /usr/bin/tar "$@"\n')
     problems = []
     # SIGTERM while the first dump hangs (the others still wait their turn); Ctrl-C (SIGINT to the
     # foreground group) while a later dump hangs and earlier artifacts lie encrypted by the slot.
-    for sig, hanging, pause in ((signal.SIGTERM, ('mysqldump',), 0.2),
-                                (signal.SIGINT, ('pg_dump',), 1.0)):
+    for sig, hanging, pause in (
+        (signal.SIGTERM, ('mysqldump',), 0.2),
+        (signal.SIGINT, ('pg_dump',), 1.0),
+    ):
         markers = [sleeping_dump(site, program) for program in hanging]
         mails_before = len(site.mails())
         proc = start(site, sessions)
@@ -434,18 +470,31 @@ def test_P1_canary_never_leaves_latest(site: Site) -> None:
     assert len(mails) == 1 and all(CANARY not in str(mail) for mail in mails)
     latest = site.latest.resolve()
     # Nothing outside latest/ holds it in clear: slots, remote, state, temp files, /tmp.
-    assert files_containing([site.backups, site.remote, insecure(site), tmpdir], needle,
-                            skip=lambda p: latest in p.parents) == []
+    assert (
+        files_containing(
+            [site.backups, site.remote, insecure(site), tmpdir],
+            needle,
+            skip=lambda p: latest in p.parents,
+        )
+        == []
+    )
     source = site.home / 'site'
-    assert files_containing([Path('/tmp'), Path('/var/tmp'), Path('/dev/shm')], needle,
-                            newer_than=started,
-                            skip=lambda p: latest in p.parents or source in p.parents) == []
+    assert (
+        files_containing(
+            [Path('/tmp'), Path('/var/tmp'), Path('/dev/shm')],
+            needle,
+            newer_than=started,
+            skip=lambda p: latest in p.parents or source in p.parents,
+        )
+        == []
+    )
     # latest/ has it (after decompression) in both dumps and the files archive, and nowhere else.
     holders = set()
     for path in latest.iterdir():
         if path.suffix == '.zst':
-            plain = subprocess.run(['zstd', '-q', '-d', '-c', str(path)], capture_output=True,
-                                   check=True).stdout
+            plain = subprocess.run(
+                ['zstd', '-q', '-d', '-c', str(path)], capture_output=True, check=True
+            ).stdout
         else:
             plain = path.read_bytes()
         if needle in plain:
@@ -469,8 +518,13 @@ def traversable_ancestors(path: Path) -> list[tuple[Path, int]]:
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', *argv],
-                          capture_output=True, text=True, timeout=30, check=False)
+    return subprocess.run(
+        ['setpriv', '--reuid=nobody', '--regid=nogroup', '--clear-groups', *argv],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
 
 
 def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
@@ -487,9 +541,17 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
         assert as_nobody('cat', str(control)).returncode == 0, 'the check itself cannot work'
         for umask in (0o022, 0o000):
             time.sleep(umask == 0)  # the second run in another second (rsync compares seconds)
-            result = subprocess.run(COMMAND, env=site.env, cwd=site.home, capture_output=True,
-                                    text=True, timeout=120, stdin=subprocess.DEVNULL, check=False,
-                                    preexec_fn=lambda: os.umask(umask))  # noqa: B023
+            result = subprocess.run(
+                COMMAND,
+                env=site.env,
+                cwd=site.home,
+                capture_output=True,
+                text=True,
+                timeout=120,
+                stdin=subprocess.DEVNULL,
+                check=False,
+                preexec_fn=lambda: os.umask(umask),
+            )  # noqa: B023
             assert result.returncode == 0, result.stderr
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700
             entries = list(folder.rglob('*'))
@@ -497,8 +559,11 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
             for path in entries:
                 info = path.lstat()
                 want = 0o700 if stat.S_ISDIR(info.st_mode) else 0o600
-                assert stat.S_IMODE(info.st_mode) == want, (oct(umask), str(path),
-                                                            oct(info.st_mode))
+                assert stat.S_IMODE(info.st_mode) == want, (
+                    oct(umask),
+                    str(path),
+                    oct(info.st_mode),
+                )
                 if stat.S_ISREG(info.st_mode):
                     read = as_nobody('cat', str(path))
                     assert read.returncode != 0 and read.stdout == '', str(path)
@@ -514,8 +579,11 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
     user = 'ppbt_u_' + secrets.token_hex(4)
     # MariaDB: a real password account, so that the password is actually used; PostgreSQL runs
     # with trust here, so libpq only reads .pgpass (it must still never end up anywhere visible).
-    sh('mysql', input=f"CREATE USER '{user}'@'localhost' IDENTIFIED BY '{password}';\n"
-                      f"GRANT ALL ON `{site.my_db}`.* TO '{user}'@'localhost';\n")
+    sh(
+        'mysql',
+        input=f"CREATE USER '{user}'@'localhost' IDENTIFIED BY '{password}';\n"
+        f"GRANT ALL ON `{site.my_db}`.* TO '{user}'@'localhost';\n",
+    )
     try:
         pgpass = site.home / '.pgpass'
         pgpass.write_text(f'*:*:*:*:{password}\n')
@@ -536,8 +604,11 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         # A dumper that prints credentials in its error: the mail and stderr show them masked.
         mails_before = len(site.mails())
         url = f'postgresql://backup:{password}@db.example.org/shop'
-        site.shim('pg_dump', f'#!/bin/sh\necho "pg_dump: error: connection to {url} failed" >&2\n'
-                             f'echo "pg_dump: detail: password={password}" >&2\nexit 1\n')
+        site.shim(
+            'pg_dump',
+            f'#!/bin/sh\necho "pg_dump: error: connection to {url} failed" >&2\n'
+            f'echo "pg_dump: detail: password={password}" >&2\nexit 1\n',
+        )
         failed = site.run()
         assert failed.returncode == 1
         mail = assert_one_failed_mail(site, mails_before, 'psql')
@@ -561,8 +632,10 @@ def test_P4_plaintext_older_than_24_hours_goes_even_when_the_run_fails(site: Sit
     assert result.returncode == 1, result.stderr
     assert_one_failed_mail(site, mails_before, 'keys')
     assert not os.path.lexists(site.latest), 'two-day-old plaintext survived a failed run'
-    assert sorted(p.name for p in insecure(site).iterdir()) == [ppbackup.LOCK_NAME,
-                                                                ppbackup.STATE_NAME]
+    assert sorted(p.name for p in insecure(site).iterdir()) == [
+        ppbackup.LOCK_NAME,
+        ppbackup.STATE_NAME,
+    ]
     assert_untouched(site, before)
     # The same when the failure is in the dump itself (latest/ aged two days by its mtime, which is
     # all the sweep looks at; the real clock is quicker than a faked one).
@@ -577,8 +650,10 @@ def test_P4_plaintext_older_than_24_hours_goes_even_when_the_run_fails(site: Sit
     assert result.returncode == 1
     assert_one_failed_mail(site, mails_before, 'psql')
     assert not os.path.lexists(site.latest), 'two-day-old plaintext survived a failed dump'
-    assert sorted(p.name for p in insecure(site).iterdir()) == [ppbackup.LOCK_NAME,
-                                                                ppbackup.STATE_NAME]
+    assert sorted(p.name for p in insecure(site).iterdir()) == [
+        ppbackup.LOCK_NAME,
+        ppbackup.STATE_NAME,
+    ]
     assert_untouched(site, before)
     assert temporaries(site) == []
 

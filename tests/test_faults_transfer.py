@@ -1,5 +1,6 @@
 """Transfer faults from FAULTS.md (T2, T3, T4) against a local remote; T1 and T5 run over a
 loopback sshd in test_remote.py."""
+
 from __future__ import annotations
 
 import os
@@ -18,12 +19,20 @@ def test_T2_a_transfer_killed_mid_file_fails_and_the_next_run_completes_it(site:
     (site.home / 'site' / 'uploads' / 'big.bin').write_bytes(os.urandom(6 * 1024 * 1024))
     # Only the pace is faked: the real rsync, slowed down so that it can be caught mid-file.
     site.shim('rsync', '#!/bin/sh\nexec /usr/bin/rsync --bwlimit=1500 "$@"\n')
-    run = subprocess.Popen([sys.executable, str(REPO / 'ppbackup.py')], env=site.env,
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run = subprocess.Popen(
+        [sys.executable, str(REPO / 'ppbackup.py')],
+        env=site.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     rsync_pid = None
     for _ in range(600):
-        found = subprocess.run(['pgrep', '-f', f'^/usr/bin/rsync --bwlimit=1500 .* {site.remote}$'],
-                               capture_output=True, text=True).stdout.split()
+        found = subprocess.run(
+            ['pgrep', '-f', f'^/usr/bin/rsync --bwlimit=1500 .* {site.remote}$'],
+            capture_output=True,
+            text=True,
+        ).stdout.split()
         partial = [path for path in site.remote.rglob('*') if path.is_file()]
         if found and partial:
             rsync_pid = int(found[0])
@@ -45,7 +54,8 @@ def test_T2_a_transfer_killed_mid_file_fails_and_the_next_run_completes_it(site:
 
 
 def test_T3_a_full_remote_disk_fails_the_run_and_keeps_the_local_slots(
-        site: Site, mounts: list[Path]) -> None:
+    site: Site, mounts: list[Path]
+) -> None:
     sh('mount', '-t', 'tmpfs', '-o', 'size=64k', 'tmpfs', str(site.remote))
     mounts.append(site.remote)
     (site.home / 'site' / 'uploads' / 'big.bin').write_bytes(os.urandom(200 * 1024))
@@ -87,16 +97,22 @@ def test_T4_a_silent_corruption_in_the_copy_is_found_by_checksum(site: Site) -> 
     result = site.run(extra_env={**env, 'FLIP_ONCE': '1'})
     assert result.returncode == 0, result.stderr
     assert 'WARNING' in site.subjects()[0]
-    assert 'differed from the manifest after the transfer and were sent again' in \
-        site.mails()[0]['body']
+    assert (
+        'differed from the manifest after the transfer and were sent again'
+        in site.mails()[0]['body']
+    )
     for path in site.backups.rglob('*.gpg'):
         assert (site.remote / path.relative_to(site.home)).read_bytes() == path.read_bytes()
     # Every time: the run fails, naming the file.
     result = site.run(extra_env=env)
     assert result.returncode == 1
     assert 'FAILED at verify remote' in site.subjects()[1]
-    assert 'psql' in site.mails()[1]['body'] and 'differs from the manifest' in site.mails()[1]['body']
+    assert (
+        'psql' in site.mails()[1]['body'] and 'differs from the manifest' in site.mails()[1]['body']
+    )
     # And `verify --remote` finds it too, without a private key.
     (site.shims / 'rsync').unlink()
     verify = site.run('verify', '--remote')
-    assert verify.returncode == 1 and 'psql' in verify.stdout and 'missing or differs' in verify.stdout
+    assert (
+        verify.returncode == 1 and 'psql' in verify.stdout and 'missing or differs' in verify.stdout
+    )

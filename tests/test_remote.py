@@ -4,6 +4,7 @@ Every test runs the real ppbackup command; the remote is a real OpenSSH server (
 its own host key, logging in as this user with a key of its own, either with a normal shell or
 through ``rrsync -wo`` as a forced command.
 """
+
 from __future__ import annotations
 
 import json
@@ -46,8 +47,11 @@ def write_only_remote(sshd: Sshd, site: Site) -> Iterator[tuple[Sshd, Path]]:
 
 def files_under(root: Path) -> dict[str, bytes]:
     """Return {relative path: bytes} of every regular file under ``root``."""
-    return {str(path.relative_to(root)): path.read_bytes()
-            for path in sorted(root.rglob('*')) if path.is_file() and not path.is_symlink()}
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob('*'))
+        if path.is_file() and not path.is_symlink()
+    }
 
 
 def log_since(server: Sshd, offset: int) -> str:
@@ -127,8 +131,12 @@ def test_T1_unknown_host_key_fails_fast(site: Site, plain_remote: Sshd, tmp_path
     askpass = tmp_path / 'askpass'
     askpass.write_text(f'#!/bin/sh\necho "$*" >> {asked}\necho yes\n')
     askpass.chmod(0o755)
-    env = {**plain_remote.env(known_hosts=empty_known_hosts, strict=False),
-           'SSH_ASKPASS': str(askpass), 'SSH_ASKPASS_REQUIRE': 'force', 'DISPLAY': ':0'}
+    env = {
+        **plain_remote.env(known_hosts=empty_known_hosts, strict=False),
+        'SSH_ASKPASS': str(askpass),
+        'SSH_ASKPASS_REQUIRE': 'force',
+        'DISPLAY': ':0',
+    }
     offset = plain_remote.log.stat().st_size
     started = time.monotonic()
     result = site.run(extra_env=env, timeout=90)
@@ -176,8 +184,9 @@ def test_sync_over_ssh(site: Site, plain_remote: Sshd) -> None:
     assert status['last_result'] == 'succeeded' and status['last_transfer']
 
 
-def test_T5_write_only_remote(site: Site, write_only_remote: tuple[Sshd, Path],
-                              tmp_path: Path) -> None:
+def test_T5_write_only_remote(
+    site: Site, write_only_remote: tuple[Sshd, Path], tmp_path: Path
+) -> None:
     server, folder = write_only_remote
     # rrsync runs in FOLDER and takes the client's path relative to it: "." is FOLDER itself.
     site.write_config(BACKUP_REMOTE=f'{HOST}:.')
@@ -195,16 +204,26 @@ def test_T5_write_only_remote(site: Site, write_only_remote: tuple[Sshd, Path],
     # Reading back is refused, and nothing arrives.
     for source in ('backups/', f'backups/{one(site.backups.glob("day*")).name}/'):
         dest = tmp_path / 'read-back'
-        pulled = subprocess.run(['rsync', '-a', '-e', server.rsh(), f'{HOST}:{source}', str(dest)],
-                                capture_output=True, text=True, timeout=60,
-                                stdin=subprocess.DEVNULL, check=False)
+        pulled = subprocess.run(
+            ['rsync', '-a', '-e', server.rsh(), f'{HOST}:{source}', str(dest)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
         assert pulled.returncode != 0
         assert 'reading from write-only server is not allowed' in pulled.stderr
         assert not dest.exists() or not any(dest.iterdir())
     # Nor does the key open a shell or run anything but rsync.
-    shell = subprocess.run([*server.rsh().split(), '-o', 'BatchMode=yes', HOST,
-                            f'cat {folder}/backups/*/*.sha256'], capture_output=True, text=True,
-                           timeout=60, stdin=subprocess.DEVNULL, check=False)
+    shell = subprocess.run(
+        [*server.rsh().split(), '-o', 'BatchMode=yes', HOST, f'cat {folder}/backups/*/*.sha256'],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        check=False,
+    )
     assert shell.returncode != 0
     assert 'sha256' not in shell.stdout and shell.stdout.strip() == ''
 
@@ -236,11 +255,21 @@ def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site
     # The remote never deletes: day1 holds last week's afternoon run beside this week's run.
     assert {p.name for p in day1.glob('*.sha256')} == {'assoc-03xx.sha256', 'assoc-14xx.sha256'}
     assert {p.name for p in (received / 'wk1').glob('*.sha256')} == {
-        'assoc-03xx.sha256', 'assoc-14xx.sha256'}
-    newest_day1 = {'assoc-03xx.sha256', 'assoc-psql-03xx.sql.zst.gpg',
-                   'assoc-files-03xx.tar.zst.gpg', 'assoc-binaries-03xx.tar.zst.gpg'}
-    last_week_day1 = {'assoc-14xx.sha256', 'assoc-psql-14xx.sql.zst.gpg',
-                      'assoc-files-14xx.tar.zst.gpg', 'assoc-binaries-14xx.tar.zst.gpg'}
+        'assoc-03xx.sha256',
+        'assoc-14xx.sha256',
+    }
+    newest_day1 = {
+        'assoc-03xx.sha256',
+        'assoc-psql-03xx.sql.zst.gpg',
+        'assoc-files-03xx.tar.zst.gpg',
+        'assoc-binaries-03xx.tar.zst.gpg',
+    }
+    last_week_day1 = {
+        'assoc-14xx.sha256',
+        'assoc-psql-14xx.sql.zst.gpg',
+        'assoc-files-14xx.tar.zst.gpg',
+        'assoc-binaries-14xx.tar.zst.gpg',
+    }
     assert names(day1) == newest_day1 | last_week_day1
     # Things watch must never touch: a file no manifest names, and anything outside DIR.
     (day1 / 'README.txt').write_text('not a backup\n')
@@ -254,11 +283,15 @@ def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site
     dry = site.run('watch', str(received), '--dry-run', faketime=when)
     assert dry.returncode == 0, dry.stderr
     assert dry.stderr == ''
-    last_week_wk1 = {'assoc-03xx.sha256', 'assoc-psql-03xx.sql.zst.gpg',
-                     'assoc-files-03xx.tar.zst.gpg'}  # replaced in wk1 by the 14xx run
+    last_week_wk1 = {
+        'assoc-03xx.sha256',
+        'assoc-psql-03xx.sql.zst.gpg',
+        'assoc-files-03xx.tar.zst.gpg',
+    }  # replaced in wk1 by the 14xx run
     assert sorted(dry.stdout.splitlines()) == sorted(
-        [f'would remove {day1 / name}' for name in last_week_day1] +
-        [f'would remove {received / "wk1" / name}' for name in last_week_wk1])
+        [f'would remove {day1 / name}' for name in last_week_day1]
+        + [f'would remove {received / "wk1" / name}' for name in last_week_wk1]
+    )
     assert site.snapshot(site.remote, site.backups) == before  # a dry run removes nothing
 
     result = site.run('watch', str(received), faketime=when)
@@ -267,13 +300,20 @@ def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site
     assert names(day1) == newest_day1 | {'README.txt'}
     assert {name: (day1 / name).read_bytes() for name in newest_day1} == newest_bytes
     # A week slot keeps only its newest run: week 1's is Monday afternoon's.
-    assert names(received / 'wk1') == {'assoc-14xx.sha256', 'assoc-psql-14xx.sql.zst.gpg',
-                                       'assoc-files-14xx.tar.zst.gpg'}
-    assert names(received / 'wk2') == {'assoc-03xx.sha256', 'assoc-psql-03xx.sql.zst.gpg',
-                                       'assoc-files-03xx.tar.zst.gpg'}
+    assert names(received / 'wk1') == {
+        'assoc-14xx.sha256',
+        'assoc-psql-14xx.sql.zst.gpg',
+        'assoc-files-14xx.tar.zst.gpg',
+    }
+    assert names(received / 'wk2') == {
+        'assoc-03xx.sha256',
+        'assoc-psql-03xx.sql.zst.gpg',
+        'assoc-files-03xx.tar.zst.gpg',
+    }
     after = site.snapshot(site.remote, site.backups)
-    untouched = {path: value for path, value in before.items()
-                 if not path.startswith(str(received) + os.sep)}
+    untouched = {
+        path: value for path, value in before.items() if not path.startswith(str(received) + os.sep)
+    }
     assert {path: after[path] for path in untouched if path in after} == untouched
     assert all(path in after for path in untouched)
     assert str(day1 / 'README.txt') in after
@@ -301,8 +341,11 @@ def test_watch_names_a_flipped_byte_and_a_truncated_file(site: Site) -> None:
 
     quiet = site.run('watch', str(received))
     assert quiet.returncode == 1
-    for name in (f'{day.name}/{flipped.name}', f'{day.name}/{truncated.name}',
-                 f'{week.name}/{truncated.name}'):
+    for name in (
+        f'{day.name}/{flipped.name}',
+        f'{day.name}/{truncated.name}',
+        f'{week.name}/{truncated.name}',
+    ):
         assert name in quiet.stderr, quiet.stderr
     assert '-files-' not in quiet.stderr  # the intact files are not accused
     assert new_mails(site, mails_before) == []  # no --mail, no mail
@@ -326,14 +369,14 @@ def test_watch_alarms_when_the_newest_run_is_too_old(site: Site) -> None:
 
     fresh = site.run('watch', str(received), faketime=at('2027-01-04', '04:00:00'))
     assert fresh.returncode == 0, fresh.stderr
-    short = site.run('watch', str(received), '--max-age', '0.5',
-                     faketime=at('2027-01-04', '04:00:00'))
+    short = site.run(
+        'watch', str(received), '--max-age', '0.5', faketime=at('2027-01-04', '04:00:00')
+    )
     assert short.returncode == 1
     assert 'no backup has arrived since 2027-01-04 03:00' in short.stderr, short.stderr
     assert new_mails(site, mails_before) == []
 
-    late = site.run('watch', str(received), '--mail', 'a@example.org',
-                    faketime=at('2027-01-07'))
+    late = site.run('watch', str(received), '--mail', 'a@example.org', faketime=at('2027-01-07'))
     assert late.returncode == 1
     assert 'no backup has arrived since 2027-01-04 03:00' in late.stderr, late.stderr
     mails = new_mails(site, mails_before)
@@ -354,8 +397,9 @@ def test_watch_is_quiet_on_a_healthy_tree(site: Site) -> None:
     assert site.snapshot(site.remote) == before
 
 
-def test_watch_over_write_only_remote_end_to_end(site: Site,
-                                                  write_only_remote: tuple[Sshd, Path]) -> None:
+def test_watch_over_write_only_remote_end_to_end(
+    site: Site, write_only_remote: tuple[Sshd, Path]
+) -> None:
     server, folder = write_only_remote
     # A subfolder of the rrsync folder: the client's "vault" is FOLDER/vault on the server.
     site.write_config(BACKUP_REMOTE=f'{HOST}:vault')
