@@ -2363,9 +2363,11 @@ def command_verify(config: Config, remote: bool) -> int:
         problems += [
             f'remote copy of {name}: missing or differs' for name in remote_mismatches(config, None)
         ]
+    runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
+    if not runs:  # nothing to check is not "all is well"
+        problems.append(f'no backup found in {config.backup_dir}')
     for problem in problems:
         print(f'BAD  {problem}')
-    runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
     print(
         f'{runs} run(s) checked'
         + (', remote included' if remote else '')

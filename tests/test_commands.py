@@ -98,6 +98,12 @@ def test_status_shows_slots_coverage_and_last_run(site: Site) -> None:
     assert data['last_result'] == 'succeeded' and data['last_transfer']
 
 
+def test_verify_with_no_backup_at_all_is_not_all_is_well(site: Site) -> None:
+    result = site.run('verify')
+    assert result.returncode == 1
+    assert f'BAD  no backup found in {site.backups}' in result.stdout
+
+
 def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(site: Site) -> None:
     assert site.run().returncode == 0
     good = site.run('verify', '--remote')
