@@ -156,6 +156,7 @@ def human_size(size: float) -> str:
 @dataclasses.dataclass(frozen=True)
 class Key:
     name: str
+    field: str  # the Config attribute it fills
     kind: str  # text, words, emails, bool, int, choice, path
     default: str
     required: bool
@@ -165,6 +166,7 @@ class Key:
 KEYS: tuple[Key, ...] = (
     Key(
         'BACKUP_NAME',
+        'name',
         'text',
         '',
         True,
@@ -172,6 +174,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_REMOTE',
+        'remote',
         'text',
         '',
         True,
@@ -179,6 +182,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_GPG_RECIPIENT',
+        'recipients',
         'words',
         '',
         True,
@@ -186,6 +190,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_FILES',
+        'files',
         'words',
         '',
         False,
@@ -193,6 +198,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_BINARIES',
+        'binaries',
         'words',
         '',
         False,
@@ -200,6 +206,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_MYSQL_DB',
+        'mysql_dbs',
         'words',
         '',
         False,
@@ -207,6 +214,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_PSQL_DB',
+        'psql_dbs',
         'words',
         '',
         False,
@@ -214,6 +222,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_ADMIN_EMAILS',
+        'admin_emails',
         'emails',
         '',
         False,
@@ -221,6 +230,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'ONLY_ONE_DAY',
+        'only_one_day',
         'bool',
         '0',
         False,
@@ -228,6 +238,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_LIMIT_MB',
+        'limit_mb',
         'int',
         '0',
         False,
@@ -235,6 +246,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_COMPRESSION',
+        'compression',
         'choice:zstd,gzip,bzip2,xz,none',
         'zstd',
         False,
@@ -242,6 +254,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_DIR',
+        'backup_dir',
         'path',
         '~/backups',
         False,
@@ -249,6 +262,7 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_INSECURE_DIR',
+        'insecure_dir',
         'path',
         '~/backups.insecure',
         False,
@@ -256,14 +270,23 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_GNUPGHOME',
+        'gnupghome',
         'path',
         '',
         False,
         "GnuPG home holding the recipients' public keys (default: $GNUPGHOME or ~/.gnupg).",
     ),
-    Key('BACKUP_MAIL_ON_SUCCESS', 'bool', '1', False, '0: mail only on failure or warnings.'),
+    Key(
+        'BACKUP_MAIL_ON_SUCCESS',
+        'mail_on_success',
+        'bool',
+        '1',
+        False,
+        '0: mail only on failure or warnings.',
+    ),
     Key(
         'BACKUP_DUMP_TIMEOUT',
+        'dump_timeout',
         'int',
         '21600',
         False,
@@ -271,12 +294,13 @@ KEYS: tuple[Key, ...] = (
     ),
     Key(
         'BACKUP_SYNC_TIMEOUT',
+        'sync_timeout',
         'int',
         '21600',
         False,
         'Seconds the transfer to the remote may take before it is killed.',
     ),
-    Key('BACKUP_SYSLOG', 'bool', '0', False, '1: also log to syslog.'),
+    Key('BACKUP_SYSLOG', 'syslog', 'bool', '0', False, '1: also log to syslog.'),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
@@ -516,28 +540,9 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         if raw.get('BACKUP_GNUPGHOME', '').strip()
         else Path(environ.get('GNUPGHOME') or home / '.gnupg')
     )
-    return Config(
-        path=path,
-        home=home,
-        name=values['BACKUP_NAME'],
-        remote=values['BACKUP_REMOTE'],
-        recipients=values['BACKUP_GPG_RECIPIENT'],
-        files=values['BACKUP_FILES'],
-        binaries=values['BACKUP_BINARIES'],
-        mysql_dbs=values['BACKUP_MYSQL_DB'],
-        psql_dbs=values['BACKUP_PSQL_DB'],
-        admin_emails=values['BACKUP_ADMIN_EMAILS'],
-        only_one_day=values['ONLY_ONE_DAY'],
-        limit_mb=values['BACKUP_LIMIT_MB'],
-        compression=values['BACKUP_COMPRESSION'],
-        backup_dir=values['BACKUP_DIR'],
-        insecure_dir=values['BACKUP_INSECURE_DIR'],
-        gnupghome=gnupghome,
-        mail_on_success=values['BACKUP_MAIL_ON_SUCCESS'],
-        dump_timeout=values['BACKUP_DUMP_TIMEOUT'],
-        sync_timeout=values['BACKUP_SYNC_TIMEOUT'],
-        syslog=values['BACKUP_SYSLOG'],
-    )
+    fields = {key.field: values[key.name] for key in KEYS}
+    fields['gnupghome'] = gnupghome
+    return Config(path=path, home=home, **fields)
 
 
 def _check_values(values: Mapping[str, Any]) -> list[str]:
@@ -1987,8 +1992,6 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     state.update(
         last_run=stamp,
         raw_sizes={item.artifact.label: item.raw_bytes for item in made},
-        last_result='running',
-        files=[item.encrypted_name for item in made],
     )
     report.step = 'rotate'
     for path in retention_plan(config, when, written):
