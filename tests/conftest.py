@@ -200,6 +200,16 @@ class Site:
             cwd=self.home,
         )
 
+    def start(self, *args: str) -> subprocess.Popen[str]:
+        """Start the real command in the background, for a fault that strikes mid-run."""
+        return subprocess.Popen(
+            [sys.executable, str(REPO / 'ppbackup.py'), *args],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
     def mails(self) -> list[dict[str, Any]]:
         found = sorted(self.mails_dir.glob('mail-*.json'), key=lambda p: int(p.stem[5:]))
         return [json.loads(path.read_text()) for path in found]

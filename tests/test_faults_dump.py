@@ -6,12 +6,12 @@ expired key, a small tmpfs, a read-only bind mount); PATH shims only where nothi
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shlex
 import shutil
 import subprocess
-import sys
 import tarfile
 import threading
 import time
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, Site, gpg, make_key, mysql, psql, sh
+from conftest import Site, gpg, make_key, mysql, psql, sh
 
 import ppbackup
 
@@ -43,9 +43,9 @@ def no_process(pattern: str) -> bool:
 # --- Dump faults -------------------------------------------------------------------------------
 
 
-def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site) -> None:
-    before = first_run(site)
-    # Hold a lock so pg_dump waits mid-dump, then kill its connection from the server side.
+@contextlib.contextmanager
+def held_table_lock(site: Site) -> Iterator[None]:
+    """Another session holds ACCESS EXCLUSIVE on a table: pg_dump waits on it until released."""
     locker = subprocess.Popen(
         [
             'psql',
@@ -54,19 +54,23 @@ def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site)
             '-d',
             site.pg_db,
             '-c',
-            'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(20);',
+            'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);',
         ],
         stdout=subprocess.DEVNULL,
     )
+    time.sleep(0.5)
     try:
-        time.sleep(0.5)
-        run = subprocess.Popen(
-            [sys.executable, str(REPO / 'ppbackup.py')],
-            env=site.env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        yield
+    finally:
+        locker.kill()
+        locker.wait()
+
+
+def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site) -> None:
+    before = first_run(site)
+    # Another session's lock makes pg_dump wait mid-dump; then kill its connection server-side.
+    with held_table_lock(site):
+        run = site.start()
         for _ in range(100):
             killed = psql(
                 site.pg_db,
@@ -80,14 +84,12 @@ def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site)
         else:
             pytest.fail('pg_dump never connected')
         out, err = run.communicate(timeout=60)
-    finally:
-        locker.kill()
-        locker.wait()
     result = subprocess.CompletedProcess(run.args, run.returncode, out, err)
     mail = site.assert_failed(result, f'dump psql {site.pg_db}', before, mails_before=1)
     assert 'pg_dump exited 1' in mail['body']
     assert 'terminat' in mail['body']  # the tail of pg_dump's own error output
-    assert not list(site.backups.glob('day6/*psql*'))  # no file from this dump under a final name
+    # No file from this dump under a final name: only the first run's copies exist.
+    assert {p.parent.name for p in site.backups.rglob('*psql*')} == {'day1', 'wk1'}
 
 
 def test_D1_a_dumper_that_dies_half_way_through_a_pipe_is_caught(site: Site) -> None:
@@ -137,31 +139,11 @@ def test_D3_a_pgpass_others_can_read_fails_fast(site: Site) -> None:
     assert 's3cret-pw' not in mail['body']
 
 
-@pytest.fixture
-def table_lock(site: Site) -> Iterator[None]:
-    """Another session holds ACCESS EXCLUSIVE on a table: pg_dump waits on it forever."""
-    locker = subprocess.Popen(
-        [
-            'psql',
-            '-X',
-            '-q',
-            '-d',
-            site.pg_db,
-            '-c',
-            'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(60);',
-        ],
-        stdout=subprocess.DEVNULL,
-    )
-    time.sleep(0.5)
-    yield
-    locker.kill()
-    locker.wait()
-
-
-def test_D4_a_hanging_dump_is_killed_by_the_timeout(site: Site, table_lock: None) -> None:
+def test_D4_a_hanging_dump_is_killed_by_the_timeout(site: Site) -> None:
     site.write_config(BACKUP_DUMP_TIMEOUT='3', BACKUP_MYSQL_DB=None)
     started = time.monotonic()
-    result = site.run()
+    with held_table_lock(site):
+        result = site.run()
     assert time.monotonic() - started < 30
     mail = site.assert_failed(result, f'dump psql {site.pg_db}', {})
     assert 'timeout after 3 s' in mail['body']

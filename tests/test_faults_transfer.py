@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, Site, sh
+from conftest import Site, sh
 
 import ppbackup
 
@@ -19,13 +19,7 @@ def test_T2_a_transfer_killed_mid_file_fails_and_the_next_run_completes_it(site:
     (site.home / 'site' / 'uploads' / 'big.bin').write_bytes(os.urandom(6 * 1024 * 1024))
     # Only the pace is faked: the real rsync, slowed down so that it can be caught mid-file.
     site.shim('rsync', '#!/bin/sh\nexec /usr/bin/rsync --bwlimit=1500 "$@"\n')
-    run = subprocess.Popen(
-        [sys.executable, str(REPO / 'ppbackup.py')],
-        env=site.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    run = site.start()
     rsync_pid = None
     for _ in range(600):
         found = subprocess.run(
