@@ -117,9 +117,41 @@ def seed_mysql(db: str, rows: int = 500) -> None:
 
 
 def drop_databases(*names: str) -> None:
+    """Drop test databases, checked: ``--force`` ends sessions a killed client left behind (a
+    killed psql's ``pg_sleep`` keeps running server-side and would otherwise block the drop)."""
     for name in names:
-        sh('dropdb', '--if-exists', '--', name, check=False)
-        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{name}`', check=False)
+        sh('dropdb', '--if-exists', '--force', '--', name)
+        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{name}`')
+
+
+def terminate_sessions(db: str) -> None:
+    """End every server-side session on ``db`` but our own (a killed client's backend lingers)."""
+    psql(
+        'postgres',
+        'SELECT pg_terminate_backend(pid) FROM pg_stat_activity '
+        f"WHERE datname = '{db}' AND pid <> pg_backend_pid();",
+    )
+
+
+def clean_stale_faketime() -> list[Path]:
+    """Remove the shared memory of ``faketime`` wrappers that are gone (a killed wrapper leaves
+    /dev/shm/faketime_shm_PID and sem.faketime_sem_PID, and a later wrapper that gets the same pid
+    fails with ``sem_open: File exists``). Return what was removed."""
+    removed = []
+    for path in Path('/dev/shm').glob('*faketime_*_*'):
+        pid = path.name.rsplit('_', 1)[-1]
+        if pid.isdigit() and not Path(f'/proc/{pid}').exists():
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+@pytest.fixture(scope='session', autouse=True)
+def no_stale_faketime() -> Iterator[None]:
+    """The suite leaves no faketime shared memory behind, even from wrappers it killed."""
+    clean_stale_faketime()
+    yield
+    clean_stale_faketime()
 
 
 MAILX_SHIM = """#!/bin/sh
@@ -188,6 +220,7 @@ class Site:
         """Run the real ppbackup command in a subprocess, optionally under a faked clock."""
         argv = [sys.executable, str(REPO / 'ppbackup.py'), *args]
         if faketime:
+            clean_stale_faketime()
             argv = ['faketime', '-f', faketime, *argv]
         env = {**self.env, **(extra_env or {})}
         return subprocess.run(

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, Site, psql, sh
+from conftest import REPO, Site, drop_databases, psql, sh
 
 import ppbackup
 
@@ -150,7 +150,7 @@ def test_decrypt_round_trips_a_dump_into_a_restorable_database(site: Site) -> No
         query = 'SELECT * FROM members ORDER BY id'
         assert psql(restored, query) == psql(site.pg_db, query)
     finally:
-        sh('dropdb', '--if-exists', '--', restored, check=False)
+        drop_databases(restored)
     # To stdout, as a pipe into psql would use it.
     piped = subprocess.run(
         [

@@ -8,7 +8,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from conftest import CANARY, Site, mysql, psql, sh
+from conftest import CANARY, Site, drop_databases, mysql, psql, sh
 
 import ppbackup
 
@@ -71,8 +71,7 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
         assert 'Émilie du Châtelet' in mysql(restored_my, ROWS)
         assert mysql(restored_my, BALLOTS) == mysql(site.my_db, BALLOTS) == '500\t250\n'
     finally:
-        sh('dropdb', '--if-exists', '--', restored_pg, check=False)
-        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{restored_my}`', check=False)
+        drop_databases(restored_pg, restored_my)
 
     # The files come back byte for byte, names with spaces and non-ASCII included.
     archive = site.root / 'files.tar'
@@ -151,7 +150,7 @@ def test_several_databases_get_their_names_in_the_file_names(site: Site) -> None
         site.decrypt(dump, site.root / 'second.sql')
         assert 'COPY public.t (x) FROM stdin;\n42\n' in (site.root / 'second.sql').read_text()
     finally:
-        sh('dropdb', '--if-exists', '--', second, check=False)
+        drop_databases(second)
 
 
 def at(day: str, hour: str = '03:00:00') -> str:

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import Site, gpg, make_key, mysql, psql, sh
+from conftest import Site, gpg, make_key, mysql, psql, sh, terminate_sessions
 
 import ppbackup
 
@@ -64,6 +64,7 @@ def held_table_lock(site: Site) -> Iterator[None]:
     finally:
         locker.kill()
         locker.wait()
+        terminate_sessions(site.pg_db)  # its pg_sleep outlives the client and holds the database
 
 
 def test_D1_a_dump_killed_part_way_fails_the_run_naming_the_database(site: Site) -> None:
