@@ -1219,7 +1219,7 @@ def run_lock(config: Config) -> Iterator[None]:
 class Artifact:
     kind: str  # mysql, psql, files, binaries
     label: str  # what messages call it: "psql shop", "files"
-    filename: str  # plaintext name in latest/: NAME-KIND-HHxx.EXT
+    filename: str  # plaintext name in latest/: NAME-KIND-RUNID.EXT
     argv: tuple[str, ...]
     cwd: Path | None = None
     trailer: bytes | None = None
@@ -1246,9 +1246,25 @@ def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
     return f'day{when.isoweekday()}', f'wk{when.isocalendar().week}'
 
 
-def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Artifact]:
-    """Given the config and run time, return what to dump or archive, in order."""
-    hour = f'{when:%H}xx'
+def choose_run_id(config: Config, when: dt.datetime, folders: Sequence[Path]) -> str:
+    """Given the run's start and the folders it writes to, return its id, YYYYMMDD-HHMMSS (local
+    time), with a -N suffix if a file of this backup in one of them already carries that id: an
+    earlier run's files are never renamed over, whatever the clock says."""
+    base = f'{when:%Y%m%d-%H%M%S}'
+    run_id, number = base, 1
+    while any(
+        (folder / f'{config.name}-{run_id}{MANIFEST_SUFFIX}').exists()
+        or any(folder.glob(f'{config.name}-*-{run_id}.*'))
+        for folder in folders
+        if folder.is_dir()
+    ):
+        number += 1
+        run_id = f'{base}-{number}'
+    return run_id
+
+
+def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
+    """Given the config and the run id, return what to dump or archive, in order."""
     ext = COMPRESSORS[config.compression][2]
     artifacts = []
     for kind, dbs in (('mysql', config.mysql_dbs), ('psql', config.psql_dbs)):
@@ -1276,7 +1292,7 @@ def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Arti
                 Artifact(
                     kind,
                     f'{kind} {db}',
-                    f'{config.name}-{name_kind}-{hour}.sql{ext}',
+                    f'{config.name}-{name_kind}-{run_id}.sql{ext}',
                     argv,
                     trailer=TRAILERS[kind],
                 )
@@ -1294,7 +1310,7 @@ def plan_artifacts(config: Config, when: dt.datetime, rundir: Path) -> list[Arti
             Artifact(
                 kind,
                 kind,
-                f'{config.name}-{kind}-{hour}.tar{ext}',
+                f'{config.name}-{kind}-{run_id}.tar{ext}',
                 argv,
                 cwd=config.home,
                 weekly=kind == 'files',
@@ -1483,8 +1499,8 @@ def encrypt_made(made: Made, config: Config, gpg: GnuPG, recipients: Sequence[Re
     return made
 
 
-def manifest_name(config: Config, when: dt.datetime) -> str:
-    return f'{config.name}-{when:%H}xx{MANIFEST_SUFFIX}'
+def manifest_name(config: Config, run_id: str) -> str:
+    return f'{config.name}-{run_id}{MANIFEST_SUFFIX}'
 
 
 def fsync_dir(folder: Path) -> None:
@@ -1569,8 +1585,8 @@ def all_slots(backup_dir: Path) -> list[Path]:
 def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
     """Given this run's files (never removed), return the files retention removes, in order.
 
-    A day slot drops earlier days' runs; a week slot keeps only this run; ONLY_ONE_DAY keeps only
-    this run in day0; BACKUP_LIMIT_MB then drops whole runs, oldest first, until the rest fits.
+    A day slot drops earlier days' runs and an earlier run of this same hour (a same-hour rerun
+    replaces it); a week slot keeps only this run; ONLY_ONE_DAY keeps only this run in day0; BACKUP_LIMIT_MB then drops whole runs, oldest first, until the rest fits.
     """
     day_name, week_name = slot_names(config, when)
     doomed: list[Path] = []
@@ -1587,9 +1603,10 @@ def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[P
             info = entry.lstat()
             if stat.S_ISDIR(info.st_mode):
                 continue
-            same_day = dt.datetime.fromtimestamp(info.st_mtime).date() == today
-            if slot_name == day_name and not config.only_one_day and same_day:
-                continue  # runs earlier the same day stay
+            made_at = dt.datetime.fromtimestamp(info.st_mtime)
+            same_day, same_hour = made_at.date() == today, made_at.hour == when.hour
+            if slot_name == day_name and not config.only_one_day and same_day and not same_hour:
+                continue  # runs earlier the same day, at another hour, stay
             doomed.append(entry)
     if config.limit_mb:
         doomed += _over_limit(config, keep, set(doomed))
@@ -1833,12 +1850,12 @@ def preflight(config: Config, report: Report) -> GnuPG:
 
 
 def make_all(
-    config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path, when: dt.datetime
+    config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path, run_id: str
 ) -> list[Made]:
     """Dump every artifact, one after another, while the previous one is encrypted: each dump
     already keeps both cores busy (dumper, server, zstd -T0), so two at once only contend, but gpg
     uses one core and fits beside the next dump. Raise the first BackupError after all finished."""
-    artifacts = plan_artifacts(config, when, rundir)
+    artifacts = plan_artifacts(config, run_id, rundir)
     if config.files:
         save_crontab(rundir)
     errors: list[BackupError] = []
@@ -1901,7 +1918,12 @@ def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]
 
 
 def commit_slots(
-    config: Config, report: Report, made: Sequence[Made], when: dt.datetime, stamp: float
+    config: Config,
+    report: Report,
+    made: Sequence[Made],
+    when: dt.datetime,
+    run_id: str,
+    stamp: float,
 ) -> set[Path]:
     """Rename the encrypted files into their day slot, write the manifest, hard-link the week slot.
 
@@ -1916,7 +1938,7 @@ def commit_slots(
         os.utime(item.encrypted_tmp, (stamp, stamp))
         os.replace(item.encrypted_tmp, final)  # a new inode: the week twin of an old run survives
         written.add(final)
-    manifest = manifest_name(config, when)
+    manifest = manifest_name(config, run_id)
     write_file_atomically(
         day_dir / manifest,
         manifest_bytes({item.encrypted_name: item.sha256 for item in made}),
@@ -1969,14 +1991,21 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     day_dir = config.backup_dir / day_name
     new_slot = not os.path.lexists(day_dir)
     ensure_private_dir(day_dir)
+    week_name = slot_names(config, when)[1]
+    run_id = choose_run_id(
+        config,
+        when,
+        [day_dir, config.insecure_dir / 'latest']
+        + ([config.backup_dir / week_name] if week_name else []),
+    )
     rundir = config.insecure_dir / f'{RUN_PREFIX}{os.getpid()}'
     ensure_private_dir(rundir)
     try:
         report.step = 'dump'
-        made = make_all(config, report, gpg, rundir, day_dir, when)
+        made = make_all(config, report, gpg, rundir, day_dir, run_id)
         report.warnings += [warning for item in made for warning in item.warnings]
         report.warnings += shrink_warnings(made, state)
-        written = commit_slots(config, report, made, when, stamp)
+        written = commit_slots(config, report, made, when, run_id, stamp)
         replace_latest(config, rundir, stamp)
     except BaseException:
         for item in report.made:
@@ -2086,12 +2115,13 @@ def print_plan(config: Config) -> int:
     when = dt.datetime.now()
     day_name, week_name = slot_names(config, when)
     rundir = config.insecure_dir / f'{RUN_PREFIX}PID'
+    run_id = f'{when:%Y%m%d-%H%M%S}'
     print(
         f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written'
     )
     compressor = COMPRESSORS[config.compression][0]
     print('commands:')
-    for artifact in plan_artifacts(config, when, rundir):
+    for artifact in plan_artifacts(config, run_id, rundir):
         pipeline = shlex.join(artifact.argv) + (
             ' | ' + shlex.join(compressor) if compressor else ''
         )
@@ -2107,16 +2137,16 @@ def print_plan(config: Config) -> int:
     print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
     names = {
         config.backup_dir / day_name / (a.filename + '.gpg')
-        for a in plan_artifacts(config, when, rundir)
+        for a in plan_artifacts(config, run_id, rundir)
     }
-    names.add(config.backup_dir / day_name / manifest_name(config, when))
+    names.add(config.backup_dir / day_name / manifest_name(config, run_id))
     if week_name:
         names |= {
             config.backup_dir / week_name / (a.filename + '.gpg')
-            for a in plan_artifacts(config, when, rundir)
+            for a in plan_artifacts(config, run_id, rundir)
             if a.weekly
         }
-        names.add(config.backup_dir / week_name / manifest_name(config, when))
+        names.add(config.backup_dir / week_name / manifest_name(config, run_id))
     doomed = retention_plan(config, when, names)
     print(f'rotation would remove {len(doomed)} file(s):')
     for path in doomed:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import stat
 import subprocess
 import tarfile
@@ -40,14 +41,16 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
     day = next(site.backups.glob('day*'))
     week = next(site.backups.glob('wk*'))
     names = sorted(path.name for path in day.iterdir())
-    hour = names[0].rsplit('-', 1)[1][:4]
+    # Every name carries the run id: the local time of the run's start, YYYYMMDD-HHMMSS.
+    run = names[0].removeprefix('assoc-').removesuffix('.sha256')
+    assert re.fullmatch(r'[0-9]{8}-[0-9]{6}', run), names
     assert names == sorted(
         [
-            f'assoc-{hour}.sha256',
-            f'assoc-binaries-{hour}.tar.zst.gpg',
-            f'assoc-files-{hour}.tar.zst.gpg',
-            f'assoc-mysql-{hour}.sql.zst.gpg',
-            f'assoc-psql-{hour}.sql.zst.gpg',
+            f'assoc-{run}.sha256',
+            f'assoc-binaries-{run}.tar.zst.gpg',
+            f'assoc-files-{run}.tar.zst.gpg',
+            f'assoc-mysql-{run}.sql.zst.gpg',
+            f'assoc-psql-{run}.sql.zst.gpg',
         ]
     )
     # The week slot holds hard links to the database and files copies, and no binaries.
@@ -57,16 +60,16 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
 
     # The manifest checks out with the standard tool, in both slots and on the remote.
     for slot in (day, week, site.remote / 'backups' / day.name):
-        check = sh('sha256sum', '--strict', '-c', f'assoc-{hour}.sha256', cwd=slot)
+        check = sh('sha256sum', '--strict', '-c', f'assoc-{run}.sha256', cwd=slot)
         assert check.stdout.count(': OK') == len(list(slot.glob('*.gpg')))
 
     # Restore each database into a fresh one and compare the rows.
     restored_pg, restored_my = site.pg_db + '_restored', site.my_db + '_restored'
     try:
-        restore_postgres(site, day / f'assoc-psql-{hour}.sql.zst.gpg', restored_pg)
+        restore_postgres(site, day / f'assoc-psql-{run}.sql.zst.gpg', restored_pg)
         assert psql(restored_pg, ROWS) == psql(site.pg_db, ROWS)
         assert psql(restored_pg, BALLOTS) == psql(site.pg_db, BALLOTS) == '500|250\n'
-        restore_mysql(site, day / f'assoc-mysql-{hour}.sql.zst.gpg', restored_my)
+        restore_mysql(site, day / f'assoc-mysql-{run}.sql.zst.gpg', restored_my)
         assert mysql(restored_my, ROWS) == mysql(site.my_db, ROWS)
         assert 'Émilie du Châtelet' in mysql(restored_my, ROWS)
         assert mysql(restored_my, BALLOTS) == mysql(site.my_db, BALLOTS) == '500\t250\n'
@@ -75,7 +78,7 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
 
     # The files come back byte for byte, names with spaces and non-ASCII included.
     archive = site.root / 'files.tar'
-    site.decrypt(week / f'assoc-files-{hour}.tar.zst.gpg', archive)
+    site.decrypt(week / f'assoc-files-{run}.tar.zst.gpg', archive)
     out = site.root / 'restored'
     with tarfile.open(archive) as tar:
         tar.extractall(out, filter='data')
@@ -85,7 +88,7 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
             assert copy.read_bytes() == original.read_bytes()
     assert (out / 'crontab').exists()  # the crontab travels with the files
     binaries = site.root / 'bin.tar'
-    site.decrypt(day / f'assoc-binaries-{hour}.tar.zst.gpg', binaries)
+    site.decrypt(day / f'assoc-binaries-{run}.tar.zst.gpg', binaries)
     with tarfile.open(binaries) as tar:
         assert tar.extractfile('bin/tool').read() == (site.home / 'bin' / 'tool').read_bytes()
 
@@ -97,7 +100,7 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
         '--batch',
         '--list-only',
         '--list-packets',
-        str(day / f'assoc-psql-{hour}.sql.zst.gpg'),
+        str(day / f'assoc-psql-{run}.sql.zst.gpg'),
     ).stdout
     assert packets.count(':pubkey enc packet:') == 2
 
@@ -128,7 +131,7 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
         site.keys.bob,
         day.name,
         week.name,
-        f'assoc-psql-{hour}.sql.zst.gpg',
+        f'assoc-psql-{run}.sql.zst.gpg',
         'duration',
     ):
         assert needed in body
@@ -158,8 +161,9 @@ def at(day: str, hour: str = '03:00:00') -> str:
     return f'@{day} {hour}'
 
 
-def slot_hours(slot: Path) -> list[str]:
-    return sorted(path.name for path in slot.glob('*.sha256'))
+def slot_runs(slot: Path) -> list[str]:
+    """Return the runs in a slot by their manifests, to the minute (a faked clock runs on)."""
+    return sorted(path.name[: len('assoc-YYYYMMDD-HHMM')] for path in slot.glob('*.sha256'))
 
 
 def test_rotation_over_days_and_weeks_with_a_faked_clock(site: Site) -> None:
@@ -176,23 +180,27 @@ def test_rotation_over_days_and_weeks_with_a_faked_clock(site: Site) -> None:
     backups = site.backups
     assert sorted(p.name for p in backups.iterdir()) == ['day1', 'day2', 'wk1', 'wk2']
     # day1 was used in week 1 (two runs) and again in week 2: last week's runs are gone.
-    assert slot_hours(backups / 'day1') == ['assoc-03xx.sha256']
-    assert (backups / 'day1' / 'assoc-03xx.sha256').stat().st_mtime > (
-        backups / 'wk1' / 'assoc-03xx.sha256'
-    ).stat().st_mtime
-    assert not list((backups / 'day1').glob('*14xx*'))
+    assert slot_runs(backups / 'day1') == ['assoc-20270111-0300']
+    assert not list((backups / 'day1').glob('*20270104*'))
     # A week slot holds only its newest run: week 1's is Tuesday's.
-    assert slot_hours(backups / 'wk1') == ['assoc-03xx.sha256']
+    assert slot_runs(backups / 'wk1') == ['assoc-20270105-0300']
     wk1_psql = next((backups / 'wk1').glob('*psql*'))
     assert wk1_psql.stat().st_nlink == 1  # day2 of week 1 was replaced by week 2's Tuesday
     # Runs earlier the same day stay.
     site.run(faketime=at('2027-01-12', '15:00:00'))
-    assert slot_hours(backups / 'day2') == ['assoc-03xx.sha256', 'assoc-15xx.sha256']
-    assert slot_hours(backups / 'wk2') == ['assoc-15xx.sha256']
+    assert slot_runs(backups / 'day2') == [
+        'assoc-20270112-0300',
+        'assoc-20270112-1500',
+    ]
+    assert slot_runs(backups / 'wk2') == ['assoc-20270112-1500']
     # Every file left in every slot decrypts, and the remote got every run (it never deletes).
     for path in backups.rglob('*.gpg'):
         site.decrypt(path, site.root / 'check.out')
-    assert len(list((site.remote / 'backups' / 'day1').glob('*.sha256'))) == 2
+    assert slot_runs(site.remote / 'backups' / 'day1') == [
+        'assoc-20270104-0300',
+        'assoc-20270104-1400',
+        'assoc-20270111-0300',
+    ]
 
 
 def test_only_one_day_keeps_just_the_latest_run(site: Site) -> None:
@@ -201,7 +209,7 @@ def test_only_one_day_keeps_just_the_latest_run(site: Site) -> None:
         assert site.run(faketime=when).returncode == 0
     assert [p.name for p in site.backups.iterdir()] == ['day0']
     day0 = site.backups / 'day0'
-    assert slot_hours(day0) == ['assoc-05xx.sha256']
+    assert slot_runs(day0) == ['assoc-20270112-0500']
     assert len(list(day0.glob('*.gpg'))) == 3  # psql, files, binaries: no week copies anywhere
 
 
@@ -217,7 +225,7 @@ def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> N
             used[path.stat().st_ino] = path.stat().st_blocks * 512
     assert sum(used.values()) <= 2 * 1024 * 1024
     # The latest run (Friday, day5, and its week copy) is complete; the oldest went first.
-    assert (site.backups / 'day5' / 'assoc-03xx.sha256').exists()
+    assert slot_runs(site.backups / 'day5') == ['assoc-20270108-0300']
     assert len(list((site.backups / 'day5').glob('*.gpg'))) == 2
     assert not (site.backups / 'day1').exists() or not list((site.backups / 'day1').iterdir())
     # A limit smaller than one run keeps that run, whole.
@@ -230,3 +238,28 @@ def test_main_is_callable_in_process(site: Site) -> None:
     assert ppbackup.main(['run']) == 0
     assert ppbackup.main([]) == 0  # no command is "run"
     assert len(site.mails()) == 2
+
+
+def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site: Site) -> None:
+    site.write_config(BACKUP_MYSQL_DB=None, BACKUP_BINARIES=None)
+    frozen = '2027-01-04 03:00:00'  # no "@": the clock stands still, both runs share the second
+    for _ in range(2):
+        result = site.run(faketime=frozen)
+        assert result.returncode == 0, result.stderr
+    # The second run never wrote over the first one's files: it took the id ...-2, and the first
+    # run went through retention (same hour), after the second one was whole.
+    day1 = site.backups / 'day1'
+    assert sorted(p.name for p in day1.iterdir()) == [
+        'assoc-20270104-030000-2.sha256',
+        'assoc-files-20270104-030000-2.tar.zst.gpg',
+        'assoc-psql-20270104-030000-2.sql.zst.gpg',
+    ]
+    assert sorted(p.name for p in (site.remote / 'backups' / 'day1').glob('*.sha256')) == [
+        'assoc-20270104-030000-2.sha256',
+        'assoc-20270104-030000.sha256',
+    ]
+    assert sorted(p.name for p in site.latest.iterdir()) == [
+        'assoc-files-20270104-030000-2.tar.zst',
+        'assoc-psql-20270104-030000-2.sql.zst',
+        'crontab',
+    ]

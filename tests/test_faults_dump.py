@@ -433,7 +433,8 @@ def test_F3_rotation_property_many_days_with_random_faults(site: Site) -> None:
         assert newest_success is not None
         when_date = time.strptime(newest_success, '%Y-%m-%d %H:%M:%S')
         slot = site.backups / f'day{when_date.tm_wday + 1}'
-        assert (slot / 'assoc-03xx.sha256').exists()
+        stamp = time.strftime('%Y%m%d-%H%M', when_date)
+        assert list(slot.glob(f'assoc-{stamp}*.sha256'))
         assert ppbackup.check_tree(site.backups, None, None) == []
     for name in ('pg_dump', 'zstd', 'gpg', 'rsync'):
         (site.shims / name).unlink(missing_ok=True)
