@@ -880,7 +880,7 @@ class GnuPG(gnupg.GPG):  # type: ignore[misc]
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-            env=self.env,
+            env=getattr(self, 'env', None),  # python-gnupg < 0.5.1 has no env: inherit ours
             process_group=0,
         )
         pipeline: Pipeline | None = getattr(_thread_pipeline, 'current', None)
