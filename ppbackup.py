@@ -29,10 +29,12 @@ import difflib
 import errno
 import fcntl
 import hashlib
+import http.client
 import io
 import json
 import logging
 import logging.handlers
+import math
 import os
 import pwd
 import re
@@ -47,10 +49,21 @@ import tempfile
 import threading
 import time
 import traceback
+import urllib.error
+import urllib.parse
+import urllib.request
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, Mapping, NoReturn, Sequence
 
-import gnupg
+try:
+    import gnupg
+except ImportError:  # say how to install it rather than show a traceback; nothing was done: 2
+    print(
+        'ppbackup: python-gnupg is missing: apt-get install python3-gnupg (Debian, Ubuntu), '
+        'or pip install python-gnupg',
+        file=sys.stderr,
+    )
+    raise SystemExit(2) from None
 
 __version__ = '1.0.0'
 
@@ -77,6 +90,9 @@ STATE_NAME = 'state.json'
 MANIFEST_SUFFIX = '.sha256'
 PARTIAL_DIR = '.ppbackup-partial'
 DEFAULT_CONFIG = '~/ppbackup.cfg'
+# Debian 12's python3-gnupg; setup.cfg's install_requires says the same.
+MIN_PYTHON_GNUPG = (0, 4, 9)
+PING_TIMEOUT = 10.0  # seconds a monitoring ping may take, in all; then the run goes on without it
 
 # The end-of-dump lines that prove a dump ran to completion (a truncated dump lacks them).
 TRAILERS = {
@@ -157,7 +173,7 @@ def human_size(size: float) -> str:
 class Key:
     name: str
     field: str  # the Config attribute it fills
-    kind: str  # text, words, emails, bool, int, choice, path
+    kind: str  # text, words, emails, bool, int, choice, path, path? (empty: None)
     default: str
     required: bool
     help: str
@@ -301,6 +317,24 @@ KEYS: tuple[Key, ...] = (
         'Seconds the transfer to the remote may take before it is killed.',
     ),
     Key('BACKUP_SYSLOG', 'syslog', 'bool', '0', False, '1: also log to syslog.'),
+    Key(
+        'BACKUP_METRICS_FILE',
+        'metrics_file',
+        'path?',
+        '',
+        False,
+        "Prometheus text file rewritten after every run, e.g. for node_exporter's textfile "
+        'collector: /var/lib/prometheus/node-exporter/ppbackup.prom (empty: none).',
+    ),
+    Key(
+        'BACKUP_PING_URL',
+        'ping_url',
+        'text',
+        '',
+        False,
+        'Monitoring URL pinged as healthchecks.io expects: URL/start, then URL or URL/fail '
+        '(empty: none).',
+    ),
 )
 KEYS_BY_NAME = {key.name: key for key in KEYS}
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
@@ -331,6 +365,8 @@ class Config:
     dump_timeout: int = 21600
     sync_timeout: int = 21600
     syslog: bool = False
+    metrics_file: Path | None = None
+    ping_url: str = ''
 
 
 def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tuple[str, int, int]:
@@ -471,7 +507,9 @@ def _convert(key: Key, raw: str, home: Path) -> tuple[Any, str]:
         if raw.strip() not in choices:
             return raw, f'expected one of {", ".join(choices)}, got {raw!r}'
         return raw.strip(), ''
-    if kind == 'path':
+    if kind == 'path?' and not raw.strip():
+        return None, ''
+    if kind in ('path', 'path?'):
         text = raw.strip()
         if text.startswith('~/') or text == '~':
             return home / text[2:], ''
@@ -573,6 +611,9 @@ def _check_values(values: Mapping[str, Any]) -> list[str]:
     for name in ('BACKUP_DUMP_TIMEOUT', 'BACKUP_SYNC_TIMEOUT'):
         if values[name] < 1:
             problems.append(f'{name}: must be at least 1 second')
+    ping_url = values['BACKUP_PING_URL']
+    if ping_url and not re.match(r'(?i)https?://[^/\s]+', ping_url):
+        problems.append('BACKUP_PING_URL: give an http:// or https:// URL')
     return problems
 
 
@@ -865,6 +906,19 @@ class Progress:
 # ---------------------------------------------------------------------------------------------------
 
 _thread_pipeline = threading.local()
+
+
+def python_gnupg_problem(version: str) -> str:
+    """Given python-gnupg's version string, return '' if ppbackup works with it, else what to do."""
+    numbers = tuple(int(part) for part in re.findall(r'[0-9]+', version)[:3])
+    if numbers >= MIN_PYTHON_GNUPG:
+        return ''
+    need = '.'.join(map(str, MIN_PYTHON_GNUPG))
+    return (
+        f'python-gnupg {version or "(unknown version)"} is too old: ppbackup needs {need} or '
+        "later. Install your distribution's (apt-get install python3-gnupg on Debian 12 or "
+        'later, Ubuntu 24.04 or later) or pip install -U python-gnupg'
+    )
 
 
 class GnuPG(gnupg.GPG):  # type: ignore[misc]
@@ -1237,6 +1291,7 @@ class Made:
     size: int = 0
     sha256: str = ''
     warnings: list[str] = dataclasses.field(default_factory=list)
+    compressed_bytes: int = 0  # the plaintext file in latest/, as the compressor left it
 
 
 def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
@@ -1747,6 +1802,145 @@ def send_mail(addresses: Sequence[str], subject: str, body: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
+# Monitoring: a ping per run, as healthchecks.io expects, and a Prometheus text file. Neither may
+# fail or hold up a backup: what goes wrong with them is a warning in the mail.
+# ---------------------------------------------------------------------------------------------------
+
+
+def ping_target(url: str, endpoint: str) -> str:
+    """Given the ping URL and an endpoint ('' for success, 'start', 'fail', 'log'), return the URL
+    to request: the endpoint extends the path, a query string stays as it was."""
+    parts = urllib.parse.urlsplit(url)
+    path = parts.path.rstrip('/') + (f'/{endpoint}' if endpoint else '')
+    return urllib.parse.urlunsplit(parts._replace(path=path))
+
+
+def ping_shown(url: str, endpoint: str) -> str:
+    """Given the ping URL and an endpoint, return what messages show: scheme, host and endpoint;
+    the path is the check's secret token, so it is left out."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition('@')[2]
+    return f'{parts.scheme}://{host}/...' + (f'/{endpoint}' if endpoint else '')
+
+
+def send_ping(url: str, endpoint: str, text: str) -> str:
+    """Given the ping URL, an endpoint and a short plain text, POST the text there. Return '' if
+    the server answered 2xx, else a warning naming what went wrong. Never raise, and never take
+    longer than PING_TIMEOUT in all."""
+    shown = ping_shown(url, endpoint)
+    outcome: list[str] = []
+
+    def post() -> None:
+        request = urllib.request.Request(
+            ping_target(url, endpoint),
+            data=text.encode('utf-8'),
+            method='POST',
+            headers={
+                'Content-Type': 'text/plain; charset=utf-8',
+                'User-Agent': f'ppbackup/{__version__}',
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=PING_TIMEOUT) as response:
+                response.read(4096)
+            outcome.append('')
+        except urllib.error.HTTPError as error:
+            error.close()
+            outcome.append(f'HTTP {error.code} {error.reason}')
+        except (OSError, ValueError, http.client.HTTPException) as error:
+            reason = getattr(error, 'reason', None) or error  # URLError wraps the cause
+            silent = isinstance(reason, TimeoutError)
+            outcome.append(f'no answer within {PING_TIMEOUT:g} s' if silent else str(reason))
+
+    # A thread of its own: urllib's timeout bounds each socket operation, not the whole request
+    # nor the name lookup. A ping still hanging after PING_TIMEOUT is left behind, a daemon.
+    sender = threading.Thread(target=post, name='ppbackup-ping', daemon=True)
+    sender.start()
+    sender.join(PING_TIMEOUT)
+    problem = outcome[0] if outcome else f'no answer within {PING_TIMEOUT:g} s'
+    return mask_secrets(f'monitoring ping {shown} failed: {problem}') if problem else ''
+
+
+def ping_run(config: Config, endpoint: str, text: str) -> list[str]:
+    """Given a run's endpoint (start, '' or fail) and text, ping BACKUP_PING_URL if set; return the
+    warnings for the mail (a failed ping never fails the run)."""
+    problem = send_ping(config.ping_url, endpoint, text) if config.ping_url else ''
+    return [f'{problem}; the backup itself is not affected'] if problem else []
+
+
+Sample = tuple[Mapping[str, str], float]
+
+
+def _label_value(text: str) -> str:
+    return text.replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
+
+
+def _sample_value(value: float) -> str:
+    if math.isnan(value):
+        return 'NaN'
+    if math.isinf(value):
+        return '+Inf' if value > 0 else '-Inf'
+    return str(int(value)) if float(value).is_integer() else repr(float(value))
+
+
+def prometheus_text(families: Sequence[tuple[str, str, Sequence[Sample]]]) -> str:
+    """Given gauge families as (name, help, [(labels, value)]), return them in Prometheus's text
+    exposition format, label values escaped."""
+    lines = []
+    for name, help_text, samples in families:
+        lines += [f'# HELP {name} {help_text}', f'# TYPE {name} gauge']
+        for labels, value in samples:
+            pairs = ','.join(f'{key}="{_label_value(text)}"' for key, text in labels.items())
+            lines.append(f'{name}{{{pairs}}} {_sample_value(value)}')
+    return '\n'.join(lines) + '\n'
+
+
+def _metrics_temp(path: Path) -> Path:
+    # Not *.prom: node_exporter's textfile collector reads every *.prom file, a temporary too.
+    return path.with_name(f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
+
+
+def write_metrics(path: Path, text: str) -> None:
+    """Given the metrics file and its text, replace the file whole. Raise BackupError naming the
+    path if it cannot be written.
+
+    Order: write a new temporary beside it (never through a symlink), make it 0644 (node_exporter
+    runs as another user), fsync, rename over the file. A reader opens the old inode or the new
+    one, never half of one. The folder is not fsynced: a crash may lose this update, and the
+    next run writes the file again."""
+    tmp = _metrics_temp(path)
+    try:
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
+        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
+            os.fchmod(fd, 0o644)  # our umask is 077
+            handle.write(text)
+            handle.flush()
+            os.fsync(fd)
+        os.replace(tmp, path)
+    except OSError as error:
+        remove_path(tmp)
+        raise BackupError(
+            f'cannot write the metrics file {path}: {error.strerror or error}', step='metrics'
+        ) from error
+
+
+def metrics_folder_problem(path: Path) -> str:
+    """Given the metrics file, return '' if a temporary can be made beside it (as write_metrics
+    does), else why not. Writes nothing else."""
+    tmp = _metrics_temp(path)
+    try:
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        os.unlink(tmp)
+    except OSError as error:
+        return f'cannot write in {path.parent}: {error.strerror or error}'
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        return f'{path} is a symlink or not a file'
+    return ''
+
+
+# ---------------------------------------------------------------------------------------------------
 # The run.
 # ---------------------------------------------------------------------------------------------------
 
@@ -1810,6 +2004,92 @@ class Report:
                 *(f'  {rec.fingerprint}  {rec.uid}' for rec in self.recipients),
             ]
         return '\n'.join(lines) + '\n'
+
+    def ping_text(self) -> str:
+        """Return the monitoring ping's short text: the outcome, the step and the error (masked),
+        never a program's output, which may quote data."""
+        name = self.config.name
+        if self.error:
+            text = f'{name}: FAILED at {self.error.step or self.step}: {self.error}'
+            return mask_secrets(text)[:1000]
+        return (
+            f'{name}: succeeded in {time.time() - self.started:.0f} s, {len(self.made)} file(s), '
+            f'{len(self.warnings)} warning(s)'
+        )
+
+
+def newest_run_time(config: Config) -> float | None:
+    """Return the time of this backup's newest run in any slot (its manifest's), or None."""
+    # Only this BACKUP_NAME's manifests: another config may share the folder (S1).
+    own = re.compile(re.escape(config.name) + r'-[0-9][0-9x-]*' + re.escape(MANIFEST_SUFFIX))
+    times = [
+        entry.lstat().st_mtime
+        for slot in all_slots(config.backup_dir)
+        for entry in slot.iterdir()
+        if own.fullmatch(entry.name) and entry.is_file()
+    ]
+    return max(times, default=None)
+
+
+def run_metrics(report: Report, code: int, state: Mapping[str, Any]) -> str:
+    """Given a finished run, its exit code and the state, return the metrics file's text: gauges
+    labelled with the backup's name (and each artifact's), as node_exporter's textfile collector
+    reads them."""
+    backup = {'backup': report.config.name}
+    newest = newest_run_time(report.config)
+    artifacts = [
+        ({**backup, 'artifact': made.artifact.label, 'kind': made.artifact.kind}, made)
+        for made in report.made
+    ]
+    return prometheus_text(
+        [
+            (
+                'ppbackup_last_run_start_timestamp_seconds',
+                'When the last run started (Unix time).',
+                [(backup, report.started)],
+            ),
+            (
+                'ppbackup_last_run_duration_seconds',
+                'How long the last run took.',
+                [(backup, round(time.time() - report.started, 3))],
+            ),
+            (
+                'ppbackup_last_run_exit_code',
+                'Exit code of the last run: 0 success, 1 failed, 3 a bug, 130/143 interrupted.',
+                [(backup, code)],
+            ),
+            (
+                'ppbackup_last_success_timestamp_seconds',
+                'When the last successful run finished (Unix time; 0: never).',
+                [(backup, float(state.get('last_success') or 0))],
+            ),
+            (
+                'ppbackup_last_run_warnings',
+                'Warnings of the last run (they are in its mail).',
+                [(backup, len(report.warnings))],
+            ),
+            (
+                'ppbackup_newest_run_age_seconds',
+                'Age of the newest run in the backup slots (+Inf: there is none).',
+                [(backup, math.inf if newest is None else round(time.time() - newest, 3))],
+            ),
+            (
+                'ppbackup_artifact_raw_bytes',
+                'Bytes each artifact of the last run had before compression.',
+                [(labels, made.raw_bytes) for labels, made in artifacts],
+            ),
+            (
+                'ppbackup_artifact_compressed_bytes',
+                'Bytes of each artifact of the last run after compression.',
+                [(labels, made.compressed_bytes) for labels, made in artifacts],
+            ),
+            (
+                'ppbackup_artifact_encrypted_bytes',
+                'Bytes of each artifact of the last run as encrypted into the slots.',
+                [(labels, made.size) for labels, made in artifacts],
+            ),
+        ]
+    )
 
 
 def load_state(config: Config) -> dict[str, Any]:
@@ -1876,7 +2156,13 @@ def make_all(
                     continue
                 name = artifact.filename + '.gpg'
                 item = Made(
-                    artifact, plain, raw_bytes, temp_name(day_dir / name), name, warnings=warnings
+                    artifact,
+                    plain,
+                    raw_bytes,
+                    temp_name(day_dir / name),
+                    name,
+                    warnings=warnings,
+                    compressed_bytes=plain.stat().st_size,
                 )
                 encrypting.append(
                     encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
@@ -2061,6 +2347,7 @@ def command_run(config: Config, dry_run: bool) -> int:
         for path in sweep_temporaries(config):
             log.info('removed %s', path)
         try:
+            report.warnings += ping_run(config, 'start', '')
             run_backup(config, report)
         except BackupError as error:
             report.error = error
@@ -2085,7 +2372,15 @@ def command_run(config: Config, dry_run: bool) -> int:
         state['last_result'] = 'failed' if report.error else 'succeeded'
         state['last_result_time'] = time.time()
         state['last_error'] = str(report.error) if report.error else ''
+        if not report.error:
+            state['last_success'] = time.time()  # carried across failed runs, for the metrics
         save_state(config, state)
+        report.warnings += ping_run(config, 'fail' if report.error else '', report.ping_text())
+        if config.metrics_file:
+            try:
+                write_metrics(config.metrics_file, run_metrics(report, code, state))
+            except BackupError as error:
+                report.warnings.append(str(error))
     if report.error:
         print(
             f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
@@ -2259,6 +2554,24 @@ def command_check(config: Config) -> int:
         mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
     if config.admin_emails:
         mark(bool(shutil.which('mailx')), f'mail to {", ".join(config.admin_emails)} via mailx')
+    if config.metrics_file:
+        problem = metrics_folder_problem(config.metrics_file)
+        mark(
+            not problem,
+            f'metrics file {config.metrics_file}: {problem or "its folder is writable"}',
+        )
+    if config.ping_url:
+        # URL/log: healthchecks.io records the text in the check's log without counting a run,
+        # so check neither starts nor ends one there.
+        problem = send_ping(
+            config.ping_url,
+            'log',
+            f'{config.name}: ppbackup check on {os.uname().nodename} (not a run)',
+        )
+        mark(
+            not problem,
+            problem or f'monitoring ping {ping_shown(config.ping_url, "log")}: answers',
+        )
     print('all is well' if not failures else f'{failures} problem(s)')
     return EXIT_OK if not failures else EXIT_FAILED
 
@@ -2757,6 +3070,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exit_:
         return EXIT_USAGE if exit_.code not in (0, None) else EXIT_OK
     setup_logging(args.verbose)
+    too_old = python_gnupg_problem(getattr(gnupg, '__version__', ''))
+    if too_old:
+        print(f'ppbackup: {too_old}', file=sys.stderr)
+        return EXIT_USAGE
     caller_umask = os.umask(0o077)  # plaintext is private whatever the caller's umask
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     if threading.current_thread() is threading.main_thread():
