@@ -2450,6 +2450,10 @@ def print_plan(config: Config) -> int:
     if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
         print(f'plaintext older than 24 hours would be removed: {latest}')
     print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
+    if config.ping_url:
+        print(f'ping: {ping_shown(config.ping_url, "start")}, then /... or /.../fail')
+    if config.metrics_file:
+        print(f'metrics: {config.metrics_file}')
     return EXIT_OK
 
 

@@ -307,6 +307,19 @@ def test_check_pings_the_log_endpoint_and_tries_the_metrics_folder(
     assert any('metrics file' in line and 'cannot write in' in line for line in fails)
 
 
+def test_dry_run_names_the_ping_and_the_metrics_and_sends_nothing(
+    site: Site, monitor: Monitor
+) -> None:
+    prom = site.root / 'ppbackup.prom'
+    site.write_config(BACKUP_PING_URL=ping_url(monitor), BACKUP_METRICS_FILE=str(prom))
+    result = site.run('run', '--dry-run')
+    assert result.returncode == 0, result.stderr
+    host = ping_url(monitor).split('/ping/')[0]
+    assert f'ping: {host}/.../start, then /... or /.../fail' in result.stdout
+    assert f'metrics: {prom}' in result.stdout
+    assert monitor.hits == [] and not prom.exists()
+
+
 def test_only_web_ping_urls_are_accepted(site: Site) -> None:
     site.write_config(BACKUP_PING_URL='file:///etc/passwd')
     result = site.run()
