@@ -2735,44 +2735,213 @@ def decompressor_for(name: str) -> tuple[str, ...]:
     return ()
 
 
-def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> int:
-    """Decrypt and decompress a backup file to OUT (atomically) or stdout; needs the private key."""
-    if not source.is_file():
-        raise ConfigError(f'{source}: no such file', step='decrypt')
-    home = ['--homedir', gnupghome] if gnupghome else []
-    gpg_argv = ['gpg', *home, '--batch', '--no-tty', '--quiet', '--decrypt', '--', str(source)]
-    decompress = decompressor_for(source.name)
-    target = Path(output) if output and output != '-' else None
-    tmp = temp_name(target.resolve()) if target else None
-    out_fd = create_private_file(tmp) if tmp else sys.stdout.fileno()
+def check_encrypted_input(source: Path, fd: int) -> None:
+    """Given the open input, raise ConfigError unless it starts as a message encrypted to a public
+    key: a backup always does, and gpg would otherwise "decrypt" a merely stored (gpg --store) or
+    signed file without a word. Armored input is left to gpg's status check after decryption."""
+    head = os.pread(fd, 64, 0)
+    if head.lstrip().startswith(b'-----BEGIN PGP MESSAGE'):
+        return
+    if not head or not head[0] & 0x80:
+        raise ConfigError(f'{source}: not OpenPGP data; nothing was written', step='decrypt')
+    # The packet tag: new format keeps it in the low 6 bits, the old one in bits 2..5.
+    tag = head[0] & 0x3F if head[0] & 0x40 else (head[0] >> 2) & 0x0F
+    if tag != 1:  # 1: a public-key encrypted session key, the start of every backup
+        raise ConfigError(
+            f'{source}: not encrypted to a public key (OpenPGP packet type {tag}), so not a '
+            'ppbackup backup; refusing it, nothing was written',
+            step='decrypt',
+        )
+
+
+def decrypt_target(output: str | None, source_info: os.stat_result) -> Path | None:
+    """Given -o (None or "-" for stdout) and the input's stat, return the file to write, or None.
+
+    Plaintext may go only to a new file or over a regular file that is not the input itself: never
+    onto a device, a folder, a FIFO or through a symlink. Raise ConfigError otherwise.
+    """
+    if not output or output == '-':
+        return None
+    target = Path(output)
     try:
-        with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
-            first = pipe.start(gpg_argv, stdout=subprocess.PIPE if decompress else out_fd)
-            if decompress:
-                pipe.start(decompress, stdin=first.stdout, stdout=out_fd)
-                assert first.stdout is not None
-                first.stdout.close()
-            try:
-                pipe.check()
-            except BackupError as error:
-                if 'No secret key' in error.detail or 'decryption failed' in error.detail:
-                    raise BackupError(
-                        f'{source.name}: cannot decrypt: no matching private key in '
-                        f'{gnupghome or os.environ.get("GNUPGHOME", "~/.gnupg")}. '
-                        "Run this where a recipient's private key is.",
-                        step='decrypt',
-                        detail=error.detail,
-                    ) from error
-                raise
-        if tmp and target:
-            os.replace(tmp, target)
-            tmp = None
-    finally:
-        if tmp:
-            os.close(out_fd)
-            remove_path(tmp)
-        elif target:
-            os.close(out_fd)
+        info = target.lstat()
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise ConfigError(
+                f'-o {target}: the folder {target.parent} does not exist', step='decrypt'
+            ) from None
+        return target
+    except OSError as error:
+        raise ConfigError(f'-o {target}: {error.strerror}', step='decrypt') from error
+    if stat.S_ISLNK(info.st_mode):
+        what = 'a symlink; plaintext is never written through one'
+    elif stat.S_ISDIR(info.st_mode):
+        what = 'a folder; name the file to write'
+    elif not stat.S_ISREG(info.st_mode):
+        what = 'not a regular file (a device, FIFO or socket)'
+    elif (info.st_dev, info.st_ino) == (source_info.st_dev, source_info.st_ino):
+        what = 'the encrypted input itself; it would be lost'
+    else:
+        return target
+    raise ConfigError(f'-o {target} is {what}: refusing it, nothing was written', step='decrypt')
+
+
+def terminal_env() -> dict[str, str]:
+    """Return the environment for gpg: GPG_TTY set from our terminal when unset, so that a
+    passphrase prompt (pinentry) can reach the key holder (gpg's stdin is the file, not a tty)."""
+    env = dict(os.environ)
+    if not env.get('GPG_TTY'):
+        for fd in (0, 2):
+            with contextlib.suppress(OSError):
+                if os.isatty(fd):
+                    env['GPG_TTY'] = os.ttyname(fd)
+                    break
+    return env
+
+
+def secret_keyids(gnupghome: str | None) -> set[str]:
+    """Given a GnuPG home (None: gpg's default), return the long key ids of its secret (sub)keys."""
+    home = ['--homedir', gnupghome] if gnupghome else []
+    with contextlib.suppress(BackupError):
+        _, out = run_command(
+            ['gpg', *home, '--batch', '--no-tty', '--with-colons', '--list-secret-keys'],
+            what='gpg --list-secret-keys',
+            step='decrypt',
+            timeout=60,
+        )
+        return {
+            line.split(':')[4].upper()
+            for line in out.splitlines()
+            if line.startswith(('sec:', 'ssb:')) and len(line.split(':')) > 4
+        }
+    return set()
+
+
+def decrypt_failure(
+    source: Path, error: BackupError, status: str, gnupghome: str | None, env: Mapping[str, str]
+) -> BackupError:
+    """Given gpg's failure and its status lines, return the error that says which case it is:
+    no matching private key, a wrong passphrase, a passphrase nobody could be asked for, or a
+    damaged file. gpg says "No secret key" for all of them."""
+    home = gnupghome or os.environ.get('GNUPGHOME') or '~/.gnupg'
+    addressed = sorted(set(re.findall(r'^\[GNUPG:\] ENC_TO ([0-9A-Fa-f]{16})', status, re.M)))
+    held = sorted(set(keyid.upper() for keyid in addressed) & secret_keyids(gnupghome))
+    if not held:
+        return BackupError(
+            f'{source.name}: cannot decrypt: no matching private key in {home} (the file is for '
+            f"key id(s) {', '.join(addressed) or 'unknown'}). Run this where a recipient's "
+            'private key is, or name its GnuPG home with --gnupghome.',
+            step='decrypt',
+            detail=error.detail,
+        )
+    # gpg's error code (the low 16 bits) says what the "No secret key" hides: 11 a bad passphrase.
+    codes = [int(code) & 0xFFFF for code in re.findall(r'ERROR pkdecrypt_failed (\d+)', status)]
+    if 11 in codes:
+        return BackupError(
+            f'{source.name}: the passphrase for your private key {held[0]} was wrong; run again '
+            'and type it carefully.',
+            step='decrypt',
+            detail=error.detail,
+        )
+    if 'PINENTRY_LAUNCHED' in status or re.search(
+        r'(?i)ioctl|pinentry|cancel|no passphrase|timeout', error.detail
+    ):
+        tty = env.get('GPG_TTY')
+        where = f'GPG_TTY is {tty}' if tty else 'there is no terminal and GPG_TTY is unset'
+        return BackupError(
+            f'{source.name}: your private key {held[0]} is in {home}, but gpg could not ask for '
+            f'its passphrase ({where}). Run ppbackup decrypt in a terminal, or run '
+            '`export GPG_TTY=$(tty)` first; without a terminal, set a pinentry-program in '
+            'gpg-agent.conf that can reach you, or unlock the key in gpg-agent beforehand '
+            '(gpg-agent keeps it for its cache time).',
+            step='decrypt',
+            detail=error.detail,
+        )
+    return BackupError(
+        f'{source.name}: gpg could not decrypt it although your private key {held[0]} is in '
+        f'{home}: the file may be damaged; check it against its manifest (sha256sum -c).',
+        step='decrypt',
+        detail=error.detail,
+    )
+
+
+def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> int:
+    """Given a backup file, decrypt and decompress it to OUT or stdout; needs the private key.
+
+    OUT is written under a temporary name beside it and renamed into place only when gpg said the
+    file decrypted whole. Raise ConfigError for unusable input or output, BackupError if gpg fails.
+    """
+    try:
+        source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise ConfigError(f'{source}: cannot open it: {error.strerror}', step='decrypt') from error
+    tmp: Path | None = None
+    out_fd = -1
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.close, source_fd)
+        source_info = os.fstat(source_fd)
+        if not stat.S_ISREG(source_info.st_mode):
+            raise ConfigError(f'{source}: not a regular file', step='decrypt')
+        check_encrypted_input(source, source_fd)
+        target = decrypt_target(output, source_info)
+        status_file = cleanup.enter_context(tempfile.TemporaryFile())
+        status_fd = status_file.fileno()
+        if target:
+            tmp = temp_name(target)
+            out_fd = create_private_file(tmp)
+            cleanup.callback(os.close, out_fd)
+        home = ['--homedir', gnupghome] if gnupghome else []
+        gpg_argv = [
+            'gpg',
+            *home,
+            '--batch',
+            '--no-tty',
+            '--status-fd',
+            str(status_fd),
+            '--decrypt',
+        ]
+        decompress = decompressor_for(source.name)
+        env = terminal_env()
+        sink = out_fd if target else sys.stdout.fileno()
+        try:
+            with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
+                # gpg reads the file we opened and checked: no swap between check and use.
+                first = pipe.start(
+                    gpg_argv,
+                    stdin=source_fd,
+                    stdout=subprocess.PIPE if decompress else sink,
+                    env=env,
+                    pass_fds=(status_fd,),
+                )
+                if decompress:
+                    pipe.start(decompress, stdin=first.stdout, stdout=sink)
+                    assert first.stdout is not None
+                    first.stdout.close()
+                try:
+                    pipe.check()
+                except BackupError as error:
+                    status_file.seek(0)
+                    status = status_file.read().decode('utf-8', 'replace')
+                    raise decrypt_failure(source, error, status, gnupghome, env) from error
+            status_file.seek(0)
+            if b'[GNUPG:] DECRYPTION_OKAY' not in status_file.read():
+                raise BackupError(
+                    f'{source.name}: gpg did not report a whole, decrypted message: '
+                    + ('the output was discarded' if target else 'do not use what was written'),
+                    step='decrypt',
+                )
+            if tmp and target:
+                os.fsync(out_fd)
+                os.replace(tmp, target)  # a new inode: whatever held the old name is untouched
+                tmp = None
+        except OSError as error:
+            raise BackupError(
+                f'{source.name}: cannot write {target or "stdout"}: {error.strerror}',
+                step='decrypt',
+            ) from error
+        finally:
+            if tmp:
+                remove_path(tmp)
     return EXIT_OK
 
 
