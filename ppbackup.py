@@ -2528,8 +2528,8 @@ def command_check(config: Config) -> int:
     except BackupError as error:
         mark(False, f'recipients: {error}')
     for folder in (config.insecure_dir, config.backup_dir):
-        if not os.path.lexists(folder):
-            mark(None, f'{folder}: does not exist yet (the first run creates it, 0700)')
+        if not os.path.lexists(folder):  # normal before the first run: nothing to warn about
+            mark(True, f'{folder}: not there yet; the first run creates it (0700)')
         elif folder.is_symlink() or not folder.is_dir():
             mark(False, f'{folder}: a symlink or not a folder')
         else:
@@ -2557,7 +2557,14 @@ def command_check(config: Config) -> int:
     except BackupError as error:
         mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
     if config.admin_emails:
-        mark(bool(shutil.which('mailx')), f'mail to {", ".join(config.admin_emails)} via mailx')
+        # check sends no mail: it can only see that mailx is there, and an MTA for it to hand to.
+        mta = Path('/usr/sbin/sendmail')
+        mark(
+            bool(shutil.which('mailx')) and (mta.exists() or None),
+            f'mail to {", ".join(config.admin_emails)}: mailx found'
+            + ('' if mta.exists() else f', but no {mta} (an MTA) for it to hand mail to')
+            + "; no mail was sent, so delivery is untested: the first run's mail shows it",
+        )
     if config.metrics_file:
         problem = metrics_folder_problem(config.metrics_file)
         mark(
@@ -2609,9 +2616,23 @@ def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[s
     return rows
 
 
+def configured_fingerprints(config: Config) -> dict[str, str]:
+    """Return {encryption key id: configured fingerprint} for the recipients gpg can resolve now
+    (empty if it cannot): status names the keys as the config does, not by their subkey ids."""
+    with contextlib.suppress(BackupError):
+        recipients, _ = resolve_recipients(open_gnupg(config.gnupghome), config.recipients)
+        return {keyid: rec.fingerprint for rec in recipients for keyid in rec.encryption_keyids}
+    return {}
+
+
 def command_status(config: Config, as_json: bool) -> int:
     """Print what exists: slots, latest plaintext, last run, last transfer, coverage."""
     rows = describe_slots(config)
+    fingerprints = configured_fingerprints(config)
+    for row in rows:
+        row['recipient_fingerprints'] = sorted(
+            fingerprints.get(keyid, f'unknown key {keyid}') for keyid in row['recipients']
+        )
     state = load_state(config)
     latest = config.insecure_dir / 'latest'
     latest_time = latest.lstat().st_mtime if latest.is_dir() and not latest.is_symlink() else None
@@ -2655,7 +2676,7 @@ def command_status(config: Config, as_json: bool) -> int:
     for row in rows:
         print(
             f'{row["slot"]:<6} {row["run"]:<28} {age(row["time"]):<30} {row["files"]:>5} '
-            f'{human_size(row["bytes"]):>10}  {" ".join(row["recipients"])}'
+            f'{human_size(row["bytes"]):>10}  {" ".join(row["recipient_fingerprints"])}'
         )
     print(
         'last 7 days:  '
