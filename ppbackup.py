@@ -340,6 +340,24 @@ KEYS_BY_NAME = {key.name: key for key in KEYS}
 NAME_RE = re.compile(r'^[A-Za-z0-9][A-Za-z0-9._-]*$')
 EMAIL_RE = re.compile(r'^[^@\s,\-][^@\s,]*@[^@\s,]+$')
 FINGERPRINT_RE = re.compile(r'^(0x)?[0-9A-Fa-f]{40}$')
+# libpq's settings that cron does not give: accepted in the config (KEY=value or export KEY=value)
+# and passed to pg_dump and psql alone. Passwords never: they belong in ~/.pgpass (or ~/.my.cnf).
+CLIENT_VARIABLES = (
+    'PGHOST',
+    'PGHOSTADDR',
+    'PGPORT',
+    'PGUSER',
+    'PGPASSFILE',
+    'PGSERVICE',
+    'PGSERVICEFILE',
+    'PGSSLMODE',
+    'PGSSLROOTCERT',
+    'PGSSLCERT',
+    'PGSSLKEY',
+    'PGCONNECT_TIMEOUT',
+    'PGAPPNAME',
+)
+SECRET_VARIABLES = {'PGPASSWORD': '~/.pgpass', 'MYSQL_PWD': '~/.my.cnf'}
 VARIABLE_RE = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))')
 
 
@@ -367,6 +385,7 @@ class Config:
     syslog: bool = False
     metrics_file: Path | None = None
     ping_url: str = ''
+    client_env: tuple[tuple[str, str], ...] = ()  # CLIENT_VARIABLES set in the config
 
 
 def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tuple[str, int, int]:
@@ -548,9 +567,20 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     assignments, errors = parse_assignments(text, env)
     problems += [f'{path}:{line}: {message}' for line, message in errors]
     raw: dict[str, str] = {}
+    client_env: dict[str, str] = {}
     for name, value, line in assignments:
+        if name in CLIENT_VARIABLES:
+            client_env[name] = value
+            continue
+        if name in SECRET_VARIABLES:
+            problems.append(
+                f'{path}:{line}: {name}: a password never goes in the config (it would show in '
+                f'the environment of every dump); put it in {SECRET_VARIABLES[name]}, chmod 600'
+            )
+            continue
         if name not in KEYS_BY_NAME:
-            close = difflib.get_close_matches(name, KEYS_BY_NAME, n=1, cutoff=0.6)
+            known_names = [*KEYS_BY_NAME, *CLIENT_VARIABLES]
+            close = difflib.get_close_matches(name, known_names, n=1, cutoff=0.6)
             hint = f'; did you mean {close[0]}?' if close else ''
             problems.append(f'{path}:{line}: unknown key {name}{hint}')
             continue
@@ -580,7 +610,13 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     )
     fields = {key.field: values[key.name] for key in KEYS}
     fields['gnupghome'] = gnupghome
-    return Config(path=path, home=home, **fields)
+    return Config(path=path, home=home, client_env=tuple(sorted(client_env.items())), **fields)
+
+
+def client_environ(config: Config) -> dict[str, str] | None:
+    """Return the environment for a database client: ours plus the config's PG* settings (None:
+    ours unchanged)."""
+    return {**os.environ, **dict(config.client_env)} if config.client_env else None
 
 
 def _check_values(values: Mapping[str, Any]) -> list[str]:
@@ -835,6 +871,7 @@ def stream_to_file(
     timeout: float,
     cwd: Path | None = None,
     allowed: Sequence[int] = (),
+    env: Mapping[str, str] | None = None,
 ) -> Streamed:
     """Given a producer argv and a compressor argv, stream producer | compressor into ``out_fd``.
 
@@ -842,7 +879,7 @@ def stream_to_file(
     and report progress; it copies in large blocks. Raise BackupError if any process fails.
     """
     with Pipeline(what, step, timeout) as pipe:
-        source = pipe.start(producer, stdout=subprocess.PIPE, cwd=cwd)
+        source = pipe.start(producer, stdout=subprocess.PIPE, cwd=cwd, env=env)
         sink = pipe.start(compressor, stdin=subprocess.PIPE, stdout=out_fd) if compressor else None
         assert source.stdout is not None
         _widen_pipe(source.stdout)
@@ -1395,7 +1432,11 @@ def check_credential_files(config: Config) -> None:
     and libpq ignores such a .pgpass, which would then fail at the prompt."""
     for name, used in (('.pgpass', config.psql_dbs), ('.my.cnf', config.mysql_dbs)):
         path = (
-            Path(os.environ.get('PGPASSFILE', config.home / name))
+            Path(
+                dict(config.client_env).get('PGPASSFILE')
+                or os.environ.get('PGPASSFILE')
+                or config.home / name
+            )
             if name == '.pgpass'
             else config.home / name
         )
@@ -1438,6 +1479,7 @@ def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Pat
             timeout=config.dump_timeout,
             cwd=artifact.cwd,
             allowed=(1,) if artifact.tar_warning_ok else (),
+            env=client_environ(config) if artifact.trailer else None,
         )
     except OSError as error:
         hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
@@ -2502,10 +2544,14 @@ def command_check(config: Config) -> int:
                 what=f'psql {db}',
                 step='check',
                 timeout=30,
+                env=client_environ(config),
             )
             mark(True, f'PostgreSQL database {db}: reachable')
         except BackupError as error:
             mark(False, f'PostgreSQL database {db}: {error} {error.detail.strip()[-200:]}')
+    if config.client_env:
+        settings = ', '.join(f'{name}={value}' for name, value in config.client_env)
+        mark(True, f'PostgreSQL client settings from the config, for pg_dump and psql: {settings}')
     for db in config.mysql_dbs:
         try:
             run_command(
