@@ -11,6 +11,7 @@ import dataclasses
 import os
 import pty
 import select
+import shutil
 import stat
 import subprocess
 import sys
@@ -73,9 +74,12 @@ class Holder:
         return list(self.root.rglob('.ppbackup-tmp-*'))
 
 
-@pytest.fixture
-def holder(tmp_path: Path) -> Iterator[Holder]:
-    gnupghome = tmp_path / 'gnupg'
+@pytest.fixture(scope='module')
+def template(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Path]]:
+    """Make the key holder's passphrase-protected key and one backup for it, once per module;
+    return (GnuPG home, backup). Each test works on a copy."""
+    root = tmp_path_factory.mktemp('holder-template')
+    gnupghome = root / 'gnupg'
     gnupghome.mkdir(mode=0o700)
     base = ['gpg', '--homedir', str(gnupghome), '--batch', '--no-tty']
     sh(
@@ -91,7 +95,7 @@ def holder(tmp_path: Path) -> Iterator[Holder]:
         '2y',
     )
     # A backup as a run makes it: zstd, then gpg to the public key, no compression by gpg.
-    backup = tmp_path / 'assoc-psql-20270104-031700.sql.zst.gpg'
+    backup = root / 'assoc-psql-20270104-031700.sql.zst.gpg'
     sh(
         'sh',
         '-c',
@@ -99,6 +103,17 @@ def holder(tmp_path: Path) -> Iterator[Holder]:
         f'-r treasurer@example.org --encrypt -o {backup}',
         input=PLAINTEXT.decode(),
     )
+    sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)
+    yield gnupghome, backup
+
+
+@pytest.fixture
+def holder(tmp_path: Path, template: tuple[Path, Path]) -> Iterator[Holder]:
+    gnupghome = tmp_path / 'gnupg'
+    # Only the keys: no agent socket of the template's (killed) agent.
+    shutil.copytree(template[0], gnupghome, ignore=shutil.ignore_patterns('S.*'))
+    backup = tmp_path / template[1].name
+    shutil.copy(template[1], backup)
     the_holder = Holder(tmp_path, gnupghome, backup)
     yield the_holder
     sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)

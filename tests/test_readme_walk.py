@@ -204,7 +204,14 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
 
             if 'createdb -O' in script:  # the site's application fills its database
                 seed_site(world)
-            if user == 'treasurer' and '--export' in script:
+            if user == 'treasurer' and '--quick-generate-key' in script:
+                # The key really has a passphrase: without it, gpg cannot export the secret key.
+                unlocked = world.run_as(
+                    world.holder,
+                    "{ gpg --batch --pinentry-mode loopback --passphrase '' --export-secret-keys"
+                    ' || true; } | wc -c',
+                )
+                assert unlocked.split()[0] == '0', unlocked
                 # Read out by phone: the fingerprint gpg printed, in groups of four.
                 groups = re.search(r'((?:[0-9A-F]{4}\s+){9}[0-9A-F]{4})', output)
                 assert groups, output
