@@ -2939,7 +2939,8 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
     file decrypted whole. Raise ConfigError for unusable input or output, BackupError if gpg fails.
     """
     try:
-        source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO given as the input must be refused below, not wait for a writer.
+        source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except OSError as error:
         raise ConfigError(f'{source}: cannot open it: {error.strerror}', step='decrypt') from error
     tmp: Path | None = None
@@ -2989,6 +2990,8 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
                 except BackupError as error:
                     status_file.seek(0)
                     status = status_file.read().decode('utf-8', 'replace')
+                    if '[GNUPG:] DECRYPTION_OKAY' in status:
+                        raise  # gpg did its part: the decompressor failed, and says why
                     raise decrypt_failure(source, error, status, gnupghome, env) from error
             status_file.seek(0)
             if b'[GNUPG:] DECRYPTION_OKAY' not in status_file.read():

@@ -296,3 +296,37 @@ def test_decrypt_refuses_unencrypted_openpgp_input(holder: Holder) -> None:
         assert 'Traceback' not in result.stderr
         assert 'not encrypted to a public key' in result.stderr or 'not report' in result.stderr
         assert not out.exists() and holder.leftovers() == []
+
+
+def test_decrypt_refuses_a_fifo_as_input_without_waiting(holder: Holder) -> None:
+    fifo = holder.root / 'assoc-psql-20270104-031700.sql.zst.gpg.fifo'
+    os.mkfifo(fifo)
+    result = holder.decrypt(str(fifo), '-o', str(holder.root / 'out.sql'))
+    assert result.returncode == 2
+    assert 'not a regular file' in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_decrypt_names_the_decompressor_when_only_it_fails(holder: Holder) -> None:
+    holder.scripted_pinentry(PASSPHRASE)
+    not_zstd = holder.root / 'assoc-psql-20270104-031700.sql.zst.gpg'
+    not_zstd.unlink()
+    sh(
+        'gpg',
+        '--homedir',
+        str(holder.gnupghome),
+        '--batch',
+        '--trust-model',
+        'always',
+        '-r',
+        'treasurer@example.org',
+        '--encrypt',
+        '-o',
+        str(not_zstd),
+        input='plain text where zstd data should be\n',
+    )
+    out = holder.root / 'out.sql'
+    result = holder.decrypt(str(not_zstd), '-o', str(out))
+    assert result.returncode == 1
+    assert 'zstd exited' in result.stderr
+    assert 'passphrase' not in result.stderr and 'private key' not in result.stderr
+    assert not out.exists() and holder.leftovers() == []
