@@ -2857,12 +2857,13 @@ def terminal_env() -> dict[str, str]:
     """Return the environment for gpg: GPG_TTY set from our terminal when unset, so that a
     passphrase prompt (pinentry) can reach the key holder (gpg's stdin is the file, not a tty)."""
     env = dict(os.environ)
-    if not env.get('GPG_TTY'):
-        for fd in (0, 2):
-            with contextlib.suppress(OSError):
-                if os.isatty(fd):
-                    env['GPG_TTY'] = os.ttyname(fd)
-                    break
+    if env.get('GPG_TTY'):
+        return env
+    for fd in (0, 2, 1):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                env['GPG_TTY'] = os.ttyname(fd)
+                return env
     return env
 
 

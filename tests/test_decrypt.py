@@ -67,6 +67,7 @@ class Holder:
             env={**environ, 'GNUPGHOME': str(self.gnupghome), **(env or {})},
             stdin=subprocess.DEVNULL,
             timeout=120,
+            start_new_session=True,  # no controlling terminal: /dev/tty is not the tester's
             cwd=self.root,
         )
 
@@ -178,6 +179,7 @@ def test_decrypt_with_a_scripted_pinentry_and_no_terminal(holder: Holder) -> Non
         env={**os.environ, 'GNUPGHOME': str(holder.gnupghome)},
         stdin=subprocess.DEVNULL,
         timeout=120,
+        start_new_session=True,
     )
     assert to_stdout.returncode == 0 and to_stdout.stdout == PLAINTEXT
 

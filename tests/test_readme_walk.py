@@ -103,6 +103,7 @@ class World:
             text=True,
             timeout=300,
             check=False,
+            start_new_session=True,  # no controlling terminal, as under cron or a remote shell
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, (
@@ -286,6 +287,7 @@ def run_like_cron(world: World) -> None:
         text=True,
         timeout=300,
         check=False,
+        start_new_session=True,
     )
     # Quiet on success: anything printed would reach the admin as cron's own mail.
     assert (result.returncode, result.stdout, result.stderr) == (0, '', '')
