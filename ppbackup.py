@@ -194,7 +194,8 @@ KEYS: tuple[Key, ...] = (
         'text',
         '',
         True,
-        'rsync destination for ~/backups: user@host:folder, or a local folder.',
+        'rsync destination for ~/backups: user@host:folder or a local folder; or '
+        'rclone:REMOTE:PATH for object storage, REMOTE being a remote of rclone.conf.',
     ),
     Key(
         'BACKUP_GPG_RECIPIENT',
@@ -316,6 +317,14 @@ KEYS: tuple[Key, ...] = (
         False,
         'Seconds the transfer to the remote may take before it is killed.',
     ),
+    Key(
+        'BACKUP_SYNC_BWLIMIT',
+        'sync_bwlimit',
+        'int',
+        '0',
+        False,
+        'Upload bandwidth limit in KiB/s, for rsync and rclone alike (0: no limit).',
+    ),
     Key('BACKUP_SYSLOG', 'syslog', 'bool', '0', False, '1: also log to syslog.'),
     Key(
         'BACKUP_METRICS_FILE',
@@ -358,6 +367,9 @@ CLIENT_VARIABLES = (
     'PGAPPNAME',
 )
 SECRET_VARIABLES = {'PGPASSWORD': '~/.pgpass', 'MYSQL_PWD': '~/.my.cnf'}
+# rclone:REMOTE:PATH, REMOTE a name from rclone.conf: never a connection string (":s3,key=..."),
+# which would put credentials on rclone's command line and in this file.
+RCLONE_REMOTE_RE = re.compile(r'^rclone:([A-Za-z0-9_][A-Za-z0-9_.+@ -]*):([^\n\r]*)$')
 VARIABLE_RE = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-9_]*))')
 
 
@@ -382,6 +394,7 @@ class Config:
     mail_on_success: bool = True
     dump_timeout: int = 21600
     sync_timeout: int = 21600
+    sync_bwlimit: int = 0
     syslog: bool = False
     metrics_file: Path | None = None
     ping_url: str = ''
@@ -626,6 +639,14 @@ def _check_values(values: Mapping[str, Any]) -> list[str]:
         problems.append('BACKUP_NAME: use letters, digits, ".", "_" and "-", not starting with "-"')
     if values['BACKUP_REMOTE'].startswith('-'):
         problems.append('BACKUP_REMOTE: must not start with "-" (it would be taken as an option)')
+    if values['BACKUP_REMOTE'].startswith('rclone:') and not RCLONE_REMOTE_RE.match(
+        values['BACKUP_REMOTE']
+    ):
+        problems.append(
+            'BACKUP_REMOTE: write rclone:REMOTE:PATH, REMOTE being the name of a remote in '
+            "rclone.conf (letters, digits, '_', '-', '.'); its credentials belong in rclone.conf, "
+            'never in this file'
+        )
     for name in ('BACKUP_MYSQL_DB', 'BACKUP_PSQL_DB', 'BACKUP_GPG_RECIPIENT'):
         for word in values[name]:
             if word.startswith('-'):
@@ -1759,6 +1780,7 @@ def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
         *(['-H'] if hard_links else []),
         f'--timeout={RSYNC_IO_TIMEOUT}',
         f'--partial-dir={PARTIAL_DIR}',
+        *([f'--bwlimit={config.sync_bwlimit}'] if config.sync_bwlimit else []),  # KiB/s
     ]
     if ':' in config.remote.split('/', 1)[0]:
         rsh = os.environ.get('RSYNC_RSH', 'ssh')
@@ -1823,6 +1845,242 @@ def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> l
         if len(line) > 12 and line[0] in '<>c' and line[1] == 'f':
             bad.append(line[12:].strip())
     return bad
+
+
+# Object storage through rclone (BACKUP_REMOTE=rclone:REMOTE:PATH). The remote's credentials stay in
+# the user's rclone.conf; ppbackup never writes it and never puts a credential on a command line.
+# rclone only ever copies: nothing is deleted remotely (retention there is the bucket's lifecycle
+# rule), and it needs a key that may write and list, never one that may read or delete.
+
+
+@dataclasses.dataclass
+class RemoteCheck:
+    """How the remote copies compared with the manifests."""
+
+    bad: list[str]  # relative to the backups folder: missing, or a different size or hash
+    hash_type: str  # the backend's hash that was compared ('' if it has none)
+    size_only: list[str]  # present with the right size, but the backend gave no hash for them
+
+
+def is_rclone(config: Config) -> bool:
+    return config.remote.startswith('rclone:')
+
+
+def rclone_target(config: Config, folder: str = '') -> str:
+    """Return REMOTE:PATH/<backups folder>[/folder]: the same layout rsync makes."""
+    match = RCLONE_REMOTE_RE.match(config.remote)
+    assert match, 'load_config checked BACKUP_REMOTE'
+    path = '/'.join(
+        part for part in (match.group(2).rstrip('/'), config.backup_dir.name, folder) if part
+    )
+    return f'{match.group(1)}:{path}'
+
+
+def rclone_base(config: Config) -> list[str]:
+    """Return rclone's argv start: never a prompt, bounded waits, few retries (the next run
+    retries), and no call that a key which may only write and list is refused."""
+    return [
+        'rclone',
+        '--ask-password=false',
+        f'--contimeout={SSH_CONNECT_TIMEOUT}s',
+        f'--timeout={RSYNC_IO_TIMEOUT}s',
+        '--retries=2',
+        '--low-level-retries=3',
+        # S3: no bucket creation or check, and no HEAD after an upload (a HEAD needs read access;
+        # the upload's own MD5 check and the listing below prove the copy instead).
+        '--s3-no-check-bucket',
+        '--s3-no-head',
+        # S3: up to 5 GiB in one PUT, so that the listing's ETag is the MD5 of the whole file; a
+        # multipart object's MD5 sits in metadata, which only a key that may read can see.
+        '--s3-upload-cutoff=5Gi',
+        *([f'--bwlimit={config.sync_bwlimit}K'] if config.sync_bwlimit else []),
+    ]
+
+
+def run_rclone(
+    config: Config,
+    args: Sequence[str],
+    *,
+    step: str,
+    input_bytes: bytes | None = None,
+    ok_codes: Sequence[int] = (0,),
+    timeout: float | None = None,
+) -> tuple[int, str]:
+    """Given rclone arguments, run rclone under ``timeout`` (default BACKUP_SYNC_TIMEOUT); return
+    (exit code, stdout). Raise BackupError naming the remote if it fails."""
+    return run_command(
+        [*rclone_base(config), *args],
+        what=f'rclone {args[0]} {config.remote}',
+        step=step,
+        timeout=timeout or config.sync_timeout,
+        input_bytes=input_bytes,
+        ok_codes=ok_codes,
+    )
+
+
+def rclone_list(
+    config: Config, folder: str, hash_type: str, step: str = 'sync'
+) -> dict[str, tuple[int, str]]:
+    """Given a folder below the remote's backups folder ('' for all of it, recursively), return
+    {path relative to it: (size, hash or '')}; a folder not there yet is empty."""
+    args = ['lsjson', '--files-only', '--no-modtime', '--no-mimetype']  # mod times need reads
+    args += [f'--hash-type={hash_type}'] if hash_type else []
+    args += ['--recursive'] if not folder else []
+    code, out = run_rclone(
+        config, [*args, '--', rclone_target(config, folder)], step=step, ok_codes=(0, 3)
+    )
+    if code == 3:  # rclone's "directory not found": nothing was sent there yet
+        return {}
+    try:
+        entries = json.loads(out)
+        prefix = f'{folder}/' if folder else ''
+        return {
+            prefix + entry['Path']: (
+                int(entry['Size']),
+                str((entry.get('Hashes') or {}).get(hash_type) or '').lower(),
+            )
+            for entry in entries
+        }
+    except (ValueError, TypeError, KeyError, AttributeError) as error:
+        raise BackupError(
+            f'rclone lsjson {config.remote} gave a listing ppbackup cannot read: {error}',
+            step=step,
+        ) from error
+
+
+def rclone_hash_type(config: Config, step: str = 'sync') -> str:
+    """Return the strongest hash the remote's backend lists (sha256, md5, sha1), or ''."""
+    _, out = run_rclone(config, ['backend', 'features', '--', rclone_target(config)], step=step)
+    try:
+        hashes = json.loads(out).get('Hashes') or []
+    except (ValueError, AttributeError):
+        hashes = []
+    return next((name for name in ('sha256', 'md5', 'sha1') if name in hashes), '')
+
+
+def manifest_files(config: Config) -> dict[str, str]:
+    """Return {slot/name: sha256} for every file a local manifest names, then the manifests
+    themselves (with ''): data first, so that a manifest is sent only after its files."""
+    data: dict[str, str] = {}
+    manifests: dict[str, str] = {}
+    for slot in all_slots(config.backup_dir):
+        for run in slot_runs(slot):
+            for name, digest in read_manifest(run.manifest).items():
+                if '/' not in name and not name.startswith('.') and (slot / name).is_file():
+                    data[f'{slot.name}/{name}'] = digest
+            manifests[f'{slot.name}/{run.manifest.name}'] = ''
+    return {**data, **manifests}
+
+
+def rclone_send(config: Config, relative_files: Sequence[str]) -> None:
+    """Given files relative to the backups folder, upload them whatever the remote holds: first
+    the data, then the manifests naming it. rclone copy never deletes anything remotely."""
+    data = [name for name in relative_files if not name.endswith(MANIFEST_SUFFIX)]
+    manifests = [name for name in relative_files if name.endswith(MANIFEST_SUFFIX)]
+    for group in (data, manifests):
+        if group:
+            run_rclone(
+                config,
+                [
+                    'copy',
+                    '--ignore-times',
+                    '--files-from-raw=-',
+                    '--',
+                    str(config.backup_dir),
+                    rclone_target(config),
+                ],
+                step='sync',
+                input_bytes=''.join(name + '\n' for name in group).encode(),
+            )
+
+
+def rclone_sync(config: Config, new_files: set[str]) -> list[str]:
+    """Given this run's files (relative to the backups folder), upload them, and every file an
+    earlier manifest names that the remote lacks or holds at another size (a run whose transfer
+    failed or was cut off). Return what was sent."""
+    remote = rclone_list(config, '', '')
+    send = [
+        name
+        for name in manifest_files(config)
+        if name in new_files
+        or remote.get(name, (-1, ''))[0] != (config.backup_dir / name).stat().st_size
+    ]
+    rclone_send(config, send)
+    return send
+
+
+def rclone_mismatches(config: Config, relative_files: Sequence[str] | None) -> RemoteCheck:
+    """Given files relative to the backups folder (None: all that manifests name), compare each
+    remote copy with the manifest: by SHA-256 where the backend has it, else by its MD5 or SHA-1
+    computed here from the local file once that file matched the manifest's SHA-256, else by
+    size alone (reported: a key that cannot read cannot prove more). Raise BackupError if the
+    remote cannot be listed."""
+    expected = manifest_files(config)
+    names = sorted(expected if relative_files is None else relative_files)
+    hash_type = rclone_hash_type(config, step='verify remote')
+    check = RemoteCheck([], hash_type, [])
+    for slot in sorted({name.split('/', 1)[0] for name in names}):
+        listing = rclone_list(config, slot, hash_type, step='verify remote')
+        for name in (name for name in names if name.startswith(slot + '/')):
+            local = config.backup_dir / name
+            size, remote_digest = listing.get(name, (-1, ''))
+            if size != local.stat().st_size:
+                check.bad.append(name)
+                continue
+            if not remote_digest:
+                check.size_only.append(name)
+                continue
+            digests = file_digests(local, {'sha256', hash_type})
+            if expected.get(name) and digests['sha256'] != expected[name]:
+                check.bad.append(name)  # the local file itself is damaged: verify names it
+            elif digests[hash_type] != remote_digest:
+                check.bad.append(name)
+    return check
+
+
+def file_digests(path: Path, hash_types: set[str]) -> dict[str, str]:
+    """Given a file and hash names (sha256, md5, sha1), return their hex digests, reading the
+    file once, a block at a time."""
+    hashers = {name: hashlib.new(name) for name in hash_types}
+    with open(path, 'rb') as handle:
+        while block := handle.read(BLOCK):
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def rclone_transfer(config: Config, report: Report, written: set[Path], verify: bool) -> None:
+    """Upload what the remote lacks, then check this run's files and everything just sent
+    against the manifests; send a differing copy once more. Raise BackupError if one still
+    differs, naming the remote."""
+    sent = rclone_sync(config, {f'{path.parent.name}/{path.name}' for path in written})
+    report.transfer = f'rclone copy to {config.remote}: {len(sent)} file(s) sent'
+    if not verify:
+        return
+    report.step = 'verify remote'
+    names = sorted({f'{path.parent.name}/{path.name}' for path in written} | set(sent))
+    check = rclone_mismatches(config, names)
+    if check.bad:
+        report.warnings.append(
+            f'{len(check.bad)} remote cop(ies) differed from the manifest after the transfer and '
+            f'were sent again: {", ".join(check.bad)}'
+        )
+        rclone_send(config, check.bad)
+        check = rclone_mismatches(config, names)
+    if check.bad:
+        raise BackupError(
+            f'the copy on {config.remote} differs from the manifest: {", ".join(check.bad)}',
+            step='verify remote',
+        )
+    hashed = len(names) - len(check.size_only)
+    report.transfer += f'; {len(names)} checked against the manifests' + (
+        f', {hashed} of them by {check.hash_type.upper()}' if hashed else ', by size only'
+    )
+    if check.size_only:
+        report.warnings.append(
+            f'{config.remote} gives no hash for {len(check.size_only)} file(s), so only their '
+            f'size was checked ({", ".join(check.size_only[:5])}); see README, "Object storage"'
+        )
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -2000,6 +2258,7 @@ class Report:
     recipients: list[Recipient] = dataclasses.field(default_factory=list)
     warnings: list[str] = dataclasses.field(default_factory=list)
     error: BackupError | None = None
+    transfer: str = ''  # what the transfer sent and how the remote copies were checked
 
     def subject(self) -> str:
         name = self.config.name
@@ -2039,6 +2298,8 @@ class Report:
             lines += ['', 'slots written: ' + ', '.join(self.slots)]
         if self.removed:
             lines += [f'removed by retention: {len(self.removed)} file(s)']
+        if self.transfer:
+            lines += [f'transfer: {self.transfer}']
         if self.recipients:
             lines += [
                 '',
@@ -2162,7 +2423,7 @@ def preflight(config: Config, report: Report) -> GnuPG:
     needed += ['mysqldump'] if config.mysql_dbs else []
     needed += ['pg_dump'] if config.psql_dbs else []
     needed += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
-    needed += ['rsync']
+    needed += ['rclone' if is_rclone(config) else 'rsync']
     for program in needed:
         if not shutil.which(program):
             raise _program_missing(program)
@@ -2356,8 +2617,11 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
         report.removed.append(str(path))
     report.step = 'sync'
     log.info('sync to %s', config.remote)
-    sync_remote(config)
-    if verify_remote:
+    if is_rclone(config):  # object storage: rclone copies and checks in a way of its own
+        rclone_transfer(config, report, written, verify_remote)
+    else:
+        sync_remote(config)
+    if verify_remote and not is_rclone(config):
         report.step = 'verify remote'
         base = config.backup_dir.name
         rel = [f'{base}/{path.parent.name}/{path.name}' for path in sorted(written)]
@@ -2468,9 +2732,16 @@ def print_plan(config: Config) -> int:
             f'{" ".join("-r " + spec for spec in config.recipients)} -> '
             f'{config.backup_dir / day_name / (artifact.filename + ".gpg")}'
         )
-    print(
-        f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}'
-    )
+    if is_rclone(config):
+        print(
+            f'  {shlex.join([*rclone_base(config), "copy", "--ignore-times", "--files-from-raw=-"])}'
+            f' -- {shlex.quote(str(config.backup_dir))} {shlex.quote(rclone_target(config))}'
+            '  (the files that manifests name and the remote lacks; never deletes remotely)'
+        )
+    else:
+        print(
+            f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}'
+        )
     print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
     names = {
         config.backup_dir / day_name / (a.filename + '.gpg')
@@ -2514,7 +2785,7 @@ def command_check(config: Config) -> int:
         print(f'{"ok  " if ok else "WARN" if ok is None else "FAIL"}  {text}')
 
     mark(True, f'config {config.path}')
-    programs = ['gpg', 'rsync', 'mailx']
+    programs = ['gpg', 'rclone' if is_rclone(config) else 'rsync', 'mailx']
     programs += ['tar'] if config.files or config.binaries else []
     programs += ['mysqldump'] if config.mysql_dbs else []
     programs += ['pg_dump'] if config.psql_dbs else []
@@ -2591,17 +2862,20 @@ def command_check(config: Config) -> int:
     for path in (*config.files, *config.binaries):
         if not os.path.lexists(config.home / path):
             mark(False, f'path {config.home / path}: missing')
-    try:
-        with tempfile.TemporaryDirectory() as empty:
-            run_command(
-                [*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
-                what=f'rsync probe of {config.remote}',
-                step='check',
-                timeout=90,
-            )
-        mark(True, f'remote {config.remote}: reachable')
-    except BackupError as error:
-        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
+    if is_rclone(config):
+        check_rclone_remote(config, mark)
+    else:
+        try:
+            with tempfile.TemporaryDirectory() as empty:
+                run_command(
+                    [*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
+                    what=f'rsync probe of {config.remote}',
+                    step='check',
+                    timeout=90,
+                )
+            mark(True, f'remote {config.remote}: reachable')
+        except BackupError as error:
+            mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
     if config.admin_emails:
         # check sends no mail: it can only see that mailx is there, and an MTA for it to hand to.
         mta = Path('/usr/sbin/sendmail')
@@ -2631,6 +2905,42 @@ def command_check(config: Config) -> int:
         )
     print('all is well' if not failures else f'{failures} problem(s)')
     return EXIT_OK if not failures else EXIT_FAILED
+
+
+def check_rclone_remote(config: Config, mark: Callable[[bool | None, str], None]) -> None:
+    """Given check's marker, say whether rclone knows the remote, can list it, and which hash
+    the copies will be checked by. Lists only: a key that may only write and list passes."""
+    match = RCLONE_REMOTE_RE.match(config.remote)
+    assert match, 'load_config checked BACKUP_REMOTE'
+    try:
+        _, out = run_command(
+            ['rclone', '--ask-password=false', 'listremotes'], what='rclone', step='check'
+        )
+        if f'{match.group(1)}:' not in out.split():
+            mark(
+                False,
+                f'remote {config.remote}: rclone.conf has no remote named {match.group(1)!r} '
+                '(rclone config file shows which file; RCLONE_CONFIG names another)',
+            )
+            return
+        # Listing the top of the backups folder proves the address and the key; a folder not
+        # there yet (exit 3) is fine: the first run makes it.
+        run_rclone(
+            config,
+            ['lsjson', '--max-depth=1', '--no-modtime', '--no-mimetype', '--']
+            + [rclone_target(config)],
+            step='check',
+            ok_codes=(0, 3),
+            timeout=90,
+        )
+        hash_type = rclone_hash_type(config, step='check')
+        mark(
+            True if hash_type else None,
+            f'remote {config.remote}: reachable through rclone; copies checked by '
+            + (hash_type.upper() if hash_type else 'size only (the backend gives no hash)'),
+        )
+    except BackupError as error:
+        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
 
 
 def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[str, Any]]:
@@ -2698,6 +3008,7 @@ def command_status(config: Config, as_json: bool) -> int:
     data = {
         'name': config.name,
         'remote': config.remote,
+        'transport': 'rclone' if is_rclone(config) else 'rsync',
         'slots': rows,
         'latest_plaintext': latest_time,
         'last_result': state.get('last_result'),
@@ -2717,7 +3028,7 @@ def command_status(config: Config, as_json: bool) -> int:
         hours = (now - then) / 3600
         return f'{dt.datetime.fromtimestamp(then):%Y-%m-%d %H:%M} ({hours:.1f} h ago)'
 
-    print(f'{config.name} -> {config.remote}')
+    print(f'{config.name} -> {config.remote}' + (' (through rclone)' if is_rclone(config) else ''))
     print(f'{"slot":<6} {"run":<28} {"time":<30} {"files":>5} {"size":>10}  recipients')
     for row in rows:
         print(
@@ -2776,7 +3087,12 @@ def command_verify(config: Config, remote: bool) -> int:
     gpg = open_gnupg(config.gnupghome)
     recipients, _ = resolve_recipients(gpg, config.recipients)
     problems = check_tree(config.backup_dir, recipients, config.gnupghome)
-    if remote:
+    if remote and is_rclone(config):
+        check = rclone_mismatches(config, None)
+        problems += [f'remote copy of {name}: missing or differs' for name in check.bad]
+        for name in check.size_only:
+            print(f'NOTE {name}: {config.remote} gives no hash for it; only its size was checked')
+    elif remote:
         problems += [
             f'remote copy of {name}: missing or differs' for name in remote_mismatches(config, None)
         ]

@@ -125,6 +125,7 @@ UseDNS no
 PrintMotd no
 X11Forwarding no
 AllowTcpForwarding no
+Subsystem sftp internal-sftp
 LogLevel VERBOSE
 """)
     return config
