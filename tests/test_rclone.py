@@ -381,3 +381,25 @@ def test_an_rclone_remote_that_is_not_a_named_remote_is_refused(site: Site, remo
     result = site.run('check')
     assert result.returncode == 2
     assert 'BACKUP_REMOTE: write rclone:REMOTE:PATH' in result.stderr
+
+
+def test_a_backend_without_hashes_is_checked_by_size_and_says_so(site: Site, sshd: Sshd) -> None:
+    folder = site.root / 'objects'
+    # An sftp server without a shell: rclone cannot run md5sum there, so it lists no hash.
+    use_rclone(
+        site,
+        f'[bare]\ntype = sftp\nhost = 127.0.0.1\nport = {sshd.port}\nuser = root\n'
+        f'key_file = {sshd.client_key}\nknown_hosts_file = {sshd.known_hosts}\nshell_type = none\n',
+    )
+    site.write_config(BACKUP_REMOTE=f'rclone:bare:{folder}')
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    assert 'succeeded with 1 WARNING(s)' in site.subjects()[-1]
+    assert 'gives no hash for 9 file(s), so only their size was checked' in last_body(site)
+    assert '9 checked against the manifests, by size only' in transfer_line(site)
+    assert folder_backend('sftp', '', folder).files() == named_files(site)
+    verify = site.run('verify', '--remote')
+    assert verify.returncode == 0, verify.stdout
+    assert verify.stdout.count('only its size was checked') == 9
+    check = site.run('check')
+    assert 'WARN  remote rclone:bare:' in check.stdout and 'size only' in check.stdout
