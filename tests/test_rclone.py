@@ -403,3 +403,56 @@ def test_a_backend_without_hashes_is_checked_by_size_and_says_so(site: Site, ssh
     assert verify.stdout.count('only its size was checked') == 9
     check = site.run('check')
     assert 'WARN  remote rclone:bare:' in check.stdout and 'size only' in check.stdout
+
+
+# A copy that is damaged on its way cannot be caused for real: a PATH shim runs the real rclone,
+# then flips one byte of the psql dump it just copied (every time, or only the first time).
+CORRUPTING_RCLONE = """#!/bin/sh
+list=$(mktemp)
+cat > "$list"
+/usr/bin/rclone "$@" < "$list"
+code=$?
+grep -q -- '-psql-' "$list"; sent=$?
+rm -f "$list"
+[ $code = 0 ] || exit $code
+case "$*" in *' copy '*) ;; *) exit 0 ;; esac
+[ $sent = 0 ] || exit 0
+[ -e {marker} ] && exit 0
+{once}
+exec {python} - <<'PY'
+from pathlib import Path
+for path in Path('{folder}').rglob('*-psql-*.gpg'):
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 1
+    path.write_bytes(bytes(data))
+PY
+"""
+
+
+@pytest.mark.parametrize('always', [False, True])
+def test_a_copy_damaged_in_transit_is_sent_again_or_fails_the_run(site: Site, always: bool) -> None:
+    folder = site.root / 'objects'
+    use_rclone(site, '[store]\ntype = local\n')
+    site.write_config(BACKUP_REMOTE=f'rclone:store:{folder}')
+    marker = site.root / 'damaged-once'
+    site.shim(
+        'rclone',
+        CORRUPTING_RCLONE.format(
+            marker=marker,
+            once='' if always else f'touch {marker}',
+            python=sys.executable,
+            folder=folder,
+        ),
+    )
+    result = site.run()
+    if always:
+        mail = site.assert_failed(result, 'verify remote', {}, new_files_allowed=True)
+        assert f'the copy on rclone:store:{folder} differs from the manifest' in mail['body']
+        assert '-psql-' in mail['body']
+        return
+    assert result.returncode == 0, result.stderr
+    assert 'succeeded with 1 WARNING(s)' in site.subjects()[-1]
+    body = last_body(site)
+    assert 'differed from the manifest after the transfer and were sent again' in body
+    assert '-psql-' in body.split('sent again:')[1].splitlines()[0]
+    assert folder_backend('local', '', folder).files() == named_files(site)
