@@ -25,6 +25,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import ppbackup  # noqa: E402
 
+# The environment the suite started with: its own credentials, before any test's $HOME or PG*.
+ADMIN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(('PG', 'MYSQL'))}
 CANARY = 'CANARY-' + secrets.token_hex(8)  # a marker that must never leave latest/ unencrypted
 
 
@@ -120,8 +122,9 @@ def drop_databases(*names: str) -> None:
     """Drop test databases, checked: ``--force`` ends sessions a killed client left behind (a
     killed psql's ``pg_sleep`` keeps running server-side and would otherwise block the drop)."""
     for name in names:
-        sh('dropdb', '--if-exists', '--force', '--', name)
-        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{name}`')
+        # As the suite's own user, not through a test's ~/.my.cnf or PG* settings.
+        sh('dropdb', '--if-exists', '--force', '--', name, env=ADMIN_ENV)
+        sh('mysql', '-e', f'DROP DATABASE IF EXISTS `{name}`', env=ADMIN_ENV)
 
 
 def terminate_sessions(db: str) -> None:
