@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import http.client
 import io
+import itertools
 import json
 import logging
 import logging.handlers
@@ -93,6 +94,18 @@ DEFAULT_CONFIG = '~/ppbackup.cfg'
 # Debian 12's python3-gnupg; setup.cfg's install_requires says the same.
 MIN_PYTHON_GNUPG = (0, 4, 9)
 PING_TIMEOUT = 10.0  # seconds a monitoring ping may take, in all; then the run goes on without it
+# What in a GnuPG home decides whom we encrypt to (keyrings, trust, options; keyboxd's database).
+GNUPG_TRUSTED_FILES = (
+    'pubring.kbx',
+    'pubring.gpg',
+    'trustdb.gpg',
+    'gpg.conf',
+    'common.conf',
+    'tofu.db',
+    'public-keys.d',
+    'public-keys.d/pubring.db',
+)
+MAX_TIMEOUT = 7 * 24 * 3600  # a step that needs longer than a week is stuck
 
 # The end-of-dump lines that prove a dump ran to completion (a truncated dump lacks them).
 TRAILERS = {
@@ -107,12 +120,20 @@ COMPRESSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     'xz': (('xz', '-T0', '-c', '-3'), ('xz', '-d', '-c'), '.xz'),
     'none': ((), (), ''),
 }
-# What must never reach a mail or a log even when a program prints it.
+MANIFEST_MAX_ENTRIES = 10000  # a run writes a handful; more is not a manifest ppbackup wrote
+MANIFEST_MAX_LINE = 8192  # a longer line is skipped, never held whole
+# What must never reach a mail or a log even when a program prints it: a value after a key that
+# looks like a password (typos too: a .my.cnf "pasword=" comes back as "unknown variable"), the
+# value of any option line a client echoes back, "identified by", and a URL's password. "(using
+# password: YES)" says only that one was given: it stays.
 SECRET_PATTERNS = (
-    re.compile(r'(?i)(pass(?:word|wd)?|pwd|secret|token)(\s*[=:]\s*)(\S+)'),
+    re.compile(r'(?i)(unknown (?:variable|option) \'[^\'=]*=)([^\']*)(\')'),
+    re.compile(r'(?i)\b([A-Za-z][\w-]*)(\s*[=:]\s*)(?!(?:YES|NO)\)|\*\*\*)(\S+)'),
     re.compile(r'(?i)(identified\s+by\s+)(\'[^\']*\'|"[^"]*"|\S+)'),
     re.compile(r'(://[^:/@\s]+:)([^@\s]+)(@)'),
 )
+SECRET_WORDS = ('pass', 'pwd', 'secret', 'token')
+MIN_SECRET_LENGTH = 3  # a shorter "password" would mask every "a" in a message
 
 log = logging.getLogger('ppbackup')
 
@@ -148,11 +169,44 @@ class Interrupted(BaseException):
         self.signum = signum
 
 
+_known_secrets: set[str] = set()
+
+
+def secret_like(key: str) -> bool:
+    """Given an option name, return True if its value is (probably) a password: typos included."""
+    key = key.lower()
+    return any(word in key for word in SECRET_WORDS) or (
+        difflib.SequenceMatcher(None, key, 'password').ratio() >= 0.75
+    )
+
+
+def remember_secrets(home: Path) -> None:
+    """Given $HOME, remember the passwords of ~/.my.cnf, ~/.pgpass and the environment, so that
+    mask_secrets hides them wherever a program echoes them, under whatever (misspelt) name."""
+    values = [os.environ.get(name, '') for name in ('PGPASSWORD', 'MYSQL_PWD')]
+    pgpass = Path(os.environ.get('PGPASSFILE') or home / '.pgpass')
+    for path, split in ((home / '.my.cnf', '='), (pgpass, ':')):
+        with contextlib.suppress(OSError), open(path, encoding='utf-8', errors='replace') as handle:
+            for line in itertools.islice(handle, 1000):
+                line = line.strip()
+                if split == ':':  # host:port:database:user:password, ":" escaped as "\:"
+                    fields = re.split(r'(?<!\\):', line)
+                    values.append(fields[-1].replace('\\:', ':') if len(fields) >= 5 else '')
+                elif '=' in line and secret_like(line.split('=', 1)[0].strip()):
+                    values.append(line.split('=', 1)[1].strip().strip('"\''))
+    _known_secrets.update(value for value in values if len(value) >= MIN_SECRET_LENGTH)
+
+
 def mask_secrets(text: str) -> str:
     """Given text from a program, return it with passwords and tokens replaced by ``***``."""
-    text = SECRET_PATTERNS[0].sub(lambda m: m.group(1) + m.group(2) + '***', text)
-    text = SECRET_PATTERNS[1].sub(lambda m: m.group(1) + '***', text)
-    return SECRET_PATTERNS[2].sub(lambda m: m.group(1) + '***' + m.group(3), text)
+    for secret in sorted(_known_secrets, key=len, reverse=True):
+        text = text.replace(secret, '***')
+    text = SECRET_PATTERNS[0].sub(lambda m: m.group(1) + '***' + m.group(3), text)
+    text = SECRET_PATTERNS[1].sub(
+        lambda m: m.group(1) + m.group(2) + '***' if secret_like(m.group(1)) else m.group(0), text
+    )
+    text = SECRET_PATTERNS[2].sub(lambda m: m.group(1) + '***', text)
+    return SECRET_PATTERNS[3].sub(lambda m: m.group(1) + '***' + m.group(3), text)
 
 
 def human_size(size: float) -> str:
@@ -177,6 +231,7 @@ class Key:
     default: str
     required: bool
     help: str
+    maximum: int = 0  # for int keys: the largest value that makes sense (a timer takes no more)
 
 
 KEYS: tuple[Key, ...] = (
@@ -260,6 +315,7 @@ KEYS: tuple[Key, ...] = (
         '0',
         False,
         'Remove whole older runs, oldest first, until ~/backups fits in this many MB (0: no limit).',
+        maximum=1 << 30,
     ),
     Key(
         'BACKUP_COMPRESSION',
@@ -308,6 +364,7 @@ KEYS: tuple[Key, ...] = (
         '21600',
         False,
         'Seconds one dump or archive may take, and then its encryption, before it is killed.',
+        maximum=MAX_TIMEOUT,
     ),
     Key(
         'BACKUP_SYNC_TIMEOUT',
@@ -316,6 +373,7 @@ KEYS: tuple[Key, ...] = (
         '21600',
         False,
         'Seconds the transfer to the remote may take before it is killed.',
+        maximum=MAX_TIMEOUT,
     ),
     Key(
         'BACKUP_SYNC_BWLIMIT',
@@ -533,7 +591,10 @@ def _convert(key: Key, raw: str, home: Path) -> tuple[Any, str]:
     if kind == 'int':
         if not re.fullmatch(r'[0-9]+', raw.strip()):
             return 0, f'expected a whole number, got {raw!r}'
-        return int(raw.strip()), ''
+        digits = raw.strip().lstrip('0') or '0'
+        if key.maximum and (len(digits) > len(str(key.maximum)) or int(digits) > key.maximum):
+            return 0, f'at most {key.maximum}, got {digits[:30]}'
+        return int(digits), ''
     if kind.startswith('choice:'):
         choices = kind.split(':', 1)[1].split(',')
         if raw.strip() not in choices:
@@ -562,7 +623,7 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     env = {'HOME': str(home), 'USER': environ.get('USER') or pwd.getpwuid(os.getuid()).pw_name}
     try:
         info = path.stat()
-        text = path.read_text(encoding='utf-8')
+        text = path.read_text(encoding='utf-8-sig')  # an editor's byte-order mark is not a key
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(
             f'cannot read config {path}: {error}. Copy ppbackup.cfg.example there, '
@@ -577,6 +638,10 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
         )
     if info.st_uid != os.getuid():
         problems.append(f'{path} is owned by uid {info.st_uid}, not by this user; refusing it')
+    for number, line_text in enumerate(text.split('\n'), 1):
+        # A NUL cannot reach an argv (ValueError), and other control bytes are never meant.
+        if re.search(r'[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]', line_text):
+            problems.append(f'{path}:{number}: a control character (a NUL byte?) in the line')
     assignments, errors = parse_assignments(text, env)
     problems += [f'{path}:{line}: {message}' for line, message in errors]
     raw: dict[str, str] = {}
@@ -649,13 +714,23 @@ def _check_values(values: Mapping[str, Any]) -> list[str]:
         )
     for name in ('BACKUP_MYSQL_DB', 'BACKUP_PSQL_DB', 'BACKUP_GPG_RECIPIENT'):
         for word in values[name]:
+            # pg_dump takes "a=b ..." and "postgresql://..." as a connection string: its password
+            # would reach argv, file names, manifest, mail and state. The word is not repeated.
+            if name == 'BACKUP_PSQL_DB' and ('=' in word or re.match(r'(?i)postgres(ql)?:', word)):
+                problems.append(
+                    'BACKUP_PSQL_DB: a connection string is not a database name; give the name '
+                    'only and put the password in ~/.pgpass (chmod 600)'
+                )
+                continue
             if word.startswith('-'):
                 problems.append(f'{name}: {word!r} must not start with "-"')
             if name != 'BACKUP_GPG_RECIPIENT' and '/' in word:
                 problems.append(f'{name}: {word!r} must not contain "/"')
     if not (values['BACKUP_FILES'] or values['BACKUP_MYSQL_DB'] or values['BACKUP_PSQL_DB']):
         problems.append('nothing to back up: set BACKUP_FILES, BACKUP_MYSQL_DB or BACKUP_PSQL_DB')
-    backup_dir, insecure_dir = values['BACKUP_DIR'], values['BACKUP_INSECURE_DIR']
+    # Resolved: through a symlinked parent the plaintext could sit inside what is synced.
+    backup_dir = Path(os.path.realpath(values['BACKUP_DIR']))
+    insecure_dir = Path(os.path.realpath(values['BACKUP_INSECURE_DIR']))
     if (
         backup_dir == insecure_dir
         or insecure_dir in backup_dir.parents
@@ -1044,12 +1119,51 @@ def open_gnupg(gnupghome: Path) -> GnuPG:
             f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it',
             step='keys',
         )
+    check_gnupg_home(gnupghome)
     try:
         gpg = GnuPG(gpgbinary='gpg', gnupghome=str(gnupghome))
     except (OSError, ValueError, RuntimeError) as error:
         raise BackupError(f'gpg cannot use {gnupghome}: {error}', step='keys') from error
     gpg.buffer_size = BLOCK  # python-gnupg's 16 KiB default makes encryption CPU-bound in Python
     return gpg
+
+
+def unsafe_to_trust(path: Path, owners: Sequence[int]) -> str:
+    """Given a path and the uids that may own it, return why others could change what it holds
+    (owned by someone else, writable by group or others without the sticky bit), or ''."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return ''
+    except OSError as error:
+        return f'{path}: {error.strerror}'
+    if info.st_uid not in owners:
+        return f'{path} is owned by uid {info.st_uid}, not by this user'
+    sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
+    if info.st_mode & 0o022 and not sticky:
+        return (
+            f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}): '
+            f'chmod go-w {path}'
+        )
+    return ''
+
+
+def check_gnupg_home(gnupghome: Path) -> None:
+    """Given the GnuPG home, raise BackupError if anyone but us can change its keyrings, trust or
+    options: like a config others can write, they could swap the recipients for their own keys.
+    The home, its keyrings and options, and its parents (which root may own) are looked at."""
+    real = Path(os.path.realpath(gnupghome))
+    ours = (os.getuid(),)
+    problems = [unsafe_to_trust(real, ours)]
+    problems += [unsafe_to_trust(real / name, ours) for name in GNUPG_TRUSTED_FILES]
+    problems += [unsafe_to_trust(parent, (os.getuid(), 0)) for parent in real.parents]
+    problems = [problem for problem in problems if problem]
+    if problems:
+        raise BackupError(
+            f'the GnuPG home {gnupghome} could be changed by others, who could then make the '
+            'backups readable to themselves: ' + '; '.join(problems),
+            step='keys',
+        )
 
 
 def _timestamp(value: str) -> dt.datetime | None:
@@ -1065,6 +1179,7 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
     keys = gpg.list_keys()
     problems: list[str] = []
     recipients: list[Recipient] = []
+    duplicates: list[str] = []
     now = dt.datetime.now()
     for spec in specs:
         pinned = bool(FINGERPRINT_RE.match(spec))
@@ -1083,6 +1198,13 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
             )
             continue
         key = matches[0]
+        twin = next((rec for rec in recipients if rec.fingerprint == key['fingerprint']), None)
+        if twin is not None:  # gpg encrypts to a key once, however often it is named
+            duplicates.append(
+                f'recipients {twin.spec} and {spec} are the same key {twin.fingerprint}: '
+                'it is used once; list it once'
+            )
+            continue
         validity = key.get('trust', '')
         if validity in ('r', 'e', 'i', 'd', 'n'):
             why = {
@@ -1148,7 +1270,7 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
             detail='The run stopped before any dump: it never encrypts to fewer '
             'recipients than configured.',
         )
-    return recipients, key_warnings(recipients, Path(gpg.gnupghome))
+    return recipients, duplicates + key_warnings(recipients, Path(gpg.gnupghome))
 
 
 def key_warnings(recipients: Sequence[Recipient], gnupghome: Path) -> list[str]:
@@ -1309,7 +1431,13 @@ def run_lock(config: Config) -> Iterator[None]:
     """Hold the run lock (flock, released by the kernel if we die). Raise LockedError if taken."""
     ensure_private_dir(config.insecure_dir)
     lock_path = config.insecure_dir / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:  # out of inodes or space, read-only, a planted symlink...
+        hint = ' (disk full: no space or no inodes left)' if error.errno == errno.ENOSPC else ''
+        raise BackupError(
+            f'cannot create the lock {lock_path}: {error.strerror}{hint}', step='lock'
+        ) from error
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1413,12 +1541,7 @@ def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
     for kind, paths in (('files', config.files), ('binaries', config.binaries)):
         if not paths:
             continue
-        argv = ('tar', '--create', '--file=-')
-        if kind == 'files':
-            # The crontab travels with the files, as the old script did.
-            argv += ('--directory', str(rundir), 'crontab')
-        # After "--" a name is a name, even one that looks like --checkpoint-action=...
-        argv += ('--directory', str(config.home), '--', *paths)
+        argv = ('tar', '--create', '--file=-', *tar_sources(config, paths, rundir, kind == 'files'))
         artifacts.append(
             Artifact(
                 kind,
@@ -1433,12 +1556,65 @@ def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
     return artifacts
 
 
+def own_folders(config: Config) -> list[Path]:
+    """Return, resolved, every folder ppbackup writes: the slots, the plaintext, a local remote."""
+    folders = [config.backup_dir, config.insecure_dir]
+    if ':' not in config.remote.split('/', 1)[0]:
+        folders.append(config.home / config.remote)
+    return [Path(os.path.realpath(folder)) for folder in folders]
+
+
+def _tar_regex(text: str, delimiter: str) -> str:
+    return re.sub(r'([\\.\[\]*^$' + re.escape(delimiter) + '])', r'\\\1', text)
+
+
+def tar_sources(config: Config, paths: Sequence[str], rundir: Path, crontab: bool) -> list[str]:
+    """Given BACKUP_FILES or BACKUP_BINARIES, return tar's arguments after ``--create``.
+
+    An entry that is a symlink is followed at the top only (tar's --dereference would follow every
+    link inside too): tar reads its resolved target, stored under the configured name. Whatever
+    ppbackup itself writes (slots, plaintext, a local remote) is excluded, so that "." never
+    archives the backups themselves.
+    """
+    own = own_folders(config)
+    # Anchored, literal: each exclude is one exact member name, never a pattern matching others.
+    head = ['--anchored', '--no-wildcards']
+    followed: list[str] = []
+    direct: list[str] = []
+    for entry in paths:
+        full = config.home / entry
+        real = Path(os.path.realpath(full))
+        if os.path.islink(full):
+            member = str(real).lstrip('/') or '.'
+            stored = entry.strip('/') or '.'
+            delimiter = next(c for c in ',|#@%;~!' if c not in member + stored)
+            replacement = re.sub(r'([\\&' + re.escape(delimiter) + '])', r'\\\1', stored)
+            head.append(
+                f'--transform=s{delimiter}^{_tar_regex(member, delimiter)}\\(/\\|$\\)'
+                f'{delimiter}{replacement}\\1{delimiter}S'
+            )
+            followed += ['--directory=/', f'--add-file={member}']
+        else:
+            member = entry.rstrip('/') or '/'  # tar matches excludes before it strips a "/"
+            direct.append(entry)
+        for folder in own:
+            if folder == real or real in folder.parents:
+                inner = folder.relative_to(real)
+                for name in dict.fromkeys(
+                    [f'{member}/{inner}', os.path.normpath(f'{member}/{inner}')]
+                ):
+                    head.append(f'--exclude={name.removesuffix("/.")}')
+    # The crontab travels with the files, as the old script did.
+    head += ['--directory', str(rundir), 'crontab'] if crontab else []
+    # After "--" a name is a name, even one that looks like --checkpoint-action=...
+    return [*head, *followed, '--directory', str(config.home), '--', *direct]
+
+
 def check_paths(config: Config) -> None:
-    """Raise BackupError naming every configured path that does not exist."""
+    """Raise BackupError naming every configured path that does not exist (or, a symlink, whose
+    target does not)."""
     missing = [
-        path
-        for path in (*config.files, *config.binaries)
-        if not os.path.lexists(config.home / path)
+        path for path in (*config.files, *config.binaries) if not os.path.exists(config.home / path)
     ]
     if missing:
         raise BackupError(
@@ -1646,14 +1822,25 @@ def write_file_atomically(path: Path, data: bytes, mtime: float) -> None:
         raise BackupError(f'cannot write {path}: {error.strerror}', step='commit') from error
 
 
+def iter_manifest(path: Path) -> Iterator[tuple[str, str]]:
+    """Given a manifest, yield its (file name, sha256) lines, streamed: whatever its size, only one
+    bounded line is in memory at a time; a longer line is skipped."""
+    with open(path, 'rb') as handle:
+        while line := handle.readline(MANIFEST_MAX_LINE):
+            if not line.endswith(b'\n') and len(line) == MANIFEST_MAX_LINE:
+                while (rest := handle.readline(MANIFEST_MAX_LINE)) and not rest.endswith(b'\n'):
+                    pass  # the rest of an over-long line: not a name ppbackup wrote
+                continue
+            text = line.decode('utf-8', 'replace').rstrip('\n').removesuffix('\r')
+            match = re.match(r'^([0-9a-f]{64}) [ *](.+)$', text)
+            if match:
+                yield match.group(2), match.group(1)
+
+
 def read_manifest(path: Path) -> dict[str, str]:
-    """Given a manifest, return {file name: sha256}."""
-    entries = {}
-    for line in path.read_text(encoding='utf-8', errors='replace').splitlines():
-        match = re.match(r'^([0-9a-f]{64}) [ *](.+)$', line)
-        if match:
-            entries[match.group(2)] = match.group(1)
-    return entries
+    """Given a manifest, return {file name: sha256}, at most MANIFEST_MAX_ENTRIES of them (a run
+    writes a handful): memory stays bounded even for a huge or hostile manifest."""
+    return dict(itertools.islice(iter_manifest(path), MANIFEST_MAX_ENTRIES))
 
 
 def manifest_bytes(entries: Mapping[str, str]) -> bytes:
@@ -1783,8 +1970,17 @@ def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
         *([f'--bwlimit={config.sync_bwlimit}'] if config.sync_bwlimit else []),  # KiB/s
     ]
     if ':' in config.remote.split('/', 1)[0]:
-        rsh = os.environ.get('RSYNC_RSH', 'ssh')
-        if Path(shlex.split(rsh)[0]).name == 'ssh':
+        rsh = os.environ.get('RSYNC_RSH', '').strip() or 'ssh'  # empty: rsync's own default
+        try:
+            words = shlex.split(rsh)
+        except ValueError as error:
+            raise BackupError(
+                f'RSYNC_RSH cannot be split into words ({error}): fix its quotes or unset it',
+                step='prepare',
+            ) from error
+        if not words or not words[0]:
+            raise BackupError('RSYNC_RSH names no program: fix it or unset it', step='prepare')
+        if Path(words[0]).name == 'ssh':
             # BatchMode: never wait on a password or host-key prompt under cron.
             rsh += f' -o BatchMode=yes -o ConnectTimeout={SSH_CONNECT_TIMEOUT}'
         argv += ['-e', rsh]
@@ -2277,7 +2473,11 @@ class Report:
             f'duration:    {time.time() - self.started:.1f} s',
         ]
         if self.error:
-            lines += ['', f'FAILED at step: {self.error.step or self.step}', f'error: {self.error}']
+            lines += [
+                '',
+                f'FAILED at step: {self.error.step or self.step}',
+                f'error: {mask_secrets(str(self.error))}',
+            ]
             if self.error.detail:
                 lines += [
                     '',
@@ -2412,23 +2612,68 @@ def save_state(config: Config, state: Mapping[str, Any]) -> None:
         )
 
 
+def needed_programs(config: Config) -> list[str]:
+    """Return the programs this config's run starts (mailx aside: its failure is reported apart)."""
+    needed = ['gpg', 'rclone' if is_rclone(config) else 'rsync']
+    needed += ['tar'] if config.files or config.binaries else []
+    needed += ['mysqldump'] if config.mysql_dbs else []
+    needed += ['pg_dump'] if config.psql_dbs else []
+    needed += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
+    return needed
+
+
+def check_programs(config: Config) -> None:
+    """Raise BackupError naming the programs the run needs that are not on PATH."""
+    missing = [program for program in needed_programs(config) if not shutil.which(program)]
+    if missing:
+        raise _program_missing(', '.join(missing))
+
+
+def check_private_folders(config: Config) -> None:
+    """Raise BackupError if the plaintext or slot folder exists but is a symlink or not ours."""
+    for folder in (config.insecure_dir, config.backup_dir):
+        if not os.path.lexists(folder):
+            continue
+        info = folder.lstat()
+        if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+            raise BackupError(
+                f'{folder} is a symlink or not a folder; refusing to follow it. Remove it and '
+                'run again',
+                step='prepare',
+            )
+        if info.st_uid != os.getuid():
+            raise BackupError(
+                f'{folder} is owned by uid {info.st_uid}, not by this user', step='prepare'
+            )
+
+
+def check_remote_shell(config: Config) -> None:
+    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it)."""
+    if not is_rclone(config):
+        rsync_base(config)
+
+
+# The checks of the run that need no key: `check` runs these very functions, so that a `check`
+# that says all is well means a run will not fail on its set-up.
+RUN_CHECKS: tuple[tuple[str, Callable[[Config], None]], ...] = (
+    ('programs', check_programs),
+    ('folders', check_private_folders),
+    ('paths', check_paths),
+    ('credentials', check_credential_files),
+    ('remote shell', check_remote_shell),
+)
+
+
 def preflight(config: Config, report: Report) -> GnuPG:
-    """Check keys, programs, paths and credentials before any dump. Raise BackupError if unfit."""
+    """Check keys, programs, folders, paths and credentials before any dump. Raise BackupError
+    if unfit."""
     report.step = 'keys'
     gpg = open_gnupg(config.gnupghome)
     report.recipients, warnings = resolve_recipients(gpg, config.recipients)
     report.warnings += warnings
     report.step = 'prepare'
-    needed = ['tar'] if config.files or config.binaries else []
-    needed += ['mysqldump'] if config.mysql_dbs else []
-    needed += ['pg_dump'] if config.psql_dbs else []
-    needed += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
-    needed += ['rclone' if is_rclone(config) else 'rsync']
-    for program in needed:
-        if not shutil.which(program):
-            raise _program_missing(program)
-    check_paths(config)
-    check_credential_files(config)
+    for _, check in RUN_CHECKS:
+        check(config)
     return gpg
 
 
@@ -2643,54 +2888,80 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     save_state(config, state)
 
 
+def _run_and_record(config: Config, report: Report) -> int:
+    """Under the lock: sweep, run the cycle, record the outcome in the state; return the code."""
+    code = EXIT_OK
+    try:
+        for path in sweep_temporaries(config):
+            log.info('removed %s', path)
+        report.warnings += ping_run(config, 'start', '')
+        run_backup(config, report)
+    except BackupError as error:
+        report.error = error
+        code = EXIT_FAILED
+    except OSError as error:  # disk full, read-only folder...: name the path
+        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+        report.error = BackupError(
+            f'{error.filename or ""}: {error.strerror}{hint}', step=report.step
+        )
+        code = EXIT_FAILED
+    except Interrupted as interrupt:
+        kill_all_children()
+        report.error = BackupError(f'interrupted by {interrupt}', step=report.step)
+        code = 128 + interrupt.signum
+    except Exception as error:  # a bug: still exactly one FAILED mail, then exit 3
+        kill_all_children()
+        report.error = BackupError(
+            f'internal error: {error!r}', step=report.step, detail=traceback.format_exc()
+        )
+        code = EXIT_BUG
+    state = load_state(config)
+    state['last_result'] = 'failed' if report.error else 'succeeded'
+    state['last_result_time'] = time.time()
+    state['last_error'] = mask_secrets(str(report.error)) if report.error else ''
+    if not report.error:
+        state['last_success'] = time.time()  # carried across failed runs, for the metrics
+    save_state(config, state)
+    _record_outcome(config, report, code, state)
+    return code
+
+
+def _record_outcome(config: Config, report: Report, code: int, state: Mapping[str, Any]) -> None:
+    """Tell monitoring how the run ended: the ping's end point and the metrics file, if set."""
+    report.warnings += ping_run(config, 'fail' if report.error else '', report.ping_text())
+    if config.metrics_file:
+        try:
+            write_metrics(config.metrics_file, run_metrics(report, code, state))
+        except BackupError as error:
+            report.warnings.append(str(error))
+
+
 def command_run(config: Config, dry_run: bool) -> int:
     """Run one backup cycle under the lock and mail the outcome. Return the exit code."""
     if dry_run:
         return print_plan(config)
     report = Report(config)
-    code = EXIT_OK
-    with run_lock(config):
-        for path in sweep_temporaries(config):
-            log.info('removed %s', path)
-        try:
-            report.warnings += ping_run(config, 'start', '')
-            run_backup(config, report)
-        except BackupError as error:
+    # Every failure from here on is mailed: the config is read, so the admins can be told, even
+    # when the private folder is unfit or has no inode left for the lock. Only "locked" is quiet.
+    try:
+        with run_lock(config):
+            code = _run_and_record(config, report)
+    except LockedError:
+        raise
+    except (BackupError, OSError) as error:  # before the lock: _run_and_record never ran
+        if isinstance(error, BackupError):
             report.error = error
-            code = EXIT_FAILED
-        except OSError as error:  # disk full, read-only folder...: name the path
+        else:
             hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
             report.error = BackupError(
-                f'{error.filename or ""}: {error.strerror}{hint}', step=report.step
+                f'{error.filename or ""}: {error.strerror}{hint}', step='lock'
             )
-            code = EXIT_FAILED
-        except Interrupted as interrupt:
-            kill_all_children()
-            report.error = BackupError(f'interrupted by {interrupt}', step=report.step)
-            code = 128 + interrupt.signum
-        except Exception as error:  # a bug: still exactly one FAILED mail, then exit 3
-            kill_all_children()
-            report.error = BackupError(
-                f'internal error: {error!r}', step=report.step, detail=traceback.format_exc()
-            )
-            code = EXIT_BUG
-        state = load_state(config)
-        state['last_result'] = 'failed' if report.error else 'succeeded'
-        state['last_result_time'] = time.time()
-        state['last_error'] = str(report.error) if report.error else ''
-        if not report.error:
-            state['last_success'] = time.time()  # carried across failed runs, for the metrics
-        save_state(config, state)
-        report.warnings += ping_run(config, 'fail' if report.error else '', report.ping_text())
-        if config.metrics_file:
-            try:
-                write_metrics(config.metrics_file, run_metrics(report, code, state))
-            except BackupError as error:
-                report.warnings.append(str(error))
+        code = EXIT_FAILED
+        _record_outcome(config, report, code, {})  # no state: its folder is what is unfit
     if report.error:
         print(
             f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
-            f'{report.error}',
+            f'{mask_secrets(str(report.error))}',
             file=sys.stderr,
         )
         if report.error.detail:
@@ -2782,21 +3053,20 @@ def command_check(config: Config) -> int:
     def mark(ok: bool | None, text: str) -> None:
         nonlocal failures
         failures += ok is False
-        print(f'{"ok  " if ok else "WARN" if ok is None else "FAIL"}  {text}')
+        print(f'{"ok  " if ok else "WARN" if ok is None else "FAIL"}  {mask_secrets(text)}')
 
     mark(True, f'config {config.path}')
-    programs = ['gpg', 'rclone' if is_rclone(config) else 'rsync', 'mailx']
-    programs += ['tar'] if config.files or config.binaries else []
-    programs += ['mysqldump'] if config.mysql_dbs else []
-    programs += ['pg_dump'] if config.psql_dbs else []
-    programs += [COMPRESSORS[config.compression][0][0]] if config.compression != 'none' else []
-    for program in programs:
+    # The run's own checks first: if they pass here, the run does not fail on them.
+    for label, run_check in RUN_CHECKS:
+        try:
+            run_check(config)
+        except BackupError as error:
+            mark(False, f'{label}: {error}')
+    for program in [*needed_programs(config), 'mailx']:
         if not shutil.which(program):
-            mark(
-                False if program != 'mailx' or config.admin_emails else None,
-                f'{program}: not found on PATH',
-            )
-            continue
+            if program == 'mailx':
+                mark(False if config.admin_emails else None, 'mailx: not found on PATH')
+            continue  # the run's own check above named it
         if program == 'mailx':  # mailx has no harmless version flag: never risk sending a mail
             mark(True, f'mailx: {shutil.which(program)}')
             continue
@@ -2848,7 +3118,7 @@ def command_check(config: Config) -> int:
         if not os.path.lexists(folder):  # normal before the first run: nothing to warn about
             mark(True, f'{folder}: not there yet; the first run creates it (0700)')
         elif folder.is_symlink() or not folder.is_dir():
-            mark(False, f'{folder}: a symlink or not a folder')
+            continue  # the run's own check above named it
         else:
             mode = stat.S_IMODE(folder.stat().st_mode)
             mark(
@@ -2860,8 +3130,13 @@ def command_check(config: Config) -> int:
     if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
         mark(False, f'{latest}: plaintext older than 24 hours (the next run removes it)')
     for path in (*config.files, *config.binaries):
-        if not os.path.lexists(config.home / path):
-            mark(False, f'path {config.home / path}: missing')
+        full = config.home / path
+        if os.path.islink(full) and os.path.exists(full):
+            mark(
+                True,
+                f'path {full}: a symlink to {os.path.realpath(full)}; its contents are archived '
+                '(followed here only, never inside)',
+            )
     if is_rclone(config):
         check_rclone_remote(config, mark)
     else:
@@ -3057,7 +3332,13 @@ def check_tree(
     problems = []
     for slot in all_slots(root):
         for run in slot_runs(slot):
-            for name, digest in read_manifest(run.manifest).items():
+            entries = read_manifest(run.manifest)
+            if len(entries) >= MANIFEST_MAX_ENTRIES:
+                problems.append(
+                    f'{slot.name}/{run.manifest.name}: names {MANIFEST_MAX_ENTRIES} files or more; '
+                    'not a manifest ppbackup wrote (only the first ones are checked)'
+                )
+            for name, digest in entries.items():
                 path = slot / name
                 if not path.is_file():
                     problems.append(f'{slot.name}/{name}: missing')
@@ -3622,6 +3903,39 @@ def _raise_interrupted(signum: int, _frame: object) -> NoReturn:
     raise Interrupted(signum)
 
 
+def dispatch(args: argparse.Namespace) -> int:
+    """Given the parsed command line, run its command and return the exit code."""
+    command = args.command or 'run'
+    if command == 'decrypt':
+        return command_decrypt(args.file, args.output, args.gnupghome)
+    if command == 'demo':
+        return command_demo()
+    if command == 'watch':
+        mail = tuple(part.strip() for part in args.mail.split(',') if part.strip())
+        bad = [addr for addr in mail if not EMAIL_RE.match(addr)]
+        if bad:
+            raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step='watch')
+        return command_watch(args.dir, args.max_age, mail, args.dry_run)
+    try:
+        config = load_config(config_path_from(args.config))
+    except ConfigError:
+        # Even a broken config must not keep old plaintext alive: sweep the default place.
+        remove_expired_plaintext(Path(os.path.expanduser('~/backups.insecure')))
+        raise
+    setup_logging(args.verbose, config.syslog)
+    remember_secrets(config.home)
+    if command != 'check' and not getattr(args, 'dry_run', False):  # those write nothing
+        for path in remove_expired_plaintext(config.insecure_dir):
+            log.info('removed plaintext older than 24 hours: %s', path)
+    if command == 'check':
+        return command_check(config)
+    if command == 'status':
+        return command_status(config, getattr(args, 'json', False))
+    if command == 'verify':
+        return command_verify(config, args.remote)
+    return command_run(config, getattr(args, 'dry_run', False))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse the command line, run the command, return the exit code."""
     parser = build_parser()
@@ -3639,39 +3953,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     if threading.current_thread() is threading.main_thread():
         for sig in previous:
             signal.signal(sig, _raise_interrupted)
-    command = args.command or 'run'
+    code = EXIT_OK
     try:
-        if command == 'decrypt':
-            return command_decrypt(args.file, args.output, args.gnupghome)
-        if command == 'demo':
-            return command_demo()
-        if command == 'watch':
-            mail = tuple(part.strip() for part in args.mail.split(',') if part.strip())
-            bad = [addr for addr in mail if not EMAIL_RE.match(addr)]
-            if bad:
-                raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step='watch')
-            return command_watch(args.dir, args.max_age, mail, args.dry_run)
-        try:
-            config = load_config(config_path_from(args.config))
-        except ConfigError:
-            # Even a broken config must not keep old plaintext alive: sweep the default place.
-            remove_expired_plaintext(Path(os.path.expanduser('~/backups.insecure')))
-            raise
-        setup_logging(args.verbose, config.syslog)
-        if command != 'check' and not getattr(args, 'dry_run', False):  # those write nothing
-            for path in remove_expired_plaintext(config.insecure_dir):
-                log.info('removed plaintext older than 24 hours: %s', path)
-        if command == 'check':
-            return command_check(config)
-        if command == 'status':
-            return command_status(config, getattr(args, 'json', False))
-        if command == 'verify':
-            return command_verify(config, args.remote)
-        return command_run(config, getattr(args, 'dry_run', False))
+        code = dispatch(args)
+        sys.stdout.flush()  # a closed pipe (status | head -1) shows here, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader stopped reading: it had what it wanted. Nothing more goes to it, not even
+        # Python's own flush at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return code
     except BackupError as error:
-        print(f'ppbackup: {error}', file=sys.stderr)
+        print(f'ppbackup: {mask_secrets(str(error))}', file=sys.stderr)
         if error.detail:
-            print(error.detail, file=sys.stderr)
+            print(mask_secrets(error.detail), file=sys.stderr)
         return error.exit_code
     except Interrupted as interrupt:
         kill_all_children()
