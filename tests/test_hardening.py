@@ -1,0 +1,417 @@
+"""The sending host, reviewed (FAULTS.md S2-S4, S6, S8-S11; issue 14).
+
+Each test causes its finding for real with the real command: a symlinked folder, a GnuPG home others
+can write, a .my.cnf typo that mysqldump echoes back, a closed pipe, a tmpfs without inodes. Where a
+finding needs a second local user, the test makes one with a unique name and removes it, even on
+failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import pwd
+import secrets
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from conftest import REPO, Site, sh
+
+import ppbackup
+
+# ---------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def other_user() -> Iterator[pwd.struct_passwd]:
+    """Make a local user with a unique name (as root); remove it afterwards, even on failure."""
+    name = f'ppbt{secrets.token_hex(4)}'
+    sh('useradd', '--no-create-home', '--shell', '/usr/sbin/nologin', name)
+    try:
+        yield pwd.getpwnam(name)
+    finally:
+        sh('userdel', name, check=False)
+
+
+def only_files(site: Site, files: str = 'site') -> None:
+    """A config with folders only: the database dumps are not what these tests are about."""
+    site.write_config(BACKUP_FILES=files, BACKUP_BINARIES=None, BACKUP_PSQL_DB=None)
+    site.write_config(BACKUP_MYSQL_DB=None)
+
+
+def archive_listing(site: Site, tmp_path: Path) -> list[str]:
+    """Decrypt the newest files archive as the key holder would; return its member names."""
+    newest = max(site.backups.glob('day*/assoc-files-*.gpg'), key=lambda path: path.stat().st_mtime)
+    out = tmp_path / f'files-{secrets.token_hex(4)}.tar'
+    site.decrypt(newest, out)
+    return sh('tar', '-t', '-f', str(out)).stdout.splitlines()
+
+
+def everything_said(site: Site, *results: subprocess.CompletedProcess[str]) -> str:
+    """Every word the tool said: stdout, stderr, every mail (argv and body) and its state file."""
+    said = [result.stdout + result.stderr for result in results]
+    said += [' '.join(mail['argv']) + mail['body'] for mail in site.mails()]
+    state = site.home / 'backups.insecure' / ppbackup.STATE_NAME
+    said += [state.read_text()] if state.exists() else []
+    return '\n'.join(said)
+
+
+def assert_no_traceback(result: subprocess.CompletedProcess[str]) -> None:
+    assert 'Traceback' not in result.stderr and 'this is a bug' not in result.stderr, result.stderr
+    assert result.returncode != ppbackup.EXIT_BUG
+
+
+# ---------------------------------------------------------------------------------------------------
+# S2: a BACKUP_FILES entry that is a symlink
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S2_a_symlinked_entry_is_archived_followed_at_the_top_only(
+    site: Site, tmp_path: Path
+) -> None:
+    www = tmp_path / 'srv' / 'www' / 'site'
+    (www / 'css').mkdir(parents=True)
+    (www / 'index.html').write_text('<h1>the real site</h1>\n')
+    (www / 'css' / 'main.css').write_text('body {}\n')
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    (outside / 'not-configured.txt').write_text('never archived\n')
+    (www / 'shared').symlink_to(outside)  # a link inside: archived as a link, never followed
+    (site.home / 'public_html').symlink_to(www)
+    only_files(site, '"site \'public_html\'"')
+
+    check = site.run('check')
+    assert f'public_html: a symlink to {www}' in check.stdout, check.stdout
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    members = archive_listing(site, tmp_path)
+    assert 'public_html/index.html' in members, members
+    assert 'public_html/css/main.css' in members
+    assert 'public_html/shared' in members  # the inner link itself...
+    assert not [name for name in members if 'not-configured' in name]  # ...never its target
+    assert 'site/index.php' in members  # an ordinary entry is as before
+
+
+def test_S2_a_dangling_symlinked_entry_is_a_missing_path(site: Site, tmp_path: Path) -> None:
+    (site.home / 'public_html').symlink_to(tmp_path / 'gone')
+    only_files(site, 'public_html')
+    check = site.run('check')
+    assert check.returncode == 1 and 'public_html' in check.stdout, check.stdout
+    result = site.run()
+    assert result.returncode == 1 and 'public_html' in result.stderr, result.stderr
+    assert len(site.mails()) == 1 and 'FAILED' in site.subjects()[0]
+
+
+# ---------------------------------------------------------------------------------------------------
+# S3: the plaintext folder inside what is synced, through a symlinked parent
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S3_plaintext_folder_inside_the_backups_through_a_symlink_is_refused(site: Site) -> None:
+    synced = site.home / 'synced'
+    synced.mkdir()
+    (site.home / 'private').symlink_to(synced)
+    site.write_config(BACKUP_DIR='~/synced', BACKUP_INSECURE_DIR='~/private/plain')
+    result = site.run()
+    assert result.returncode == 2, result.stderr
+    assert 'must be separate folders' in result.stderr
+    assert list(synced.iterdir()) == [] and site.mails() == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# S4: a GnuPG home or keyring that others can write
+# ---------------------------------------------------------------------------------------------------
+
+
+def gnupghome(site: Site) -> Path:
+    return Path(site.env['GNUPGHOME'])
+
+
+@pytest.mark.parametrize('how', ['home 777', 'keyring of another user', 'parent 777'])
+def test_S4_a_gnupg_home_others_can_change_is_refused(site: Site, how: str) -> None:
+    only_files(site)
+    home = gnupghome(site)
+    with other_user() as intruder:
+        if how == 'home 777':
+            home.chmod(0o777)
+        elif how == 'keyring of another user':
+            os.chown(home / 'pubring.kbx', intruder.pw_uid, intruder.pw_gid)
+        else:
+            site.home.chmod(0o777)  # whoever writes here can put another .gnupg in its place
+        check = site.run('check')
+        result = site.run()
+    assert check.returncode == 1
+    assert 'FAIL  recipients:' in check.stdout and 'could be changed by others' in check.stdout
+    assert result.returncode == 1, result.stderr
+    assert 'could be changed by others' in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at keys' in site.subjects()[0]
+    assert not list(site.backups.glob('day*/*.gpg'))  # nothing was encrypted to anyone
+
+
+def test_S4_the_example_config_pins_recipients_by_fingerprint() -> None:
+    example = (REPO / 'ppbackup.cfg.example').read_text()
+    line = next(line for line in example.splitlines() if line.startswith('BACKUP_GPG_RECIPIENT='))
+    words = line.split('=', 1)[1].strip('"').split()
+    assert words and all(ppbackup.FINGERPRINT_RE.match(word) for word in words), line
+
+
+# ---------------------------------------------------------------------------------------------------
+# S6: passwords echoed back, and passwords in a database name
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S6_a_my_cnf_typo_echoed_by_mysqldump_is_masked_everywhere(site: Site) -> None:
+    secret = 'Sekret-' + secrets.token_hex(6)
+    my_cnf = site.home / '.my.cnf'
+    my_cnf.write_text(f'[client]\npasword={secret}\n')  # sic: the typo mysqldump echoes back
+    my_cnf.chmod(0o600)
+    site.write_config(BACKUP_PSQL_DB=None, BACKUP_FILES=None, BACKUP_BINARIES=None)
+    result = site.run()
+    check = site.run('check')
+    status = site.run('status')
+    assert result.returncode == 1 and check.returncode == 1
+    assert 'unknown variable' in result.stderr  # the useful part of the message stays
+    assert 'FAILED at dump mysql' in site.subjects()[0]
+    assert secret not in everything_said(site, result, check, status)
+
+
+def test_S6_using_password_yes_is_not_masked_but_the_password_is(site: Site) -> None:
+    secret = 'Sekret-' + secrets.token_hex(6)
+    my_cnf = site.home / '.my.cnf'
+    my_cnf.write_text(f'[client]\nuser=ppbt_nobody_{secrets.token_hex(3)}\npassword={secret}\n')
+    my_cnf.chmod(0o600)
+    site.write_config(BACKUP_PSQL_DB=None)
+    check = site.run('check')
+    assert check.returncode == 1
+    assert '(using password: YES)' in check.stdout, check.stdout
+    assert secret not in check.stdout + check.stderr
+
+
+@pytest.mark.parametrize('shape', ['keywords', 'uri'])
+def test_S6_a_connection_string_as_database_name_is_refused(site: Site, shape: str) -> None:
+    secret = 'Sekret' + secrets.token_hex(6)
+    name = (
+        f"'dbname={site.pg_db} password={secret}'"
+        if shape == 'keywords'
+        else f'postgresql://postgres:{secret}@localhost/{site.pg_db}'
+    )
+    site.write_config(BACKUP_PSQL_DB=name)
+    result = site.run()
+    check = site.run('check')
+    for refused in (result, check):
+        assert refused.returncode == 2, refused.stderr
+        assert 'a connection string is not a database name' in refused.stderr
+    assert secret not in everything_said(site, result, check)
+    assert not site.backups.exists() and site.mails() == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# S8: check runs the run's own checks
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S8_a_recipient_named_twice_passes_check_and_the_run(site: Site) -> None:
+    only_files(site)
+    alice = site.keys.alice
+    site.write_config(BACKUP_GPG_RECIPIENT=f'"{alice} 0x{alice.lower()} {site.keys.bob}"')
+    check = site.run('check')
+    assert check.returncode == 0, check.stdout
+    assert 'same key' in check.stdout
+    result = site.run()
+    assert result.returncode == 0, result.stderr
+    assert 'WARNING' in site.subjects()[0] and 'same key' in site.mails()[0]['body']
+
+
+def test_S8_check_fails_where_the_run_fails_on_a_pgpass_others_can_read(site: Site) -> None:
+    pgpass = site.home / '.pgpass'
+    pgpass.write_text('*:*:*:*:not-used\n')
+    pgpass.chmod(0o644)
+    check = site.run('check')
+    assert check.returncode == 1, check.stdout
+    assert f'FAIL  credentials: {pgpass} is readable by group or others' in check.stdout
+    result = site.run()
+    assert result.returncode == 1 and '.pgpass' in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# S9: every failure after the config is read is mailed
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S9_an_insecure_folder_that_is_a_symlink_fails_with_a_mail(
+    site: Site, tmp_path: Path
+) -> None:
+    elsewhere = tmp_path / 'elsewhere'
+    elsewhere.mkdir()
+    (site.home / 'backups.insecure').symlink_to(elsewhere)
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 1 and 'symlink' in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert list(elsewhere.iterdir()) == []  # no lock, no state, no plaintext went there
+    check = site.run('check')
+    assert check.returncode == 1 and 'FAIL  folders:' in check.stdout
+
+
+def test_S9_an_insecure_folder_owned_by_another_user_fails_with_a_mail(site: Site) -> None:
+    folder = site.home / 'backups.insecure'
+    folder.mkdir(mode=0o700)
+    with other_user() as owner:
+        os.chown(folder, owner.pw_uid, owner.pw_gid)
+        result = site.run()
+        check = site.run('check')
+        os.chown(folder, 0, 0)
+    assert_no_traceback(result)
+    assert result.returncode == 1 and f'owned by uid {owner.pw_uid}' in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert check.returncode == 1 and 'FAIL  folders:' in check.stdout
+
+
+def test_S9_no_inode_left_for_the_lock_fails_with_a_mail(site: Site, mounts: list[Path]) -> None:
+    folder = site.home / 'backups.insecure'
+    folder.mkdir(mode=0o700)
+    sh('mount', '-t', 'tmpfs', '-o', 'size=1m,nr_inodes=8,mode=0700', 'tmpfs', str(folder))
+    mounts.append(folder)
+    with pytest.raises(OSError) as full:  # use up every inode
+        for number in range(100):
+            (folder / f'filler-{number}').touch()
+    assert full.value.errno == errno.ENOSPC
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 1 and 'lock' in result.stderr, result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at lock' in site.subjects()[0]
+    assert not site.backups.exists()
+
+
+# ---------------------------------------------------------------------------------------------------
+# S10: BACKUP_FILES=. never archives the tool's own folders
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S10_backing_up_home_leaves_out_the_backups_themselves(site: Site, tmp_path: Path) -> None:
+    mirror = site.home / 'mirror'  # a local remote inside $HOME is also the tool's own
+    only_files(site, '.')
+    site.write_config(BACKUP_REMOTE=str(mirror))
+    for _ in range(2):  # the second run finds slots, plaintext and a mirror to leave out
+        result = site.run()
+        assert result.returncode == 0, result.stderr
+    members = archive_listing(site, tmp_path)
+    assert './site/index.php' in members, members
+    own = [
+        name
+        for name in members
+        if name.startswith(('./backups/', './backups.insecure/', './mirror/'))
+    ]
+    assert own == []
+
+
+# ---------------------------------------------------------------------------------------------------
+# S11: broken pipes, NUL bytes, bad shells, huge numbers, a BOM, a huge manifest
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_S11_status_into_a_closed_pipe_ends_quietly(site: Site) -> None:
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # as `ppbackup status | head -1` once head has gone
+    try:
+        result = subprocess.run(
+            [sys.executable, str(REPO / 'ppbackup.py'), 'status'],
+            env=site.env,
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write_end)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ''
+
+
+@pytest.mark.parametrize('key', ['BACKUP_ADMIN_EMAILS', 'BACKUP_REMOTE'])
+def test_S11_a_nul_byte_in_a_value_is_refused_naming_the_line(site: Site, key: str) -> None:
+    site.write_config()
+    lines = site.cfg.read_bytes().splitlines(keepends=True)
+    number = next(n for n, line in enumerate(lines, 1) if line.startswith(key.encode()))
+    lines[number - 1] = lines[number - 1].rstrip(b'\n') + b'\0x\n'
+    site.cfg.write_bytes(b''.join(lines))
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 2
+    assert f'ppbackup.cfg:{number}: a control character' in result.stderr
+    assert not site.backups.exists() and site.mails() == []
+
+
+def test_S11_an_empty_rsync_rsh_means_ssh(site: Site) -> None:
+    site.write_config(BACKUP_REMOTE='backup@127.0.0.1:ppbackup')
+    result = site.run('run', '--dry-run', extra_env={'RSYNC_RSH': ''})
+    assert_no_traceback(result)
+    assert result.returncode == 0, result.stderr
+    assert "-e 'ssh -o BatchMode=yes" in result.stdout
+
+
+def test_S11_an_unbalanced_rsync_rsh_fails_before_any_dump_with_a_mail(site: Site) -> None:
+    site.write_config(BACKUP_REMOTE='backup@127.0.0.1:ppbackup')
+    result = site.run(extra_env={'RSYNC_RSH': "ssh -o 'ProxyCommand=x"})
+    assert_no_traceback(result)
+    assert result.returncode == 1 and 'RSYNC_RSH' in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert not list(site.backups.glob('day*/*'))
+
+
+@pytest.mark.parametrize(
+    'key, value',
+    [
+        ('BACKUP_DUMP_TIMEOUT', '99999999999'),
+        ('BACKUP_SYNC_TIMEOUT', '9' * 5000),
+        ('BACKUP_LIMIT_MB', '99999999999999999999'),
+    ],
+    ids=['timer overflow', '5000 digits', 'limit'],
+)
+def test_S11_numbers_are_bounded(site: Site, key: str, value: str) -> None:
+    site.write_config(**{key: value})
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 2
+    assert f'{key}: at most' in result.stderr
+    assert not site.backups.exists() and site.mails() == []
+
+
+def test_S11_a_config_with_a_byte_order_mark_is_read(site: Site) -> None:
+    site.write_config()
+    site.cfg.write_bytes(b'\xef\xbb\xbf' + site.cfg.read_bytes())
+    config = ppbackup.load_config(site.cfg)
+    assert config.name == 'assoc'
+
+
+def peak_memory_kib(site: Site, *args: str) -> int:
+    """Run the real command; return the peak resident memory of it and its children, in KiB."""
+    measure = (
+        'import resource, subprocess, sys\n'
+        'subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n'
+        'print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)\n'
+    )
+    argv = [sys.executable, '-c', measure, sys.executable, str(REPO / 'ppbackup.py'), *args]
+    return int(subprocess.run(argv, env=site.env, capture_output=True, text=True).stdout)
+
+
+def test_S11_a_huge_manifest_is_read_in_bounded_memory(site: Site) -> None:
+    only_files(site)
+    assert site.run().returncode == 0
+    slot = next(site.backups.glob('day*'))
+    line = b'%s  assoc-files-%%07d.tar.zst.gpg\n' % (b'0' * 64)
+    with open(slot / 'assoc-00000000-000000.sha256', 'wb') as handle:  # about 48 MiB
+        for start in range(0, 500_000, 10_000):
+            handle.write(b''.join(line % number for number in range(start, start + 10_000)))
+    for command in ('status', 'verify'):
+        peak = peak_memory_kib(site, command)
+        assert 0 < peak < 120 * 1024, f'{command} took {peak // 1024} MiB'
+    verify = site.run('verify')
+    assert verify.returncode == 1
+    assert 'not a manifest ppbackup wrote' in verify.stdout
