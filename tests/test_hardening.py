@@ -182,12 +182,18 @@ def test_S6_a_my_cnf_typo_echoed_by_mysqldump_is_masked_everywhere(site: Site) -
 
 
 def test_S6_using_password_yes_is_not_masked_but_the_password_is(site: Site) -> None:
-    secret = 'Sekret-' + secrets.token_hex(6)
-    my_cnf = site.home / '.my.cnf'
-    my_cnf.write_text(f'[client]\nuser=ppbt_nobody_{secrets.token_hex(3)}\npassword={secret}\n')
-    my_cnf.chmod(0o600)
-    site.write_config(BACKUP_PSQL_DB=None)
-    check = site.run('check')
+    user, secret = f'ppbt_h14_{secrets.token_hex(4)}', 'Sekret-' + secrets.token_hex(6)
+    # A real account, so that the server answers "(using password: YES)" whatever other accounts
+    # exist; the password given is the wrong one.
+    sh('mysql', '-e', f"CREATE USER '{user}'@'localhost' IDENTIFIED BY 'right-{secret}'")
+    try:
+        my_cnf = site.home / '.my.cnf'
+        my_cnf.write_text(f'[client]\nuser={user}\npassword={secret}\n')
+        my_cnf.chmod(0o600)
+        site.write_config(BACKUP_PSQL_DB=None)
+        check = site.run('check')
+    finally:
+        sh('mysql', '-e', f"DROP USER IF EXISTS '{user}'@'localhost'", check=False)
     assert check.returncode == 1
     assert '(using password: YES)' in check.stdout, check.stdout
     assert secret not in check.stdout + check.stderr
