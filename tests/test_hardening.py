@@ -166,9 +166,19 @@ def test_S4_the_example_config_pins_recipients_by_fingerprint() -> None:
 # ---------------------------------------------------------------------------------------------------
 
 
-def test_S6_a_my_cnf_typo_echoed_by_mysqldump_is_masked_everywhere(site: Site) -> None:
+@pytest.fixture
+def my_cnf(site: Site) -> Iterator[Path]:
+    """The site's ~/.my.cnf, removed before the site drops its databases (with mysql, which would
+    read it too)."""
+    path = site.home / '.my.cnf'
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_S6_a_my_cnf_typo_echoed_by_mysqldump_is_masked_everywhere(
+    site: Site, my_cnf: Path
+) -> None:
     secret = 'Sekret-' + secrets.token_hex(6)
-    my_cnf = site.home / '.my.cnf'
     my_cnf.write_text(f'[client]\npasword={secret}\n')  # sic: the typo mysqldump echoes back
     my_cnf.chmod(0o600)
     site.write_config(BACKUP_PSQL_DB=None, BACKUP_FILES=None, BACKUP_BINARIES=None)
@@ -181,19 +191,19 @@ def test_S6_a_my_cnf_typo_echoed_by_mysqldump_is_masked_everywhere(site: Site) -
     assert secret not in everything_said(site, result, check, status)
 
 
-def test_S6_using_password_yes_is_not_masked_but_the_password_is(site: Site) -> None:
+def test_S6_using_password_yes_is_not_masked_but_the_password_is(site: Site, my_cnf: Path) -> None:
     user, secret = f'ppbt_h14_{secrets.token_hex(4)}', 'Sekret-' + secrets.token_hex(6)
     # A real account, so that the server answers "(using password: YES)" whatever other accounts
     # exist; the password given is the wrong one.
     sh('mysql', '-e', f"CREATE USER '{user}'@'localhost' IDENTIFIED BY 'right-{secret}'")
     try:
-        my_cnf = site.home / '.my.cnf'
         my_cnf.write_text(f'[client]\nuser={user}\npassword={secret}\n')
         my_cnf.chmod(0o600)
         site.write_config(BACKUP_PSQL_DB=None)
         check = site.run('check')
     finally:
-        sh('mysql', '-e', f"DROP USER IF EXISTS '{user}'@'localhost'", check=False)
+        my_cnf.unlink(missing_ok=True)  # or this mysql would log in as that user too
+        sh('mysql', '-e', f"DROP USER IF EXISTS '{user}'@'localhost'")
     assert check.returncode == 1
     assert '(using password: YES)' in check.stdout, check.stdout
     assert secret not in check.stdout + check.stderr
