@@ -2957,7 +2957,7 @@ def command_run(config: Config, dry_run: bool) -> int:
                 f'{error.filename or ""}: {error.strerror}{hint}', step='lock'
             )
         code = EXIT_FAILED
-        _record_outcome(config, report, code, {})  # no state: its folder is what is unfit
+        _record_outcome(config, report, code, load_state(config))  # read only: never saved there
     if report.error:
         print(
             f'ppbackup: {config.name}: FAILED at {report.error.step or report.step}: '
