@@ -3966,9 +3966,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.close(devnull)
         return code
     except BackupError as error:
-        print(f'ppbackup: {mask_secrets(str(error))}', file=sys.stderr)
+        # A program's words are masked; the config's own sentences never repeat a value, and
+        # masking them would hide their point ("PGPASSWORD: a password never goes...").
+        shown = (lambda text: text) if isinstance(error, ConfigError) else mask_secrets
+        print(f'ppbackup: {shown(str(error))}', file=sys.stderr)
         if error.detail:
-            print(mask_secrets(error.detail), file=sys.stderr)
+            print(shown(error.detail), file=sys.stderr)
         return error.exit_code
     except Interrupted as interrupt:
         kill_all_children()
