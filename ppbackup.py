@@ -382,6 +382,7 @@ KEYS: tuple[Key, ...] = (
         '0',
         False,
         'Upload bandwidth limit in KiB/s, for rsync and rclone alike (0: no limit).',
+        maximum=1 << 30,
     ),
     Key('BACKUP_SYSLOG', 'syslog', 'bool', '0', False, '1: also log to syslog.'),
     Key(

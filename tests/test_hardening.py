@@ -387,8 +387,9 @@ def test_S11_an_unbalanced_rsync_rsh_fails_before_any_dump_with_a_mail(site: Sit
         ('BACKUP_DUMP_TIMEOUT', '99999999999'),
         ('BACKUP_SYNC_TIMEOUT', '9' * 5000),
         ('BACKUP_LIMIT_MB', '99999999999999999999'),
+        ('BACKUP_SYNC_BWLIMIT', '99999999999999999999'),
     ],
-    ids=['timer overflow', '5000 digits', 'limit'],
+    ids=['timer overflow', '5000 digits', 'limit', 'bandwidth'],
 )
 def test_S11_numbers_are_bounded(site: Site, key: str, value: str) -> None:
     site.write_config(**{key: value})
