@@ -7,7 +7,8 @@ One nightly cycle, every step checked:
    stream, into ``~/backups.insecure/latest`` (0700/0600, kept at most 24 hours, for rollbacks);
 2. encrypt each file to the *public* keys of the configured recipients into ``~/backups/dayN``, with
    hard links in ``~/backups/wkM`` and a SHA-256 manifest per run: this host cannot read its history;
-3. apply retention, rsync ``~/backups`` to the remote and check the copy against the manifest;
+3. rsync what the manifests name to the remote, check the copy against them, and only then apply
+   retention (each backup name to its own runs);
 4. mail the admins the outcome.
 
 Run ``ppbackup`` (same as ``ppbackup run``) from cron; ``ppbackup --help`` lists the other commands
@@ -28,6 +29,7 @@ import datetime as dt
 import difflib
 import errno
 import fcntl
+import functools
 import hashlib
 import http.client
 import io
@@ -77,7 +79,12 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
 BLOCK = 1 << 20  # Python touches bytes, where it must, a MiB at a time
 TAIL_BYTES = 4096  # enough of a dump's end to find its trailer
 STDERR_TAIL_LINES = 15
-PLAINTEXT_MAX_AGE = 24 * 3600
+# The promise is no plaintext older than 24 hours. Every invocation removes what is older than an hour
+# under that, so that a daily cron job firing at the same minute removes yesterday's plaintext even
+# when it then fails (at exactly 24 hours, whether it went would be decided by fractions of a
+# second, and it would live until the day after).
+PLAINTEXT_EXPIRES = 23 * 3600
+CLOCK_SLACK = 300  # a file dated further ahead of the clock than this was made under a wrong clock
 KEY_EXPIRY_WARN_DAYS = 30
 SHRINK_WARN_RATIO = 0.5
 SSH_CONNECT_TIMEOUT = 20
@@ -87,7 +94,7 @@ DUMPS_AT_ONCE = 1  # see make_all: measured on 2 cores, more only adds contentio
 TMP_PREFIX = '.ppbackup-tmp-'
 RUN_PREFIX = '.ppbackup-run-'
 LOCK_NAME = '.ppbackup.lock'
-STATE_NAME = 'state.json'
+STATE_SUFFIX = '.state.json'  # one state file per BACKUP_NAME: NAME.state.json
 MANIFEST_SUFFIX = '.sha256'
 PARTIAL_DIR = '.ppbackup-partial'
 DEFAULT_CONFIG = '~/ppbackup.cfg'
@@ -759,14 +766,43 @@ _live_groups: set[int] = set()
 _live_lock = threading.Lock()
 
 
+def _group_alive(pgid: int) -> bool:
+    """Given a process group, return True while a member of it still runs. A zombie does not count:
+    it is dead and waits only to be reaped, which Pipeline does after the kill."""
+    try:
+        entries = os.listdir('/proc')
+    except OSError:
+        entries = []
+    if not entries:  # no /proc: ask the kernel, which counts zombies too
+        try:
+            os.killpg(pgid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f'/proc/{entry}/stat', 'rb') as handle:
+                fields = handle.read().rsplit(b')', 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        # After the command name: state, ppid, pgrp.
+        if len(fields) > 2 and int(fields[2]) == pgid and fields[0] not in (b'Z', b'X'):
+            return True
+    return False
+
+
 def _kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
-    """Given a process group, send SIGTERM, then SIGKILL to whatever is left after ``grace``."""
+    """Given a process group, send SIGTERM, then SIGKILL to whatever still runs after ``grace``.
+    Children that die at once end the wait at once."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline:
-            os.killpg(pgid, 0)
-            time.sleep(0.05)
+            if not _group_alive(pgid):
+                return
+            time.sleep(0.02)
         os.killpg(pgid, signal.SIGKILL)
 
 
@@ -1393,24 +1429,58 @@ def remove_path(path: Path) -> None:
             shutil.rmtree(path)
 
 
+def plaintext_expired(info: os.stat_result, now: float) -> bool:
+    """Given a plaintext file's stat, return True if every invocation must remove it now: dated more
+    than PLAINTEXT_EXPIRES ago, or ahead of the clock (written under a wrong clock: its real age is
+    unknown, and waiting for its date would keep it for as long as the clock was off)."""
+    return now - info.st_mtime > PLAINTEXT_EXPIRES or info.st_mtime - now > CLOCK_SLACK
+
+
+def expired_plaintext(insecure_dir: Path) -> list[Path]:
+    """Given the private folder, return the files in ``latest`` that expired (see above)."""
+    latest = insecure_dir / 'latest'
+    if insecure_dir.is_symlink() or latest.is_symlink() or not latest.is_dir():
+        return []
+    now = time.time()
+    expired = []
+    for entry in sorted(latest.iterdir()):
+        with contextlib.suppress(FileNotFoundError):
+            if plaintext_expired(entry.lstat(), now):
+                expired.append(entry)
+    return expired
+
+
 def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
-    """Given the private folder, remove ``latest`` if it is older than 24 hours (or a planted
-    symlink); return what went. Every invocation does this first, even one that then fails."""
+    """Given the private folder, remove from ``latest`` every file that expired (whichever backup it
+    belongs to: the bound is a promise for all plaintext), ``latest`` itself once empty, or all of
+    it if it is a planted symlink; return what went. Every invocation does this first, even one
+    that then fails."""
     latest = insecure_dir / 'latest'
     if insecure_dir.is_symlink() or not os.path.lexists(latest):
         return []
-    if (
-        latest.is_symlink()
-        or not latest.is_dir()
-        or time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE
-    ):
+    if latest.is_symlink() or not latest.is_dir():
         remove_path(latest)  # a planted symlink is removed, never followed
         return [str(latest)]
-    return []
+    removed = []
+    for entry in expired_plaintext(insecure_dir):
+        remove_path(entry)
+        removed.append(str(entry))
+    with contextlib.suppress(OSError):
+        latest.rmdir()  # only if empty: nothing left to roll back to
+        removed.append(str(latest))
+    return removed
+
+
+def temp_target(name: str) -> str:
+    """Given a temporary's name (see ``temp_name``), return the final name it was made for."""
+    parts = name[len(TMP_PREFIX) :].split('-', 2)
+    return parts[2] if name.startswith(TMP_PREFIX) and len(parts) == 3 else ''
 
 
 def sweep_temporaries(config: Config) -> list[str]:
-    """Remove the temporaries of killed runs; return what went. Only under the run lock."""
+    """Remove what killed runs of this backup left: temporaries, run folders, and files of a commit
+    that never got its manifest. Return what went. Only under the run lock; another BACKUP_NAME's
+    files in a shared folder are left alone (its own runs sweep them)."""
     removed = []
     if config.insecure_dir.is_dir() and not config.insecure_dir.is_symlink():
         for entry in config.insecure_dir.iterdir():
@@ -1418,12 +1488,13 @@ def sweep_temporaries(config: Config) -> list[str]:
                 remove_path(entry)
                 removed.append(str(entry))
     if config.backup_dir.is_dir() and not config.backup_dir.is_symlink():
-        for slot in [config.backup_dir, *config.backup_dir.iterdir()]:
-            if slot.is_dir() and not slot.is_symlink():
-                for entry in slot.iterdir():
-                    if entry.name.startswith(TMP_PREFIX):
-                        remove_path(entry)
-                        removed.append(str(entry))
+        slots = all_slots(config.backup_dir)
+        for slot in [config.backup_dir, *slots]:
+            for entry in slot.iterdir():
+                if run_id_of(config.name, temp_target(entry.name)):
+                    remove_path(entry)
+                    removed.append(str(entry))
+        removed += sweep_uncommitted(config, slots)
     return removed
 
 
@@ -1486,6 +1557,30 @@ def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
     if config.only_one_day:
         return 'day0', None
     return f'day{when.isoweekday()}', f'wk{when.isocalendar().week}'
+
+
+# A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
+RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
+ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries')
+
+
+@functools.lru_cache(maxsize=8)
+def _own_names(name: str) -> re.Pattern[str]:
+    return re.compile(
+        rf'{re.escape(name)}-(?:(?P<manifest>{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}'
+        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar)'
+        rf'(?:{"|".join(re.escape(ext) for _, _, ext in COMPRESSORS.values() if ext)})?'
+        r'(?:\.gpg)?)',
+        re.DOTALL,
+    )
+
+
+def run_id_of(name: str, filename: str) -> str:
+    """Given a BACKUP_NAME and a file name, return the run id if the file is one that backup writes
+    (a manifest NAME-ID.sha256, an artifact NAME-KIND[-DB]-ID.EXT[.gpg] or its plaintext), else ''.
+    Retention, sweeping and latest/ touch only such files: configs sharing a folder keep apart."""
+    match = _own_names(name).fullmatch(filename)
+    return (match.group('manifest') or match.group('artifact')) if match else ''
 
 
 def choose_run_id(config: Config, when: dt.datetime, folders: Sequence[Path]) -> str:
@@ -1888,39 +1983,65 @@ def all_slots(backup_dir: Path) -> list[Path]:
     )
 
 
-def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
-    """Given this run's files (never removed), return the files retention removes, in order.
+def own_runs(config: Config, slot: Path) -> list[SlotRun]:
+    """Given a slot, return this backup's runs in it (manifests NAME-ID.sha256), oldest first."""
+    return [run for run in slot_runs(slot) if run_id_of(config.name, run.manifest.name)]
 
-    A day slot drops earlier days' runs and an earlier run of this same hour (a same-hour rerun
-    replaces it); a week slot keeps only this run; ONLY_ONE_DAY keeps only this run in day0; BACKUP_LIMIT_MB then drops whole runs, oldest first, until the rest fits.
+
+def run_started(config: Config, run: SlotRun) -> dt.datetime:
+    """Given a run, return its start as its id says (the manifest's time for an hour-only id)."""
+    run_id = run_id_of(config.name, run.manifest.name) or ''
+    with contextlib.suppress(ValueError):
+        return dt.datetime.strptime(run_id[:15], '%Y%m%d-%H%M%S')
+    return dt.datetime.fromtimestamp(run.time)
+
+
+def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
+    """Given this run's start and files (never removed), return the files retention removes: whole
+    runs of this backup only, each manifest before its files (a run stops being a run first).
+
+    A day slot drops its runs of other days and an earlier run of this same hour (a same-hour rerun
+    replaces it; other hours the same day stay); a week slot and ONLY_ONE_DAY's day0 keep only this
+    run; BACKUP_LIMIT_MB then drops whole runs, oldest first, until the folder fits. A run dated
+    after this one was made under a wrong clock: it is no newer for that, and goes like an old one.
     """
     day_name, week_name = slot_names(config, when)
     doomed: list[Path] = []
-    today = when.date()
     for slot_name in (day_name, week_name):
         if slot_name is None:
             continue
         slot = config.backup_dir / slot_name
-        if not slot.is_dir():
-            continue
-        for entry in slot.iterdir():
-            if entry in keep or entry.name.startswith('.'):
-                continue
-            info = entry.lstat()
-            if stat.S_ISDIR(info.st_mode):
-                continue
-            made_at = dt.datetime.fromtimestamp(info.st_mtime)
-            same_day, same_hour = made_at.date() == today, made_at.hour == when.hour
-            if slot_name == day_name and not config.only_one_day and same_day and not same_hour:
-                continue  # runs earlier the same day, at another hour, stay
-            doomed.append(entry)
+        runs = own_runs(config, slot)
+        kept: set[str] = set()
+        going: list[SlotRun] = []
+        for run in runs:
+            started = run_started(config, run)
+            stays = run.manifest in keep or (
+                slot_name == day_name
+                and not config.only_one_day
+                and started.date() == when.date()
+                and started.hour != when.hour
+                and started <= when
+            )
+            if stays:
+                kept |= {run.manifest.name, *run.files}
+            else:
+                going.append(run)
+        for run in going:
+            for name in (run.manifest.name, *run.files):
+                path = slot / name
+                if name not in kept and path not in doomed and os.path.lexists(path):
+                    doomed.append(path)
     if config.limit_mb:
-        doomed += _over_limit(config, keep, set(doomed))
+        doomed += _over_limit(config, when, keep, set(doomed))
     return doomed
 
 
-def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path]:
-    """Return whole runs to remove, oldest first, until the disk use fits BACKUP_LIMIT_MB."""
+def _over_limit(
+    config: Config, when: dt.datetime, keep: set[Path], doomed: set[Path]
+) -> list[Path]:
+    """Return whole runs of this backup to remove, oldest first (a run dated in the future first),
+    until the folder's disk use fits BACKUP_LIMIT_MB. The other backups' files count, never go."""
 
     def usage(excluded: set[Path]) -> int:
         seen: set[tuple[int, int]] = set()
@@ -1935,12 +2056,16 @@ def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path
                     total += info.st_blocks * 512
         return total
 
+    def age_order(run: SlotRun) -> tuple[bool, dt.datetime]:
+        started = run_started(config, run)
+        return (started <= when, started)
+
     limit = config.limit_mb * 1024 * 1024
     removed = set(doomed)
     extra: list[Path] = []
     runs = sorted(
-        (run for slot in all_slots(config.backup_dir) for run in slot_runs(slot)),
-        key=lambda run: run.time,
+        (run for slot in all_slots(config.backup_dir) for run in own_runs(config, slot)),
+        key=age_order,
     )
     for run in runs:
         if usage(removed) <= limit:
@@ -1952,6 +2077,21 @@ def _over_limit(config: Config, keep: set[Path], doomed: set[Path]) -> list[Path
         removed.update(new)
         extra += new
     return extra
+
+
+def sweep_uncommitted(config: Config, slots: Sequence[Path]) -> list[str]:
+    """Given slots, remove this backup's files that no manifest there names (a commit that never
+    got its manifest: see ``commit_slots``); return what went. Only under the run lock."""
+    removed = []
+    for slot in slots:
+        if not slot.is_dir() or slot.is_symlink():
+            continue
+        named = {name for run in slot_runs(slot) for name in (run.manifest.name, *run.files)}
+        for entry in slot.iterdir():
+            if entry.name not in named and run_id_of(config.name, entry.name):
+                remove_path(entry)
+                removed.append(str(entry))
+    return removed
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -1988,15 +2128,32 @@ def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
     return argv
 
 
-def sync_remote(config: Config) -> None:
-    """Copy the backups folder to the remote. Raise BackupError if rsync fails or times out."""
-    source = str(config.backup_dir).rstrip('/')
+def committed_files(config: Config) -> list[str]:
+    """Return what the manifests name (see ``manifest_files``), relative to the backups folder's
+    parent: each committed run's files and manifest, in every slot, whichever backup made them. A
+    file no manifest names (a stray copy, plaintext dropped into a slot, an unfinished commit) is
+    not in it: what is sent is what the manifests vouch for."""
+    return [f'{config.backup_dir.name}/{name}' for name in manifest_files(config)]
+
+
+def sync_remote(config: Config) -> list[str]:
+    """Send every committed run (see ``committed_files``) to the remote; return what was listed.
+    Raise BackupError if rsync fails or times out."""
+    listed = committed_files(config)
     run_command(
-        [*rsync_base(config), '--', source, config.remote],
+        [
+            *rsync_base(config),
+            '--files-from=-',
+            '--',
+            str(config.backup_dir.parent) + '/',
+            config.remote,
+        ],
         what=f'rsync to {config.remote}',
         step='sync',
         timeout=config.sync_timeout,
+        input_bytes=''.join(name + '\n' for name in listed).encode(),
     )
+    return listed
 
 
 def resend_remote(config: Config, relative_files: Sequence[str]) -> None:
@@ -2485,11 +2642,18 @@ class Report:
                     'last lines of its error output:',
                     *('  ' + line for line in mask_secrets(self.error.detail).splitlines()),
                 ]
-            lines += [
-                '',
-                'Earlier backups were left untouched. See README, "What happens when '
-                'things go wrong".',
-            ]
+            lines.append('')
+            if self.slots:
+                lines.append(
+                    f'This run was committed to {", ".join(self.slots)} and is kept there; the '
+                    'next run sends the remote what it lacks.'
+                )
+            if not self.removed:
+                lines.append(
+                    'Earlier backups were left untouched, here and on the remote: retention runs '
+                    'only after a checked transfer.'
+                )
+            lines.append('See README, "What happens when things go wrong".')
         if self.warnings:
             lines += ['', 'WARNINGS:', *(f'  - {warning}' for warning in self.warnings)]
         if self.made and not self.error:
@@ -2596,9 +2760,15 @@ def run_metrics(report: Report, code: int, state: Mapping[str, Any]) -> str:
     )
 
 
+def state_path(config: Config) -> Path:
+    """Return this backup's state file: one per BACKUP_NAME, so that configs sharing the private
+    folder keep their own last run, sizes and transfer."""
+    return config.insecure_dir / f'{config.name}{STATE_SUFFIX}'
+
+
 def load_state(config: Config) -> dict[str, Any]:
     try:
-        data = json.loads((config.insecure_dir / STATE_NAME).read_text())
+        data = json.loads(state_path(config).read_text())
         return data if isinstance(data, dict) else {}
     except (OSError, ValueError):
         return {}
@@ -2607,7 +2777,7 @@ def load_state(config: Config) -> dict[str, Any]:
 def save_state(config: Config, state: Mapping[str, Any]) -> None:
     with contextlib.suppress(BackupError):
         write_file_atomically(
-            config.insecure_dir / STATE_NAME,
+            state_path(config),
             json.dumps(state, indent=1, sort_keys=True).encode(),
             time.time(),
         )
@@ -2760,78 +2930,110 @@ def commit_slots(
     run_id: str,
     stamp: float,
 ) -> set[Path]:
-    """Rename the encrypted files into their day slot, write the manifest, hard-link the week slot.
+    """Put the run's encrypted files into its day slot (and the weekly ones into its week slot),
+    then commit each slot by writing its manifest. Return every path this run wrote.
 
-    Return every path this run wrote (retention never removes them).
+    The order, and why a crash at any instant (kill -9, power loss, ENOSPC) is safe:
+    1. each ciphertext is already whole and fsynced under a temporary name in the day slot;
+    2. it gets its final name by link + unlink, and the weekly ones a hard link in the week slot:
+       names carry the run id, so no earlier run's file is ever renamed over, and a link that
+       would replace one fails instead (EEXIST);
+    3. fsync both slot folders: every name is durable before any manifest names it;
+    4. write the day manifest (temporary name, fsync, rename, fsync of the folder): the rename is
+       the day slot's commit point; then the same for the week manifest.
+    A slot holds this run only once its manifest is there; until then the run's files in it are
+    "uncommitted": no manifest names them, ``sweep_uncommitted`` removes them under the lock at the
+    next invocation (and here, on any failure), ``verify`` reports them, ``sync`` never sends them.
+    The earlier runs' files and manifests are never written to: they go only by retention, after
+    the transfer of this run was checked.
     """
     report.step = 'commit'
     day_name, week_name = slot_names(config, when)
     day_dir = config.backup_dir / day_name
+    week_dir = config.backup_dir / week_name if week_name else None
     written: set[Path] = set()
-    for item in made:
-        final = day_dir / item.encrypted_name
-        os.utime(item.encrypted_tmp, (stamp, stamp))
-        os.replace(item.encrypted_tmp, final)  # a new inode: the week twin of an old run survives
-        written.add(final)
     manifest = manifest_name(config, run_id)
-    write_file_atomically(
-        day_dir / manifest,
-        manifest_bytes({item.encrypted_name: item.sha256 for item in made}),
-        stamp,
-    )
-    written.add(day_dir / manifest)
-    report.slots.append(day_name)
-    if week_name:
-        week_dir = config.backup_dir / week_name
-        ensure_private_dir(week_dir)
-        weekly = [item for item in made if item.artifact.weekly]
-        for item in weekly:
-            # hard links: the weekly copy costs no disk
-            link_tmp = temp_name(week_dir / item.encrypted_name)
-            os.link(day_dir / item.encrypted_name, link_tmp)
-            os.replace(link_tmp, week_dir / item.encrypted_name)
-            written.add(week_dir / item.encrypted_name)
-        write_file_atomically(
-            week_dir / manifest,
-            manifest_bytes({item.encrypted_name: item.sha256 for item in weekly}),
-            stamp,
-        )
-        written.add(week_dir / manifest)
-        report.slots.append(week_name)
-    for slot in {path.parent for path in written}:
-        fsync_dir(slot)  # the renames are durable before retention removes anything
+    try:
+        if week_dir:
+            ensure_private_dir(week_dir)
+        for item in made:
+            final = day_dir / item.encrypted_name
+            os.utime(item.encrypted_tmp, (stamp, stamp))
+            os.link(item.encrypted_tmp, final)
+            written.add(final)
+            os.unlink(item.encrypted_tmp)
+            if week_dir and item.artifact.weekly:
+                # hard links: the weekly copy costs no disk
+                os.link(final, week_dir / item.encrypted_name)
+                written.add(week_dir / item.encrypted_name)
+        for slot in (day_dir, week_dir):
+            if slot:
+                fsync_dir(slot)
+        slots = [(day_dir, made)]
+        if week_dir:
+            slots.append((week_dir, [item for item in made if item.artifact.weekly]))
+        for slot, items in slots:
+            write_file_atomically(
+                slot / manifest,
+                manifest_bytes({item.encrypted_name: item.sha256 for item in items}),
+                stamp,
+            )
+            fsync_dir(slot)
+            written.add(slot / manifest)
+            report.slots.append(slot.name)
+    except BaseException as error:
+        # Roll back to the earlier state: a slot without this run's manifest drops its files.
+        sweep_uncommitted(config, [day_dir, *([week_dir] if week_dir else [])])
+        if isinstance(error, BackupError):
+            error.step = 'commit'
+        if not isinstance(error, OSError):
+            raise
+        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+        raise BackupError(
+            f'cannot commit the run into {error.filename or day_dir}: {error.strerror}{hint}; '
+            'the slots keep their earlier runs',
+            step='commit',
+        ) from error
     return written
 
 
-def replace_latest(config: Config, rundir: Path, stamp: float) -> None:
-    """Make the run folder the new ``latest``, aged from ``stamp``; the previous one is removed."""
+def replace_latest(config: Config, rundir: Path, made: Sequence[Made], stamp: float) -> None:
+    """Move this run's plaintext into ``latest``, aged from ``stamp``, then remove this backup's
+    earlier plaintext there (another BACKUP_NAME's files stay: each config replaces only its own)."""
     latest = config.insecure_dir / 'latest'
-    old = config.insecure_dir / f'{TMP_PREFIX}{os.getpid()}-old-latest'
-    with contextlib.suppress(FileNotFoundError):  # the 24-hour sweep may have taken it
-        os.rename(latest, old)
-        remove_path(old)
-    os.rename(rundir, latest)
-    os.utime(latest, (stamp, stamp))  # its age is what the 24-hour sweep looks at
+    if latest.is_symlink() or (os.path.lexists(latest) and not latest.is_dir()):
+        remove_path(latest)  # never followed
+    ensure_private_dir(latest)
+    mine = {item.plain_path.name for item in made}
+    for name in sorted(mine):
+        os.utime(rundir / name, (stamp, stamp))  # its age is what the expiry looks at
+        try:
+            os.rename(rundir / name, latest / name)
+        except FileNotFoundError:  # an invocation removed the empty latest/ meanwhile
+            ensure_private_dir(latest)
+            os.rename(rundir / name, latest / name)
+    for entry in latest.iterdir():
+        if entry.name not in mine and run_id_of(config.name, entry.name):
+            remove_path(entry)
+    remove_path(rundir)
 
 
 def run_backup(config: Config, report: Report, *, verify_remote: bool = True) -> None:
-    """Run the whole cycle. Raise BackupError at the first failed step; delete nothing then."""
+    """Run the whole cycle. Raise BackupError at the first failed step. Retention comes last, once
+    the transfer was checked: a run that fails at any step removes nothing."""
     when = dt.datetime.fromtimestamp(report.started)
     stamp = report.started
     state = load_state(config)
     gpg = preflight(config, report)
     report.step = 'prepare'
     ensure_private_dir(config.backup_dir)
-    day_name, _ = slot_names(config, when)
+    day_name, week_name = slot_names(config, when)
     day_dir = config.backup_dir / day_name
-    new_slot = not os.path.lexists(day_dir)
+    week_dir = config.backup_dir / week_name if week_name else None
+    new_slots = [slot for slot in (day_dir, week_dir) if slot and not os.path.lexists(slot)]
     ensure_private_dir(day_dir)
-    week_name = slot_names(config, when)[1]
     run_id = choose_run_id(
-        config,
-        when,
-        [day_dir, config.insecure_dir / 'latest']
-        + ([config.backup_dir / week_name] if week_name else []),
+        config, when, [day_dir, config.insecure_dir / 'latest', *([week_dir] if week_dir else [])]
     )
     rundir = config.insecure_dir / f'{RUN_PREFIX}{os.getpid()}'
     ensure_private_dir(rundir)
@@ -2841,7 +3043,8 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
         report.warnings += [warning for item in made for warning in item.warnings]
         report.warnings += shrink_warnings(made, state)
         written = commit_slots(config, report, made, when, run_id, stamp)
-        replace_latest(config, rundir, stamp)
+        report.step = 'latest'
+        replace_latest(config, rundir, made, stamp)
     except BaseException:
         for item in report.made:
             remove_path(item.encrypted_tmp)
@@ -2849,18 +3052,14 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
         for entry in day_dir.glob(f'{TMP_PREFIX}{os.getpid()}-*'):
             remove_path(entry)
         remove_path(rundir)
-        if new_slot:
+        for slot in new_slots:
             with contextlib.suppress(OSError):
-                day_dir.rmdir()  # an empty slot would look like a lost backup in status
+                slot.rmdir()  # an empty slot would look like a lost backup in status
         raise
     state.update(
         last_run=stamp,
         raw_sizes={item.artifact.label: item.raw_bytes for item in made},
     )
-    report.step = 'rotate'
-    for path in retention_plan(config, when, written):
-        remove_path(path)
-        report.removed.append(str(path))
     report.step = 'sync'
     log.info('sync to %s', config.remote)
     if is_rclone(config):  # object storage: rclone copies and checks in a way of its own
@@ -2887,6 +3086,12 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
             )
     state['last_transfer'] = time.time()
     save_state(config, state)
+    # Only now, with this run whole here and checked on the remote, may earlier runs go; the mail
+    # comes after and cannot undo it. Each run goes manifest first: see retention_plan.
+    report.step = 'rotate'
+    for path in retention_plan(config, when, written):
+        remove_path(path)
+        report.removed.append(str(path))
 
 
 def _run_and_record(config: Config, report: Report) -> int:
@@ -3031,9 +3236,8 @@ def print_plan(config: Config) -> int:
     print(f'rotation would remove {len(doomed)} file(s):')
     for path in doomed:
         print(f'  {path}')
-    latest = config.insecure_dir / 'latest'
-    if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
-        print(f'plaintext older than 24 hours would be removed: {latest}')
+    for path in expired_plaintext(config.insecure_dir):
+        print(f'expired plaintext would be removed: {path}')
     print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
     if config.ping_url:
         print(f'ping: {ping_shown(config.ping_url, "start")}, then /... or /.../fail')
@@ -3127,9 +3331,8 @@ def command_check(config: Config) -> int:
                 f'{folder}: mode {mode:o}'
                 + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'),
             )
-    latest = config.insecure_dir / 'latest'
-    if latest.is_dir() and time.time() - latest.lstat().st_mtime > PLAINTEXT_MAX_AGE:
-        mark(False, f'{latest}: plaintext older than 24 hours (the next run removes it)')
+    for expired in expired_plaintext(config.insecure_dir):
+        mark(False, f'{expired}: expired plaintext (any invocation but check removes it)')
     for path in (*config.files, *config.binaries):
         full = config.home / path
         if os.path.islink(full) and os.path.exists(full):
@@ -3267,7 +3470,12 @@ def command_status(config: Config, as_json: bool) -> int:
         )
     state = load_state(config)
     latest = config.insecure_dir / 'latest'
-    latest_time = latest.lstat().st_mtime if latest.is_dir() and not latest.is_symlink() else None
+    latest_time = None
+    if latest.is_dir() and not latest.is_symlink():  # this backup's newest plaintext
+        latest_time = max(
+            (p.lstat().st_mtime for p in latest.iterdir() if run_id_of(config.name, p.name)),
+            default=None,
+        )
     now = time.time()
     today = dt.date.today()
     days = [(today - dt.timedelta(days=back)) for back in range(7)]
@@ -3364,19 +3572,50 @@ def check_tree(
     return problems
 
 
+def uncommitted_report(config: Config) -> list[str]:
+    """Return, for ``verify``, every entry under the backups folder that no manifest vouches for:
+    it is never sent; this backup's leftovers of an interrupted commit go at its next run."""
+    problems: list[str] = []
+    root = config.backup_dir
+    if not root.is_dir() or root.is_symlink():
+        return problems
+    slots = set(all_slots(root))
+    for entry in sorted(root.iterdir()):
+        if entry not in slots:
+            problems.append(f'{entry.name}: not a slot; it is never sent to the remote')
+    for slot in sorted(slots):
+        named = {name for run in slot_runs(slot) for name in (run.manifest.name, *run.files)}
+        for entry in sorted(slot.iterdir()):
+            if entry.name in named:
+                continue
+            if run_id_of(config.name, entry.name) or temp_target(entry.name):
+                why = 'left by an interrupted run; the next run of its backup removes it'
+            else:
+                why = 'no manifest names it; it is never sent to the remote. Remove it'
+            problems.append(f'{slot.name}/{entry.name}: {why}')
+    return problems
+
+
 def command_verify(config: Config, remote: bool) -> int:
     """Check every local slot (and with --remote the remote copies) without a private key."""
     gpg = open_gnupg(config.gnupghome)
     recipients, _ = resolve_recipients(gpg, config.recipients)
     problems = check_tree(config.backup_dir, recipients, config.gnupghome)
+    try:
+        with run_lock(config):  # a run in progress has files no manifest names yet
+            problems += uncommitted_report(config)
+    except LockedError:
+        print('note: a run is in progress; files not yet named by a manifest were not checked')
     if remote and is_rclone(config):
         check = rclone_mismatches(config, None)
         problems += [f'remote copy of {name}: missing or differs' for name in check.bad]
         for name in check.size_only:
             print(f'NOTE {name}: {config.remote} gives no hash for it; only its size was checked')
     elif remote:
+        listed = committed_files(config)
         problems += [
-            f'remote copy of {name}: missing or differs' for name in remote_mismatches(config, None)
+            f'remote copy of {name}: missing or differs'
+            for name in remote_mismatches(config, listed)
         ]
     runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
     if not runs:  # nothing to check is not "all is well"

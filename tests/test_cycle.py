@@ -260,5 +260,4 @@ def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site:
     assert sorted(p.name for p in site.latest.iterdir()) == [
         'assoc-files-20270104-030000-2.tar.zst',
         'assoc-psql-20270104-030000-2.sql.zst',
-        'crontab',
     ]

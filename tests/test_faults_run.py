@@ -615,7 +615,7 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         assert 'db.example.org' in mail['body']  # the error is there...
         assert password not in mail['body'] and password not in str(mail['argv'])  # ...masked
         assert password not in failed.stdout + failed.stderr
-        state = (insecure(site) / ppbackup.STATE_NAME).read_text()
+        state = (insecure(site) / ('assoc' + ppbackup.STATE_SUFFIX)).read_text()
         assert password not in state
     finally:
         sh('mysql', input=f"DROP USER IF EXISTS '{user}'@'localhost';\n", check=False)
@@ -634,15 +634,16 @@ def test_P4_plaintext_older_than_24_hours_goes_even_when_the_run_fails(site: Sit
     assert not os.path.lexists(site.latest), 'two-day-old plaintext survived a failed run'
     assert sorted(p.name for p in insecure(site).iterdir()) == [
         ppbackup.LOCK_NAME,
-        ppbackup.STATE_NAME,
+        'assoc' + ppbackup.STATE_SUFFIX,
     ]
     assert_untouched(site, before)
-    # The same when the failure is in the dump itself (latest/ aged two days by its mtime, which is
-    # all the sweep looks at; the real clock is quicker than a faked one).
+    # The same when the failure is in the dump itself (the files in latest/ aged two days by their
+    # mtimes, which is all the sweep looks at; the real clock is quicker than a faked one).
     site.write_config(BACKUP_GPG_RECIPIENT=recipients)
     assert_next_run_succeeds(site)
     two_days_ago = time.time() - 48 * 3600
-    os.utime(site.latest, (two_days_ago, two_days_ago))
+    for path in site.latest.iterdir():
+        os.utime(path, (two_days_ago, two_days_ago))
     before = site.snapshot(site.backups, site.remote)
     site.shim('pg_dump', '#!/bin/sh\necho "-- part of a dump"\nexit 1\n')
     mails_before = len(site.mails())
@@ -652,7 +653,7 @@ def test_P4_plaintext_older_than_24_hours_goes_even_when_the_run_fails(site: Sit
     assert not os.path.lexists(site.latest), 'two-day-old plaintext survived a failed dump'
     assert sorted(p.name for p in insecure(site).iterdir()) == [
         ppbackup.LOCK_NAME,
-        ppbackup.STATE_NAME,
+        'assoc' + ppbackup.STATE_SUFFIX,
     ]
     assert_untouched(site, before)
     assert temporaries(site) == []
