@@ -57,7 +57,7 @@ def everything_said(site: Site, *results: subprocess.CompletedProcess[str]) -> s
     """Every word the tool said: stdout, stderr, every mail (argv and body) and its state file."""
     said = [result.stdout + result.stderr for result in results]
     said += [' '.join(mail['argv']) + mail['body'] for mail in site.mails()]
-    state = site.home / 'backups.insecure' / ppbackup.STATE_NAME
+    state = site.home / 'backups.insecure' / f'assoc{ppbackup.STATE_SUFFIX}'
     said += [state.read_text()] if state.exists() else []
     return '\n'.join(said)
 
