@@ -15,10 +15,18 @@ import ppbackup
 
 
 def restore_postgres(site: Site, encrypted: Path, db: str) -> None:
-    sql = site.root / f'{db}.sql'
-    site.decrypt(encrypted, sql)
-    sh('createdb', '--', db)
-    sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', db, '-f', str(sql))
+    # The dump carries its database (pg_dump --create): restore it under another name.
+    result = site.run(
+        'restore',
+        str(encrypted.parent),
+        '--database',
+        site.pg_db,
+        '--as',
+        db,
+        '--gnupghome',
+        str(site.keys.holder),
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def restore_mysql(site: Site, encrypted: Path, db: str) -> None:
@@ -49,8 +57,11 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
             f'assoc-{run}.sha256',
             f'assoc-binaries-{run}.tar.zst.gpg',
             f'assoc-files-{run}.tar.zst.gpg',
+            f'assoc-mariadb-users-{run}.sql.zst.gpg',
             f'assoc-mysql-{run}.sql.zst.gpg',
+            f'assoc-pg-roles-{run}.sql.zst.gpg',
             f'assoc-psql-{run}.sql.zst.gpg',
+            f'assoc-rowcounts-{run}.json.zst.gpg',
         ]
     )
     # The week slot holds hard links to the database and files copies, and no binaries.
@@ -209,7 +220,8 @@ def test_only_one_day_keeps_just_the_latest_run(site: Site) -> None:
     assert [p.name for p in site.backups.iterdir()] == ['day0']
     day0 = site.backups / 'day0'
     assert slot_runs(day0) == ['assoc-20270112-0500']
-    assert len(list(day0.glob('*.gpg'))) == 3  # psql, files, binaries: no week copies anywhere
+    # psql, its roles, the row counts, files, binaries: no week copies anywhere
+    assert len(list(day0.glob('*.gpg'))) == 5
 
 
 def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> None:
