@@ -459,3 +459,47 @@ def test_R3_a_backup_user_that_is_not_a_superuser_warns_and_restore_says_what_is
     finally:
         sh('psql', '-X', '-q', '-d', site.pg_db, '-c', f'DROP OWNED BY {backup_user}', check=False)
         sh('psql', '-X', '-q', '-c', f'DROP ROLE IF EXISTS {backup_user}', check=False)
+
+
+def test_the_admin_rolls_back_from_latest_without_a_key(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    site.write_config(BACKUP_MYSQL_DB=None)
+    assert site.run().returncode == 0
+    name = f'ppbt_latest_{secrets.token_hex(3)}'
+    # No --gnupghome: the host's own keyring holds no private key, and latest/ needs none.
+    result = site.run('restore', 'latest', '--as', name, extra_env=fresh_pg)
+    assert result.returncode == 0, result.stderr
+    query = 'SELECT * FROM members ORDER BY id'
+    assert on(fresh_pg, name, query) == psql(site.pg_db, query)
+
+
+def test_a_key_holder_who_is_not_a_superuser_restores_with_no_owner(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    site.write_config(BACKUP_MYSQL_DB=None)
+    assert site.run().returncode == 0
+    day = next(site.backups.glob('day*'))
+    keeper = f'ppbt_keeper_{secrets.token_hex(3)}'
+    on(fresh_pg, 'postgres', f'CREATE ROLE {keeper} LOGIN CREATEDB')
+    as_keeper = {**fresh_pg, 'PGUSER': keeper}
+    name = f'ppbt_mine_{secrets.token_hex(3)}'
+    args = ('restore', str(day), '--as', name)
+    plain = holder_run(site, *args, pg=as_keeper, cnf=fresh_mariadb)
+    assert plain.returncode == 1  # roles it cannot create, or ownership it cannot give
+    assert 'no-owner' in plain.stderr or 'OWNER TO' in plain.stderr, plain.stderr
+    on(fresh_pg, 'postgres', f'DROP DATABASE IF EXISTS {name}')
+    mine = holder_run(site, *args, '--no-owner', '--no-privileges', pg=as_keeper, cnf=fresh_mariadb)
+    assert mine.returncode == 0, mine.stderr
+    query = 'SELECT * FROM members ORDER BY id'
+    assert on(as_keeper, name, query) == psql(site.pg_db, query)
+    owners = "SELECT DISTINCT pg_get_userbyid(relowner) FROM pg_class WHERE relname IN ('members', 'ballots')"
+    assert on(fresh_pg, name, owners) == f'{keeper}\n'
+    assert (
+        on(
+            fresh_pg,
+            'postgres',
+            f"SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = '{name}'",
+        )
+        == f'{keeper}\n'
+    )
