@@ -4341,7 +4341,8 @@ def find_run(source: str, config_arg: str | None) -> RunFiles:
         }
         return RunFiles(folder, names, {}, str(folder))
     digests = read_manifest(manifest)
-    names = {name.removesuffix('.gpg'): name for name in digests}
+    # A file the manifest names but the folder lacks is missing from the run: said where it matters.
+    names = {name.removesuffix('.gpg'): name for name in digests if (folder / name).is_file()}
     return RunFiles(folder, names, digests, str(manifest))
 
 
@@ -4443,12 +4444,12 @@ def feed(
                 count += len(block)
                 progress.update(count)
         else:
-            for line in source:
+            for lines, line in enumerate(source):
                 count += len(line)
                 out = transform(line)
                 if out:
                     sink.stdin.write(out)
-                if count & 0xFFF == 0:
+                if lines % 10000 == 0:
                     progress.update(count)
         sink.stdin.flush()
     except BrokenPipeError:

@@ -237,12 +237,13 @@ def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> N
     assert sum(used.values()) <= 2 * 1024 * 1024
     # The latest run (Friday, day5, and its week copy) is complete; the oldest went first.
     assert slot_runs(site.backups / 'day5') == ['assoc-20270108-0300']
-    assert len(list((site.backups / 'day5').glob('*.gpg'))) == 2
+    # psql, its roles, the row counts, files
+    assert len(list((site.backups / 'day5').glob('*.gpg'))) == 4
     assert not (site.backups / 'day1').exists() or not list((site.backups / 'day1').iterdir())
     # A limit smaller than one run keeps that run, whole.
     site.write_config(BACKUP_LIMIT_MB='1')
     assert site.run(faketime=at('2027-01-09')).returncode == 0
-    assert len(list((site.backups / 'day6').glob('*.gpg'))) == 2
+    assert len(list((site.backups / 'day6').glob('*.gpg'))) == 4
 
 
 def test_main_is_callable_in_process(site: Site) -> None:

@@ -434,6 +434,8 @@ def test_R5_drill_fails_when_the_roles_artifact_is_missing(
     assert result.returncode == 1
     body = backed_up.mails()[-1]['body']
     assert 'FAILED' in body and roles.name in body and 'missing' in body
+    assert f'the PostgreSQL roles file {roles.name.removesuffix(".gpg")} is missing' in body
+    assert f'psql {PG_DB}:' in body  # the databases were still tried, and timed
     assert scratch_left(fresh_pg, fresh_mariadb) == ('', '')
 
 
@@ -503,3 +505,27 @@ def test_a_key_holder_who_is_not_a_superuser_restores_with_no_owner(
         )
         == f'{keeper}\n'
     )
+
+
+def test_a_failing_statement_stops_the_restore_names_it_and_leaves_the_database(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    site.write_config(BACKUP_MYSQL_DB=None)
+    dry = site.run('run', '--dry-run')
+    assert 'pg_dumpall --no-password --globals-only' in dry.stdout  # the roles are in the plan
+    # A dump with a statement that fails on the new server, before its last table.
+    site.shim(
+        'pg_dump',
+        '#!/bin/sh\n/usr/bin/pg_dump "$@" | sed \'s/^CREATE TABLE public.members /'
+        "SELECT no_such_function();\\n&/'\n",
+    )
+    assert site.run().returncode == 0
+    name = f'ppbt_broken_{secrets.token_hex(3)}'
+    day = next(site.backups.glob('day*'))
+    result = holder_run(site, 'restore', str(day), '--as', name, pg=fresh_pg, cnf=fresh_mariadb)
+    assert result.returncode == 1
+    assert 'psql exited 3' in result.stderr
+    assert 'no_such_function' in result.stderr  # the statement is named
+    # The new database stays for inspection, with what came before the error and nothing after.
+    tables = "SELECT count(*) FROM pg_class WHERE relname = 'members'"
+    assert on(fresh_pg, name, tables) == '0\n'
