@@ -4905,6 +4905,16 @@ def drill_cleanup(target: Target) -> list[str]:
                 mysql_query(f'DROP DATABASE IF EXISTS {backtick(name)}', target, step='drill')
         except BackupError as error:
             left.append(f'{kind} database {name}: {error}')
+    scratch = [name for kind, name in target.databases if kind == 'mysql']
+    if scratch:
+        # MariaDB keeps the grants on a dropped database: those the drill gave go too.
+        listed = ', '.join(sql_literal(name) for name in scratch)
+        tables = ('db', 'tables_priv', 'columns_priv', 'procs_priv')
+        sql = ''.join(f'DELETE FROM mysql.{table} WHERE Db IN ({listed}); ' for table in tables)
+        try:
+            mysql_query(sql + 'FLUSH PRIVILEGES', target, step='drill')
+        except BackupError as error:
+            left.append(f'the grants on {", ".join(scratch)}: {error}')
     for role in reversed(target.roles):
         try:
             pg_query(f'DROP ROLE IF EXISTS {pg_ident(role)}', step='drill')

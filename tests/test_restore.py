@@ -390,10 +390,12 @@ def drill(site: Site, pg: dict[str, str], cnf: Path) -> subprocess.CompletedProc
     )
 
 
-def scratch_left(pg: dict[str, str], cnf: Path) -> tuple[str, str]:
+def scratch_left(pg: dict[str, str], cnf: Path) -> tuple[str, str, str]:
+    """Return what a drill left on the servers: databases, and MariaDB grants on them."""
     return (
         on(pg, 'postgres', "SELECT datname FROM pg_database WHERE datname LIKE 'ppdrill%'"),
         my_on(cnf, "SHOW DATABASES LIKE 'ppdrill%'"),
+        my_on(cnf, "SELECT Db FROM mysql.db WHERE Db LIKE 'ppdrill%'"),
     )
 
 
@@ -406,7 +408,7 @@ def test_R5_drill_passes_on_a_good_backup_and_leaves_nothing(
     mail = backed_up.mails()[-1]
     assert 'drill: passed' in mail['argv'][mail['argv'].index('-s') + 1]
     assert f'psql {PG_DB}:' in mail['body'] and f'mysql {MY_DB}:' in mail['body']  # timings
-    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '')
+    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
 
 def test_R5_drill_fails_naming_the_table_when_a_dump_lost_rows(
@@ -422,7 +424,7 @@ def test_R5_drill_fails_naming_the_table_when_a_dump_lost_rows(
     assert 'FAILED' in mail['argv'][mail['argv'].index('-s') + 1]
     assert 'table app.members has 59 rows, 60 at dump time' in mail['body']
     assert 'app.audit' not in mail['body']
-    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '')
+    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
 
 def test_R5_drill_fails_when_the_roles_artifact_is_missing(
@@ -436,7 +438,7 @@ def test_R5_drill_fails_when_the_roles_artifact_is_missing(
     assert 'FAILED' in body and roles.name in body and 'missing' in body
     assert f'the PostgreSQL roles file {roles.name.removesuffix(".gpg")} is missing' in body
     assert f'psql {PG_DB}:' in body  # the databases were still tried, and timed
-    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '')
+    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
 
 def test_R3_a_backup_user_that_is_not_a_superuser_warns_and_restore_says_what_is_missing(
