@@ -1843,15 +1843,14 @@ def backtick(name: str) -> str:
     return '`' + name.replace('`', '``') + '`'
 
 
-def pg_row_counts(db: str, env: Mapping[str, str] | None = None) -> dict[str, int]:
+def pg_row_counts(db: str, timeout: float = 3600) -> dict[str, int]:
     """Given a PostgreSQL database, return {schema.table: exact row count} (partitioned parents and
     populated materialized views included). Raise BackupError if psql fails."""
     _, out = run_command(
         [*pg_client(db), '-c', PG_COUNT_SQL],
         what=f'row counts of {db}',
         step='dump',
-        timeout=3600,
-        env=env,
+        timeout=timeout,
     )
     counts = {}
     for line in out.splitlines():
@@ -1861,7 +1860,7 @@ def pg_row_counts(db: str, env: Mapping[str, str] | None = None) -> dict[str, in
     return counts
 
 
-def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
+def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600) -> dict[str, int]:
     """Given a MariaDB database, return {table: exact row count}. Raise BackupError on failure."""
     client = [*mysql_client(defaults), '--skip-column-names']
     _, out = run_command(
@@ -1874,14 +1873,14 @@ def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
         f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
     )
     _, out = run_command(
-        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='dump', timeout=3600
+        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='dump', timeout=timeout
     )
     return {
         name: int(count) for name, _, count in (line.rpartition('\t') for line in out.splitlines())
     }
 
 
-def pg_database_owner(db: str, env: Mapping[str, str] | None = None) -> str:
+def pg_database_owner(db: str) -> str:
     """Given a PostgreSQL database, return the name of its owner."""
     _, out = run_command(
         [
@@ -1891,7 +1890,6 @@ def pg_database_owner(db: str, env: Mapping[str, str] | None = None) -> str:
         ],
         what=f'owner of {db}',
         step='dump',
-        env=env,
     )
     return out.strip()
 
@@ -1933,6 +1931,7 @@ def database_limits(config: Config) -> tuple[bool, bool, list[str]]:
     return pg_superuser, mysql_users, warnings
 
 
+MYSQL_GRANT_AUTH_RE = re.compile(r' IDENTIFIED (?:BY|VIA|WITH) .*?(?= WITH |$)')
 PG_SUPERUSER_SQL = 'SELECT rolsuper FROM pg_roles WHERE rolname = current_user'
 MYSQL_USERS_PROBE = 'SELECT 1 FROM mysql.global_priv, mysql.db, mysql.tables_priv LIMIT 1'
 MYSQL_USERS_SQL = """
@@ -1975,6 +1974,9 @@ def mysql_users_script(dbs: Sequence[str], defaults: str | None = None) -> str:
         for statement in out.splitlines():
             if statement.startswith('CREATE USER '):
                 statement = 'CREATE USER IF NOT EXISTS ' + statement[len('CREATE USER ') :]
+            elif statement.startswith('GRANT '):
+                # The password is CREATE USER's: a GRANT must not reset an existing user's.
+                statement = MYSQL_GRANT_AUTH_RE.sub('', statement)
             if statement:
                 lines.append(statement + ';')
     lines.append('-- Dump completed')
@@ -2008,13 +2010,12 @@ def write_run_index(
 ) -> None:
     """Write the run's index into the run folder, to be encrypted as an artifact of its own: what
     each file holds, each table's row count at dump time, and what a restore will lack. The counts
-    are taken just before the dumps: a drill compares them with what a restore brings back. The
-    MariaDB users script is made the same way, after the dumps."""
+    are taken right after the dumps: a drill compares them with what a restore brings back."""
     databases = []
     for artifact in artifacts:
         if artifact.kind == 'psql':
             db = artifact.label.split(' ', 1)[1]
-            rows = pg_row_counts(db)
+            rows = pg_row_counts(db, config.dump_timeout)
             owner = pg_database_owner(db)
             databases.append(
                 {
@@ -2032,7 +2033,7 @@ def write_run_index(
                     'kind': 'mysql',
                     'database': db,
                     'file': artifact.filename,
-                    'rows': mysql_row_counts(db),
+                    'rows': mysql_row_counts(db, timeout=config.dump_timeout),
                 }
             )
     by_kind = {artifact.kind: artifact.filename for artifact in artifacts}
@@ -3160,8 +3161,9 @@ def make_all(
     errors: list[BackupError] = []
     encrypting: list[concurrent.futures.Future[Made]] = []
     made: list[Made] = []
-    # The index (row counts) and users are made after every dump succeeded: counted after the dumps, a dump
-    # that lost rows shows in a drill, and a failed run does not wait on a locked table to count.
+    # The index (row counts) and the MariaDB users are made once every dump succeeded: counted
+    # after the dumps, a dump that lost rows shows in a drill, and a failed run does not wait on a
+    # locked table to count it.
     generated = (MYSQL_USERS, ROWCOUNTS)
     main = [artifact for artifact in artifacts if artifact.kind not in generated]
     late = [artifact for artifact in artifacts if artifact.kind in generated]
