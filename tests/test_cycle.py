@@ -264,7 +264,9 @@ def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site:
     assert sorted(p.name for p in day1.iterdir()) == [
         'assoc-20270104-030000-2.sha256',
         'assoc-files-20270104-030000-2.tar.zst.gpg',
+        'assoc-pg-roles-20270104-030000-2.sql.zst.gpg',
         'assoc-psql-20270104-030000-2.sql.zst.gpg',
+        'assoc-rowcounts-20270104-030000-2.json.zst.gpg',
     ]
     assert sorted(p.name for p in (site.remote / 'backups' / 'day1').glob('*.sha256')) == [
         'assoc-20270104-030000-2.sha256',
@@ -272,5 +274,7 @@ def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site:
     ]
     assert sorted(p.name for p in site.latest.iterdir()) == [
         'assoc-files-20270104-030000-2.tar.zst',
+        'assoc-pg-roles-20270104-030000-2.sql.zst',
         'assoc-psql-20270104-030000-2.sql.zst',
+        'assoc-rowcounts-20270104-030000-2.json.zst',
     ]
