@@ -552,3 +552,23 @@ def test_the_admin_rolls_back_a_bad_upgrade_in_place_from_latest(site: Site) -> 
             if line.startswith('created PostgreSQL role '):
                 role = line.rsplit(' ', 1)[1]
                 sh('psql', '-X', '-q', '-c', f'DROP ROLE IF EXISTS "{role}"', check=False)
+
+
+def test_R3_a_mariadb_backup_user_without_the_grant_tables_warns(site: Site) -> None:
+    user = f'ppbt_mybk_{secrets.token_hex(3)}'
+    my_cnf = site.home / '.my.cnf'
+    sh('mysql', '-e', f"CREATE USER `{user}`@`localhost` IDENTIFIED BY 'bk-pw'")
+    try:
+        grant = 'SELECT, LOCK TABLES, SHOW VIEW, EVENT, TRIGGER'
+        sh('mysql', '-e', f'GRANT {grant} ON `{site.my_db}`.* TO `{user}`@`localhost`')
+        my_cnf.write_text(f'[client]\nuser={user}\npassword=bk-pw\n')
+        my_cnf.chmod(0o600)
+        site.write_config(BACKUP_PSQL_DB=None)
+        result = site.run()
+        assert result.returncode == 0, result.stderr
+        assert 'WARNING' in site.subjects()[-1]
+        assert 'users and grants are NOT backed up' in site.mails()[-1]['body']
+        assert not list(site.backups.glob('day*/assoc-mariadb-users-*'))
+    finally:
+        my_cnf.unlink(missing_ok=True)  # the clients below, and the fixture's, are root again
+        sh('mysql', '-e', f'DROP USER IF EXISTS `{user}`@`localhost`', check=False)
