@@ -4365,39 +4365,51 @@ def check_digest(run: RunFiles, name: str) -> Path:
     return path
 
 
-def start_plaintext(pipe: Pipeline, path: Path, gnupghome: str | None) -> IO[bytes]:
+def start_plaintext(
+    pipe: Pipeline, path: Path, gnupghome: str | None
+) -> tuple[IO[bytes], IO[bytes]]:
     """Given a backup file, start gpg (for .gpg) and the decompressor in ``pipe``; return the
-    stream of plaintext."""
+    stream of plaintext and gpg's status lines (for check_decrypted)."""
+    status = tempfile.TemporaryFile()
     if path.name.endswith('.gpg'):
         home = ['--homedir', gnupghome] if gnupghome else []
-        argv = ['gpg', *home, '--batch', '--no-tty', '--quiet', '--decrypt', '--', str(path)]
+        argv = ['gpg', *home, '--batch', '--no-tty', '--status-fd', str(status.fileno())]
+        # As decrypt: a passphrase prompt reaches the key holder's terminal (GPG_TTY).
+        first = pipe.start(
+            [*argv, '--decrypt', '--', str(path)],
+            stdout=subprocess.PIPE,
+            env=terminal_env(),
+            pass_fds=(status.fileno(),),
+        )
     else:  # a plaintext file of latest/: no key needed
-        argv = ['cat', '--', str(path)]
-    first = pipe.start(argv, stdout=subprocess.PIPE)
+        first = pipe.start(['cat', '--', str(path)], stdout=subprocess.PIPE)
     assert first.stdout is not None
     decompress = decompressor_for(path.name)
     if not decompress:
-        return first.stdout
+        return first.stdout, status
     second = pipe.start(decompress, stdin=first.stdout, stdout=subprocess.PIPE)
     first.stdout.close()  # the decompressor holds it now: gpg sees EPIPE if it stops early
     assert second.stdout is not None
-    return second.stdout
+    return second.stdout, status
 
 
-def check_decrypted(pipe: Pipeline, path: Path, gnupghome: str | None, broken: bool) -> None:
-    """Wait for a plaintext pipeline; raise BackupError, naming a missing private key plainly."""
+def check_decrypted(
+    pipe: Pipeline, path: Path, gnupghome: str | None, broken: bool, status: IO[bytes]
+) -> None:
+    """Wait for a plaintext pipeline; raise BackupError, saying plainly why gpg could not decrypt
+    (no matching key, a wrong passphrase, no way to ask for it) when gpg is what failed."""
     try:
         pipe.check(downstream_broke=broken)
     except BackupError as error:
-        if 'No secret key' in error.detail or 'decryption failed' in error.detail:
-            raise BackupError(
-                f'{path.name}: cannot decrypt: no matching private key in '
-                f'{gnupghome or os.environ.get("GNUPGHOME", "~/.gnupg")}. '
-                "Run this where a recipient's private key is (--gnupghome).",
-                step=pipe.step,
-                detail=error.detail,
-            ) from error
+        status.seek(0)
+        text = status.read().decode('utf-8', 'replace')
+        if ': gpg ' in str(error) and '[GNUPG:] DECRYPTION_OKAY' not in text:
+            failure = decrypt_failure(path, error, text, gnupghome, terminal_env())
+            failure.step = pipe.step
+            raise failure from error
         raise
+    finally:
+        status.close()
 
 
 def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
@@ -4412,10 +4424,10 @@ def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
         )
     path = check_digest(run, run.names[found[0]])
     with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
-        stream = start_plaintext(pipe, path, gnupghome)
+        stream, status = start_plaintext(pipe, path, gnupghome)
         data = stream.read(INDEX_MAX_BYTES + 1)
         stream.close()
-        check_decrypted(pipe, path, gnupghome, broken=len(data) > INDEX_MAX_BYTES)
+        check_decrypted(pipe, path, gnupghome, len(data) > INDEX_MAX_BYTES, status)
     try:
         index = json.loads(data)
     except ValueError as error:
@@ -4598,10 +4610,10 @@ def pg_load(
         '-',
     ]
     with Pipeline(what, 'restore') as pipe:
-        source = start_plaintext(pipe, path, gnupghome)
+        source, status = start_plaintext(pipe, path, gnupghome)
         loader = pipe.start(psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
         broken = feed(pipe, source, loader, what, transform)
-        check_decrypted(pipe, path, gnupghome, broken)
+        check_decrypted(pipe, path, gnupghome, broken, status)
 
 
 def restore_pg_roles(run: RunFiles, name: str, gnupghome: str | None, target: Target) -> None:
@@ -4624,13 +4636,13 @@ def pg_missing_roles(run: RunFiles, name: str, gnupghome: str | None) -> list[st
     roles = set(pg_query('SELECT rolname FROM pg_roles').splitlines())
     missing = []
     with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
-        stream = start_plaintext(pipe, path, gnupghome)
+        stream, status = start_plaintext(pipe, path, gnupghome)
         for line in stream:
             if line.startswith(b'CREATE ROLE '):
                 match = PG_ROLE_LINE_RE.match(line)
                 if match and _unquote_pg(match.group(1)) not in roles:
                     missing.append(_unquote_pg(match.group(1)))
-        check_decrypted(pipe, path, gnupghome, broken=False)
+        check_decrypted(pipe, path, gnupghome, False, status)
     return missing
 
 
@@ -4731,11 +4743,13 @@ def restore_database(
         make_room_mysql(name, target)
         target.databases.append((kind, name))
         with Pipeline(f'mysql {db} -> {name}', 'restore') as pipe:
-            source = start_plaintext(pipe, path, gnupghome)
+            source, status = start_plaintext(pipe, path, gnupghome)
             loader = pipe.start(
                 [*mysql_client(target.mysql_defaults), '--', name], stdin=subprocess.PIPE
             )
-            check_decrypted(pipe, path, gnupghome, feed(pipe, source, loader, f'mysql {name}'))
+            check_decrypted(
+                pipe, path, gnupghome, feed(pipe, source, loader, f'mysql {name}'), status
+            )
     target.renamed[db] = name
     return name
 
@@ -4753,10 +4767,10 @@ def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target:
     log.info('restore MariaDB users from %s', path.name)
     try:
         with Pipeline('mariadb users', 'restore') as pipe:
-            source = start_plaintext(pipe, path, gnupghome)
+            source, status = start_plaintext(pipe, path, gnupghome)
             loader = pipe.start([*mysql_client(target.mysql_defaults)], stdin=subprocess.PIPE)
             broken = feed(pipe, source, loader, 'mariadb users', users_filter)
-            check_decrypted(pipe, path, gnupghome, broken)
+            check_decrypted(pipe, path, gnupghome, broken, status)
     finally:
         target.users += users_filter.created
 
@@ -4772,12 +4786,14 @@ def extract_archives(
         path = check_digest(run, run.names[name])
         log.info('extract %s into %s', path.name, folder)
         with Pipeline(f'tar {path.name}', 'restore') as pipe:
-            source = start_plaintext(pipe, path, gnupghome)
+            source, status = start_plaintext(pipe, path, gnupghome)
             tar = pipe.start(
                 ['tar', '--extract', '--file=-', '--no-overwrite-dir', '--directory', str(folder)],
                 stdin=subprocess.PIPE,
             )
-            check_decrypted(pipe, path, gnupghome, feed(pipe, source, tar, f'tar {path.name}'))
+            check_decrypted(
+                pipe, path, gnupghome, feed(pipe, source, tar, f'tar {path.name}'), status
+            )
         print(f'files: {name} extracted into {folder}')
 
 
@@ -4957,13 +4973,15 @@ def command_drill(
             for name in index.get('archives', []):
                 path = check_digest(run, run.names[name])
                 with Pipeline(f'tar {path.name}', 'drill') as pipe:
-                    stream = start_plaintext(pipe, path, gnupghome)
+                    stream, status = start_plaintext(pipe, path, gnupghome)
                     tar = pipe.start(
                         ['tar', '--list', '--file=-'],
                         stdin=subprocess.PIPE,
                         stdout=subprocess.DEVNULL,
                     )
-                    check_decrypted(pipe, path, gnupghome, feed(pipe, stream, tar, path.name))
+                    check_decrypted(
+                        pipe, path, gnupghome, feed(pipe, stream, tar, path.name), status
+                    )
         except BackupError as error:
             problems.append(f'{error} {mask_secrets(error.detail)[-600:]}'.strip())
     except BackupError as error:
