@@ -1843,7 +1843,9 @@ def backtick(name: str) -> str:
     return '`' + name.replace('`', '``') + '`'
 
 
-def pg_row_counts(db: str, timeout: float = 3600) -> dict[str, int]:
+def pg_row_counts(
+    db: str, timeout: float = 3600, env: Mapping[str, str] | None = None
+) -> dict[str, int]:
     """Given a PostgreSQL database, return {schema.table: exact row count} (partitioned parents and
     populated materialized views included). Raise BackupError if psql fails."""
     _, out = run_command(
@@ -1851,6 +1853,7 @@ def pg_row_counts(db: str, timeout: float = 3600) -> dict[str, int]:
         what=f'row counts of {db}',
         step='dump',
         timeout=timeout,
+        env=env,
     )
     counts = {}
     for line in out.splitlines():
@@ -1880,7 +1883,7 @@ def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600
     }
 
 
-def pg_database_owner(db: str) -> str:
+def pg_database_owner(db: str, env: Mapping[str, str] | None = None) -> str:
     """Given a PostgreSQL database, return the name of its owner."""
     _, out = run_command(
         [
@@ -1890,6 +1893,7 @@ def pg_database_owner(db: str) -> str:
         ],
         what=f'owner of {db}',
         step='dump',
+        env=env,
     )
     return out.strip()
 
@@ -1905,6 +1909,7 @@ def database_limits(config: Config) -> tuple[bool, bool, list[str]]:
                 [*pg_client(config.psql_dbs[0]), '-c', PG_SUPERUSER_SQL],
                 what=f'psql {config.psql_dbs[0]}',
                 step='prepare',
+                env=client_environ(config),
             )
             pg_superuser = out.strip() != 'f'
     if not pg_superuser:
@@ -2015,8 +2020,9 @@ def write_run_index(
     for artifact in artifacts:
         if artifact.kind == 'psql':
             db = artifact.label.split(' ', 1)[1]
-            rows = pg_row_counts(db, config.dump_timeout)
-            owner = pg_database_owner(db)
+            # libpq's settings from the config reach these as they reach pg_dump.
+            rows = pg_row_counts(db, config.dump_timeout, client_environ(config))
+            owner = pg_database_owner(db, client_environ(config))
             databases.append(
                 {
                     'kind': 'psql',
