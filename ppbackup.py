@@ -1569,14 +1569,14 @@ def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
 
 # A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
 RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
-ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries')
+ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, ROWCOUNTS)
 
 
 @functools.lru_cache(maxsize=8)
 def _own_names(name: str) -> re.Pattern[str]:
     return re.compile(
         rf'{re.escape(name)}-(?:(?P<manifest>{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}'
-        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar)'
+        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar|json)'
         rf'(?:{"|".join(re.escape(ext) for _, _, ext in COMPRESSORS.values() if ext)})?'
         r'(?:\.gpg)?)',
         re.DOTALL,
