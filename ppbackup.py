@@ -119,6 +119,14 @@ TRAILERS = {
     'psql': b'-- PostgreSQL database dump complete',
     'mysql': b'-- Dump completed',
 }
+# The artifacts that carry what a database needs around it, and the run's index with row counts.
+PG_ROLES = 'pg-roles'
+PG_ROLES_TRAILER = b'-- PostgreSQL database cluster dump complete'
+MYSQL_USERS = 'mariadb-users'
+ROWCOUNTS = 'rowcounts'
+MYSQL_USERS_SOURCE = '.ppbackup-mariadb-users.sql'
+ROWCOUNTS_SOURCE = '.ppbackup-rowcounts.json'
+INDEX_FORMAT = 1
 COMPRESSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     # name: (compress argv, decompress argv, file extension)
     'zstd': (('zstd', '-q', '-T0', '-3', '-c'), ('zstd', '-q', '-d', '-c'), '.zst'),
@@ -1561,14 +1569,14 @@ def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
 
 # A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
 RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
-ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries')
+ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, ROWCOUNTS)
 
 
 @functools.lru_cache(maxsize=8)
 def _own_names(name: str) -> re.Pattern[str]:
     return re.compile(
         rf'{re.escape(name)}-(?:(?P<manifest>{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}'
-        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar)'
+        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar|json)'
         rf'(?:{"|".join(re.escape(ext) for _, _, ext in COMPRESSORS.values() if ext)})?'
         r'(?:\.gpg)?)',
         re.DOTALL,
@@ -1600,8 +1608,24 @@ def choose_run_id(config: Config, when: dt.datetime, folders: Sequence[Path]) ->
     return run_id
 
 
-def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
-    """Given the config and the run id, return what to dump or archive, in order."""
+def artifact_name(config: Config, kind: str, run_id: str, suffix: str) -> str:
+    """Given a kind (pg-roles, rowcounts...) and the run id, return its plaintext file name."""
+    return f'{config.name}-{kind}-{run_id}{suffix}'
+
+
+def plan_artifacts(
+    config: Config,
+    run_id: str,
+    rundir: Path,
+    *,
+    pg_superuser: bool = True,
+    mysql_users: bool = True,
+) -> list[Artifact]:
+    """Given the config and the run id, return what to dump or archive, in order.
+
+    ``pg_superuser`` False: the backup user cannot read password hashes, so roles go without them;
+    ``mysql_users`` False: it cannot read MariaDB's grant tables, so users are not backed up.
+    """
     ext = COMPRESSORS[config.compression][2]
     artifacts = []
     for kind, dbs in (('mysql', config.mysql_dbs), ('psql', config.psql_dbs)):
@@ -1624,7 +1648,14 @@ def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
                 )
             else:
                 # --no-password: fail at once instead of waiting on a prompt nobody sees.
-                argv = ('pg_dump', '--no-password', '--format=plain', f'--dbname={db}')
+                # --create: the database's own owner, settings, grants and comment come along.
+                argv = (
+                    'pg_dump',
+                    '--no-password',
+                    '--format=plain',
+                    f'--dbname={db}',
+                    '--create',
+                )
             artifacts.append(
                 Artifact(
                     kind,
@@ -1649,6 +1680,27 @@ def plan_artifacts(config: Config, run_id: str, rundir: Path) -> list[Artifact]:
                 tar_warning_ok=True,
             )
         )
+    # What a database needs around it on a new server, and the proof that it came back whole.
+    if config.psql_dbs:
+        argv = (
+            'pg_dumpall',
+            '--no-password',
+            '--globals-only',
+            f'--database={config.psql_dbs[0]}',
+            *(() if pg_superuser else ('--no-role-passwords',)),
+        )
+        name = artifact_name(config, 'pg-roles', run_id, f'.sql{ext}')
+        artifacts.append(Artifact(PG_ROLES, 'pg roles', name, argv, trailer=PG_ROLES_TRAILER))
+    if config.mysql_dbs and mysql_users:
+        name = artifact_name(config, 'mariadb-users', run_id, f'.sql{ext}')
+        source = ('cat', '--', str(rundir / MYSQL_USERS_SOURCE))
+        artifacts.append(
+            Artifact(MYSQL_USERS, 'mariadb users', name, source, trailer=TRAILERS['mysql'])
+        )
+    if config.psql_dbs or config.mysql_dbs:
+        name = artifact_name(config, 'rowcounts', run_id, f'.json{ext}')
+        source = ('cat', '--', str(rundir / ROWCOUNTS_SOURCE))
+        artifacts.append(Artifact(ROWCOUNTS, 'row counts', name, source))
     return artifacts
 
 
@@ -1751,6 +1803,257 @@ def save_crontab(rundir: Path) -> None:
     fd = create_private_file(rundir / 'crontab')
     with os.fdopen(fd, 'w') as handle:
         handle.write(text)
+
+
+PG_COUNT_SQL = r"""
+SELECT n.nspname || '.' || c.relname,
+  (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
+    n.nspname, c.relname), false, true, '')))[1]::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm') AND c.relpersistence <> 't'
+  AND (c.relkind <> 'm' OR c.relispopulated)
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+    AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+MYSQL_TABLES_SQL = (
+    'SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() '
+    "AND table_type = 'BASE TABLE' ORDER BY 1"
+)
+
+
+def pg_client(db: str) -> list[str]:
+    """Given a database, return psql's argv: no prompt, no psqlrc, unaligned tab-separated."""
+    return ['psql', '--no-password', '-X', '-q', '-A', '-t', '-F', '\t', f'--dbname={db}']
+
+
+def mysql_client(defaults: str | None) -> list[str]:
+    """Given an optional option file naming the server, return the mysql client's argv start."""
+    return ['mysql', *([f'--defaults-extra-file={defaults}'] if defaults else []), '--batch']
+
+
+def sql_literal(text: str) -> str:
+    """Given text, return it as a standard SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
+
+
+def backtick(name: str) -> str:
+    """Given a MariaDB identifier, return it quoted."""
+    return '`' + name.replace('`', '``') + '`'
+
+
+def pg_row_counts(
+    db: str, timeout: float = 3600, env: Mapping[str, str] | None = None
+) -> dict[str, int]:
+    """Given a PostgreSQL database, return {schema.table: exact row count} (partitioned parents and
+    populated materialized views included). Raise BackupError if psql fails."""
+    _, out = run_command(
+        [*pg_client(db), '-c', PG_COUNT_SQL],
+        what=f'row counts of {db}',
+        step='dump',
+        timeout=timeout,
+        env=env,
+    )
+    counts = {}
+    for line in out.splitlines():
+        name, _, count = line.rpartition('\t')
+        if name:
+            counts[name] = int(count)
+    return counts
+
+
+def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600) -> dict[str, int]:
+    """Given a MariaDB database, return {table: exact row count}. Raise BackupError on failure."""
+    client = [*mysql_client(defaults), '--skip-column-names']
+    _, out = run_command(
+        [*client, '-e', MYSQL_TABLES_SQL, '--', db], what=f'tables of {db}', step='dump'
+    )
+    tables = [line for line in out.splitlines() if line]
+    if not tables:
+        return {}
+    query = ' UNION ALL '.join(
+        f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
+    )
+    _, out = run_command(
+        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='dump', timeout=timeout
+    )
+    return {
+        name: int(count) for name, _, count in (line.rpartition('\t') for line in out.splitlines())
+    }
+
+
+def pg_database_owner(db: str, env: Mapping[str, str] | None = None) -> str:
+    """Given a PostgreSQL database, return the name of its owner."""
+    _, out = run_command(
+        [
+            *pg_client(db),
+            '-c',
+            'SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()',
+        ],
+        what=f'owner of {db}',
+        step='dump',
+        env=env,
+    )
+    return out.strip()
+
+
+def database_limits(config: Config) -> tuple[bool, bool, list[str]]:
+    """Return (PostgreSQL backup user is a superuser, it can read MariaDB's users, warnings), the
+    warnings naming what a restore from this backup will lack. A server that cannot be reached
+    here fails its dump, which names it: no error here."""
+    pg_superuser, mysql_users, warnings = True, True, []
+    if config.psql_dbs:
+        with contextlib.suppress(BackupError):
+            _, out = run_command(
+                [*pg_client(config.psql_dbs[0]), '-c', PG_SUPERUSER_SQL],
+                what=f'psql {config.psql_dbs[0]}',
+                step='prepare',
+                env=client_environ(config),
+            )
+            pg_superuser = out.strip() != 'f'
+    if not pg_superuser:
+        warnings.append(
+            'the PostgreSQL backup user is not a superuser: roles are backed up WITHOUT '
+            "their passwords, so a restore on a new server must set each login's "
+            'password again (ALTER ROLE ... PASSWORD); back up as a superuser to keep them'
+        )
+    if config.mysql_dbs:
+        mysql_users = False
+        with contextlib.suppress(BackupError):
+            run_command(
+                [*mysql_client(None), '-e', MYSQL_USERS_PROBE, '--', config.mysql_dbs[0]],
+                what=f'mysql {config.mysql_dbs[0]}',
+                step='prepare',
+            )
+            mysql_users = True
+    if not mysql_users:
+        warnings.append(
+            'the MariaDB backup user cannot read its grant tables: users and grants are '
+            "NOT backed up, so a restore on a new server lacks the application's login "
+            'and every definer; grant it SELECT ON mysql.* to keep them'
+        )
+    return pg_superuser, mysql_users, warnings
+
+
+MYSQL_GRANT_AUTH_RE = re.compile(r' IDENTIFIED (?:BY|VIA|WITH) .*?(?= WITH |$)')
+PG_SUPERUSER_SQL = 'SELECT rolsuper FROM pg_roles WHERE rolname = current_user'
+MYSQL_USERS_PROBE = 'SELECT 1 FROM mysql.global_priv, mysql.db, mysql.tables_priv LIMIT 1'
+MYSQL_USERS_SQL = """
+SELECT DISTINCT User, Host FROM (
+  SELECT User, Host FROM mysql.db WHERE Db IN ({dbs})
+  UNION SELECT User, Host FROM mysql.tables_priv WHERE Db IN ({dbs})
+  UNION SELECT User, Host FROM mysql.columns_priv WHERE Db IN ({dbs})
+  UNION SELECT User, Host FROM mysql.procs_priv WHERE Db IN ({dbs})
+  UNION SELECT SUBSTRING_INDEX(DEFINER, '@', 1), SUBSTRING_INDEX(DEFINER, '@', -1)
+    FROM information_schema.VIEWS WHERE TABLE_SCHEMA IN ({dbs})
+  UNION SELECT SUBSTRING_INDEX(DEFINER, '@', 1), SUBSTRING_INDEX(DEFINER, '@', -1)
+    FROM information_schema.ROUTINES WHERE ROUTINE_SCHEMA IN ({dbs})
+  UNION SELECT SUBSTRING_INDEX(DEFINER, '@', 1), SUBSTRING_INDEX(DEFINER, '@', -1)
+    FROM information_schema.TRIGGERS WHERE TRIGGER_SCHEMA IN ({dbs})
+  UNION SELECT SUBSTRING_INDEX(DEFINER, '@', 1), SUBSTRING_INDEX(DEFINER, '@', -1)
+    FROM information_schema.EVENTS WHERE EVENT_SCHEMA IN ({dbs})
+) AS needed WHERE User <> '' AND (User, Host) IN (SELECT User, Host FROM mysql.user)
+ORDER BY 1, 2
+"""
+
+
+def mysql_users_script(dbs: Sequence[str], defaults: str | None = None) -> str:
+    """Given MariaDB databases, return SQL that recreates the users they need: those with grants
+    on them and the definers of their views, routines, triggers and events, each with its
+    password hash and all of its grants. Users that exist already are left as they are."""
+    listed = ', '.join(sql_literal(db) for db in dbs)
+    client = [*mysql_client(defaults), '--skip-column-names', '--raw']
+    _, out = run_command(
+        [*client, '-e', MYSQL_USERS_SQL.format(dbs=listed)], what='mariadb users', step='dump'
+    )
+    users = [line.split('\t') for line in out.splitlines() if line.count('\t') == 1]
+    lines = ['-- MariaDB users and grants needed by: ' + ', '.join(dbs)]
+    if users:
+        queries = ''.join(
+            f'SHOW CREATE USER {sql_literal(user)}@{sql_literal(host)}; '
+            f'SHOW GRANTS FOR {sql_literal(user)}@{sql_literal(host)}; '
+            for user, host in users
+        )
+        _, out = run_command([*client, '-e', queries], what='mariadb grants', step='dump')
+        for statement in out.splitlines():
+            if statement.startswith('CREATE USER '):
+                statement = 'CREATE USER IF NOT EXISTS ' + statement[len('CREATE USER ') :]
+            elif statement.startswith('GRANT '):
+                # The password is CREATE USER's: a GRANT must not reset an existing user's.
+                statement = MYSQL_GRANT_AUTH_RE.sub('', statement)
+            if statement:
+                lines.append(statement + ';')
+    lines.append('-- Dump completed')
+    return '\n'.join(lines) + '\n'
+
+
+def dump_generated(
+    artifact: Artifact,
+    artifacts: Sequence[Artifact],
+    config: Config,
+    rundir: Path,
+    lacks: Sequence[str],
+) -> tuple[Path, int, list[str]]:
+    """Given the MariaDB users or the index artifact, write its source from the databases, then
+    compress it like any dump. Return as dump_artifact does."""
+    if artifact.kind == MYSQL_USERS:
+        script = mysql_users_script(config.mysql_dbs)
+        with os.fdopen(create_private_file(rundir / MYSQL_USERS_SOURCE), 'w') as handle:
+            handle.write(script)
+    else:
+        write_run_index(config, artifacts, rundir, lacks)
+    try:
+        return dump_artifact(artifact, config, rundir)
+    finally:  # latest/ keeps the compressed copy only
+        for source in (MYSQL_USERS_SOURCE, ROWCOUNTS_SOURCE):
+            remove_path(rundir / source)
+
+
+def write_run_index(
+    config: Config, artifacts: Sequence[Artifact], rundir: Path, lacks: Sequence[str]
+) -> None:
+    """Write the run's index into the run folder, to be encrypted as an artifact of its own: what
+    each file holds, each table's row count at dump time, and what a restore will lack. The counts
+    are taken right after the dumps: a drill compares them with what a restore brings back."""
+    databases = []
+    for artifact in artifacts:
+        if artifact.kind == 'psql':
+            db = artifact.label.split(' ', 1)[1]
+            # libpq's settings from the config reach these as they reach pg_dump.
+            rows = pg_row_counts(db, config.dump_timeout, client_environ(config))
+            owner = pg_database_owner(db, client_environ(config))
+            databases.append(
+                {
+                    'kind': 'psql',
+                    'database': db,
+                    'file': artifact.filename,
+                    'owner': owner,
+                    'rows': rows,
+                }
+            )
+        elif artifact.kind == 'mysql':
+            db = artifact.label.split(' ', 1)[1]
+            databases.append(
+                {
+                    'kind': 'mysql',
+                    'database': db,
+                    'file': artifact.filename,
+                    'rows': mysql_row_counts(db, timeout=config.dump_timeout),
+                }
+            )
+    by_kind = {artifact.kind: artifact.filename for artifact in artifacts}
+    index = {
+        'format': INDEX_FORMAT,
+        'name': config.name,
+        'databases': databases,
+        'pg_roles': by_kind.get(PG_ROLES) if config.psql_dbs else None,
+        'mariadb_users': by_kind.get(MYSQL_USERS) if config.mysql_dbs else None,
+        'archives': [a.filename for a in artifacts if a.kind in ('files', 'binaries')],
+        'lacks': list(lacks),
+    }
+    with os.fdopen(create_private_file(rundir / ROWCOUNTS_SOURCE), 'w') as handle:
+        json.dump(index, handle, indent=1, sort_keys=True)
 
 
 def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Path, int, list[str]]:
@@ -2854,38 +3157,57 @@ def make_all(
     """Dump every artifact, one after another, while the previous one is encrypted: each dump
     already keeps both cores busy (dumper, server, zstd -T0), so two at once only contend, but gpg
     uses one core and fits beside the next dump. Raise the first BackupError after all finished."""
-    artifacts = plan_artifacts(config, run_id, rundir)
+    pg_superuser, mysql_users, lacks = database_limits(config)
+    report.warnings += lacks
+    artifacts = plan_artifacts(
+        config, run_id, rundir, pg_superuser=pg_superuser, mysql_users=mysql_users
+    )
     if config.files:
         save_crontab(rundir)
     errors: list[BackupError] = []
     encrypting: list[concurrent.futures.Future[Made]] = []
     made: list[Made] = []
+    # The index (row counts) and the MariaDB users are made once every dump succeeded: counted
+    # after the dumps, a dump that lost rows shows in a drill, and a failed run does not wait on a
+    # locked table to count it.
+    generated = (MYSQL_USERS, ROWCOUNTS)
+    main = [artifact for artifact in artifacts if artifact.kind not in generated]
+    late = [artifact for artifact in artifacts if artifact.kind in generated]
     with (
         concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps,
         concurrent.futures.ThreadPoolExecutor(1) as encryptions,
     ):
-        dumping = [dumps.submit(dump_artifact, artifact, config, rundir) for artifact in artifacts]
+        dumping = [dumps.submit(dump_artifact, artifact, config, rundir) for artifact in main]
+
+        def encrypt_next(artifact: Artifact, future: concurrent.futures.Future[Any]) -> None:
+            try:
+                plain, raw_bytes, warnings = future.result()
+            except BackupError as error:
+                log.error('%s', error)
+                errors.append(error)
+                return
+            name = artifact.filename + '.gpg'
+            item = Made(
+                artifact,
+                plain,
+                raw_bytes,
+                temp_name(day_dir / name),
+                name,
+                warnings=warnings,
+                compressed_bytes=plain.stat().st_size,
+            )
+            encrypting.append(
+                encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
+            )
+
         try:
-            for artifact, future in zip(artifacts, dumping):
-                try:
-                    plain, raw_bytes, warnings = future.result()
-                except BackupError as error:
-                    log.error('%s', error)
-                    errors.append(error)
-                    continue
-                name = artifact.filename + '.gpg'
-                item = Made(
-                    artifact,
-                    plain,
-                    raw_bytes,
-                    temp_name(day_dir / name),
-                    name,
-                    warnings=warnings,
-                    compressed_bytes=plain.stat().st_size,
+            for artifact, future in zip(main, dumping):
+                encrypt_next(artifact, future)
+            for artifact in late if not errors else []:
+                dumping.append(
+                    dumps.submit(dump_generated, artifact, artifacts, config, rundir, lacks)
                 )
-                encrypting.append(
-                    encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
-                )
+                encrypt_next(artifact, dumping[-1])
             for encrypted in encrypting:
                 try:
                     made.append(encrypted.result())
@@ -3924,6 +4246,778 @@ def command_watch(root: Path, max_age_hours: float, mail: Sequence[str], dry_run
 
 
 # ---------------------------------------------------------------------------------------------------
+# The key holder: restore a run onto a database server, and drill that a restore brings it all back.
+# ---------------------------------------------------------------------------------------------------
+
+INDEX_MAX_BYTES = 64 << 20  # the index is row counts and names: anything bigger is not ours
+PG_MAINTENANCE_DB = 'postgres'
+PG_TABLES_SQL = (
+    'SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace '
+    "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_%'"
+)
+PG_CAN_CREATE_ROLES_SQL = (
+    'SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user'
+)
+MYSQL_DEFINERS_SQL = """
+SELECT CONCAT(kind, ' ', name, ' (definer ', DEFINER, ')') FROM (
+  SELECT 'view' AS kind, TABLE_NAME AS name, DEFINER FROM information_schema.VIEWS
+    WHERE TABLE_SCHEMA = DATABASE()
+  UNION ALL SELECT LOWER(ROUTINE_TYPE), ROUTINE_NAME, DEFINER FROM information_schema.ROUTINES
+    WHERE ROUTINE_SCHEMA = DATABASE()
+  UNION ALL SELECT 'trigger', TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS
+    WHERE TRIGGER_SCHEMA = DATABASE()
+  UNION ALL SELECT 'event', EVENT_NAME, DEFINER FROM information_schema.EVENTS
+    WHERE EVENT_SCHEMA = DATABASE()
+) AS objects
+WHERE DEFINER NOT IN (SELECT CONCAT(User, '@', Host) FROM mysql.user) ORDER BY 1
+"""
+TARGET_NAME_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$')
+PG_IDENT = rb'("(?:[^"]|"")*"|[^\s;"]+)'
+PG_ENTRY_RE = re.compile(rb'^-- (?:Data for )?Name: (.*); Type: (.*); Schema: ')
+PG_DATABASE_NAME_RE = re.compile(rb'(?<=DATABASE )' + PG_IDENT)
+PG_OWNER_RE = re.compile(rb'^ALTER [A-Z ]+ .+ OWNER TO .+;\n?$')
+PG_DOLLAR_RE = re.compile(rb'\$[A-Za-z_]*\$')
+PG_ROLE_LINE_RE = re.compile(
+    rb'^(?:CREATE ROLE |ALTER ROLE |COMMENT ON ROLE |CREATE TABLESPACE |ALTER TABLESPACE '
+    rb'|COMMENT ON TABLESPACE )' + PG_IDENT + rb'[ ;]'
+)
+MYSQL_CREATE_USER_RE = re.compile(rb'^CREATE USER IF NOT EXISTS (`(?:[^`]|``)*`@`(?:[^`]|``)*`)')
+
+
+@dataclasses.dataclass
+class RunFiles:
+    """One run as a key holder finds it: a slot's manifest, or a plaintext ``latest`` folder."""
+
+    folder: Path
+    names: dict[str, str]  # plaintext name -> the file's name in the folder
+    digests: dict[str, str]  # file name in the folder -> SHA-256 (empty for plaintext)
+    label: str
+
+
+@dataclasses.dataclass
+class Target:
+    """Where a restore goes, and what it made (a drill removes exactly that afterwards)."""
+
+    prefix: str = ''
+    as_name: str = ''
+    replace: bool = False
+    no_owner: bool = False
+    no_privileges: bool = False
+    mysql_defaults: str | None = None
+    databases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
+    roles: list[str] = dataclasses.field(default_factory=list)
+    users: list[str] = dataclasses.field(default_factory=list)
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # original db -> target db
+
+    def name_for(self, db: str) -> str:
+        return self.prefix + (self.as_name or db)
+
+
+def pg_ident(name: str) -> str:
+    """Given a PostgreSQL name, return it as a quoted identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _unquote_pg(raw: bytes) -> str:
+    text = raw.decode('utf-8', 'replace')
+    return text[1:-1].replace('""', '"') if text.startswith('"') else text
+
+
+def find_run(source: str, config_arg: str | None) -> RunFiles:
+    """Given a run as named on the command line (a manifest, a slot, a folder of slots, a copy of
+    ``latest``, or the word ``latest``), return its files. Raise ConfigError if there is none."""
+    if source == 'latest':
+        folder = load_config(config_path_from(config_arg)).insecure_dir / 'latest'
+    else:
+        folder = Path(source)
+    manifest: Path | None = None
+    if folder.is_file() and folder.name.endswith(MANIFEST_SUFFIX):
+        manifest, folder = folder, folder.parent
+    elif folder.is_dir() and not folder.is_symlink():
+        runs = slot_runs(folder) or [run for slot in all_slots(folder) for run in slot_runs(slot)]
+        if runs:
+            newest = max(runs, key=lambda run: run.time)
+            manifest, folder = newest.manifest, newest.slot
+    else:
+        raise ConfigError(f'{source}: no such run (a manifest, a slot or a folder)', step='restore')
+    if manifest is None:  # a plaintext run: the latest/ folder or a copy of it
+        names = {
+            entry.name: entry.name
+            for entry in sorted(folder.iterdir())
+            if entry.is_file() and not entry.is_symlink() and not entry.name.startswith('.')
+        }
+        return RunFiles(folder, names, {}, str(folder))
+    digests = read_manifest(manifest)
+    # A file the manifest names but the folder lacks is missing from the run: said where it matters.
+    names = {name.removesuffix('.gpg'): name for name in digests if (folder / name).is_file()}
+    return RunFiles(folder, names, digests, str(manifest))
+
+
+def check_digest(run: RunFiles, name: str) -> Path:
+    """Given a file of a run, return its path once its SHA-256 matches the manifest. Raise
+    BackupError if it is missing or altered."""
+    path = run.folder / name
+    if not path.is_file() or path.is_symlink():
+        raise BackupError(f'{name} is missing from {run.folder}', step='restore')
+    if name in run.digests:
+        with open(path, 'rb') as handle:
+            if hashlib.file_digest(handle, 'sha256').hexdigest() != run.digests[name]:
+                raise BackupError(
+                    f'{name}: SHA-256 does not match the manifest (altered or truncated); '
+                    'fetch it again from the remote',
+                    step='restore',
+                )
+    return path
+
+
+def start_plaintext(
+    pipe: Pipeline, path: Path, gnupghome: str | None
+) -> tuple[IO[bytes], IO[bytes]]:
+    """Given a backup file, start gpg (for .gpg) and the decompressor in ``pipe``; return the
+    stream of plaintext and gpg's status lines (for check_decrypted)."""
+    status = tempfile.TemporaryFile()
+    if path.name.endswith('.gpg'):
+        home = ['--homedir', gnupghome] if gnupghome else []
+        argv = ['gpg', *home, '--batch', '--no-tty', '--status-fd', str(status.fileno())]
+        # As decrypt: a passphrase prompt reaches the key holder's terminal (GPG_TTY).
+        first = pipe.start(
+            [*argv, '--decrypt', '--', str(path)],
+            stdout=subprocess.PIPE,
+            env=terminal_env(),
+            pass_fds=(status.fileno(),),
+        )
+    else:  # a plaintext file of latest/: no key needed
+        first = pipe.start(['cat', '--', str(path)], stdout=subprocess.PIPE)
+    assert first.stdout is not None
+    decompress = decompressor_for(path.name)
+    if not decompress:
+        return first.stdout, status
+    second = pipe.start(decompress, stdin=first.stdout, stdout=subprocess.PIPE)
+    first.stdout.close()  # the decompressor holds it now: gpg sees EPIPE if it stops early
+    assert second.stdout is not None
+    return second.stdout, status
+
+
+def check_decrypted(
+    pipe: Pipeline, path: Path, gnupghome: str | None, broken: bool, status: IO[bytes]
+) -> None:
+    """Wait for a plaintext pipeline; raise BackupError, saying plainly why gpg could not decrypt
+    (no matching key, a wrong passphrase, no way to ask for it) when gpg is what failed."""
+    try:
+        pipe.check(downstream_broke=broken)
+    except BackupError as error:
+        status.seek(0)
+        text = status.read().decode('utf-8', 'replace')
+        if ': gpg ' in str(error) and '[GNUPG:] DECRYPTION_OKAY' not in text:
+            failure = decrypt_failure(path, error, text, gnupghome, terminal_env())
+            failure.step = pipe.step
+            raise failure from error
+        raise
+    finally:
+        status.close()
+
+
+def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
+    """Given a run, return its index (what each file holds, row counts). Raise BackupError if the
+    run has none or it cannot be read."""
+    found = [name for name in run.names if f'-{ROWCOUNTS}-' in name and '.json' in name]
+    if not found:
+        raise BackupError(
+            f'{run.label}: no row counts file (*-{ROWCOUNTS}-*.json) in this run: it was made '
+            'by an older ppbackup, or the file was lost; restore its dumps by hand (README)',
+            step='restore',
+        )
+    path = check_digest(run, run.names[found[0]])
+    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
+        stream, status = start_plaintext(pipe, path, gnupghome)
+        data = stream.read(INDEX_MAX_BYTES + 1)
+        stream.close()
+        check_decrypted(pipe, path, gnupghome, len(data) > INDEX_MAX_BYTES, status)
+    try:
+        index = json.loads(data)
+    except ValueError as error:
+        raise BackupError(f'{path.name}: not a ppbackup index: {error}', step='restore') from error
+    if not isinstance(index, dict) or index.get('format') != INDEX_FORMAT:
+        raise BackupError(f'{path.name}: not an index this ppbackup knows', step='restore')
+    return index
+
+
+def feed(
+    pipe: Pipeline,
+    source: IO[bytes],
+    sink: subprocess.Popen[bytes],
+    what: str,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> bool:
+    """Given a plaintext stream and a loader process, copy one into the other (line by line
+    through ``transform`` if given). Return True if the loader stopped reading early (it failed:
+    check() then names it, not the decompressor that got EPIPE)."""
+    assert sink.stdin is not None
+    progress = Progress(what)
+    count = 0
+    broken = False
+    try:
+        if transform is None:
+            while block := source.read(BLOCK):
+                sink.stdin.write(block)
+                count += len(block)
+                progress.update(count)
+        else:
+            for lines, line in enumerate(source):
+                count += len(line)
+                out = transform(line)
+                if out:
+                    sink.stdin.write(out)
+                if lines % 10000 == 0:
+                    progress.update(count)
+        sink.stdin.flush()
+    except BrokenPipeError:
+        broken = True
+    finally:
+        progress.done(count)
+        with contextlib.suppress(OSError):
+            sink.stdin.close()
+        if broken:
+            source.close()  # the decompressor and gpg stop too, instead of blocking on a pipe
+    return broken
+
+
+class PgDumpFilter:
+    """A plain pg_dump --create, line by line: the database's own statements renamed to the target,
+    and with --no-owner / --no-privileges its ownership and grants left out. COPY data and function
+    bodies are never touched."""
+
+    def __init__(self, target: str | None, no_owner: bool, no_privileges: bool) -> None:
+        self.target = target
+        self.no_owner = no_owner
+        self.no_privileges = no_privileges
+        self.in_copy = False
+        self.dollar: bytes | None = None  # the $tag$ of the function body we are in
+        self.entry_type = b''
+        self.entry_name = b''
+
+    def __call__(self, line: bytes) -> bytes:
+        if self.in_copy:
+            self.in_copy = line not in (b'\\.\n', b'\\.')
+            return line
+        if self.dollar is None:
+            if line.startswith(b'COPY ') and line.rstrip().endswith(b'FROM stdin;'):
+                self.in_copy = True
+                return line
+            entry = PG_ENTRY_RE.match(line)
+            if entry:
+                self.entry_name, self.entry_type = entry.group(1), entry.group(2)
+                return line
+        in_body = self.dollar is not None
+        for tag in PG_DOLLAR_RE.findall(line):
+            if self.dollar is None:
+                self.dollar = tag
+            elif tag == self.dollar:
+                self.dollar = None
+        if in_body or line.startswith(b'--'):
+            return line
+        database_entry = self.entry_type in (b'DATABASE', b'DATABASE PROPERTIES') or (
+            self.entry_type in (b'COMMENT', b'ACL', b'SECURITY LABEL')
+            and self.entry_name.startswith(b'DATABASE ')
+        )
+        if self.target is not None:
+            if line.startswith(b'\\connect '):
+                return b'\\connect -reuse-previous=on "dbname=\'' + self.target.encode() + b'\'"\n'
+            if database_entry:
+                quoted = pg_ident(self.target).encode()
+                line = PG_DATABASE_NAME_RE.sub(lambda _: quoted, line, count=1)
+        if self.no_privileges and self.entry_type in (b'ACL', b'DEFAULT ACL'):
+            return b''
+        if self.no_owner and (
+            PG_OWNER_RE.match(line) or (database_entry and line.startswith(b'ALTER ROLE '))
+        ):
+            return b''
+        return line
+
+
+class PgRolesFilter:
+    """pg_dumpall --globals-only, line by line: roles and tablespaces that exist on the target are
+    left as they are (no CREATE, no ALTER); the roles it creates are recorded."""
+
+    def __init__(self, roles: set[str], tablespaces: set[str]) -> None:
+        self.roles = roles
+        self.tablespaces = tablespaces
+        self.created: list[str] = []
+
+    def __call__(self, line: bytes) -> bytes:
+        match = PG_ROLE_LINE_RE.match(line)
+        if not match:
+            return line
+        name = _unquote_pg(match.group(1))
+        existing = self.tablespaces if b'TABLESPACE' in line[:24] else self.roles
+        if name in existing:
+            return b''
+        if line.startswith(b'CREATE ROLE '):
+            self.created.append(name)
+        return line
+
+
+class MysqlUsersFilter:
+    """The MariaDB users script, line by line: grants on a database restored under another name
+    follow it; the users it creates are recorded."""
+
+    def __init__(self, existing: set[str], renamed: Mapping[str, str]) -> None:
+        self.existing = existing
+        self.renamed = {
+            backtick(old).encode(): backtick(new).encode()
+            for old, new in renamed.items()
+            if old != new
+        }
+        self.created: list[str] = []
+
+    def __call__(self, line: bytes) -> bytes:
+        match = MYSQL_CREATE_USER_RE.match(line)
+        if match and match.group(1).decode('utf-8', 'replace') not in self.existing:
+            self.created.append(match.group(1).decode('utf-8', 'replace'))
+        if line.startswith(b'GRANT ') and b' ON ' in line:
+            head, _, rest = line.partition(b' ON ')
+            for old, new in self.renamed.items():
+                for kind in (b'', b'PROCEDURE ', b'FUNCTION ', b'PACKAGE ', b'PACKAGE BODY '):
+                    if rest.startswith(kind + old + b'.'):
+                        rest = kind + new + rest[len(kind + old) :]
+            line = head + b' ON ' + rest
+        return line
+
+
+def pg_query(sql: str, db: str = PG_MAINTENANCE_DB, step: str = 'restore') -> str:
+    """Given SQL, run it with psql against the target server; return its unaligned output."""
+    return run_command([*pg_client(db), '-c', sql], what=f'psql {db}', step=step, timeout=600)[1]
+
+
+def mysql_query(sql: str, target: Target, db: str = '', step: str = 'restore') -> str:
+    """Given SQL, run it with mysql against the target server; return its batch output."""
+    argv = [*mysql_client(target.mysql_defaults), '--skip-column-names', '-e', sql]
+    return run_command(
+        [*argv, *(['--', db] if db else [])], what=f'mysql {db}', step=step, timeout=600
+    )[1]
+
+
+def pg_load(
+    path: Path, gnupghome: str | None, what: str, transform: Callable[[bytes], bytes]
+) -> None:
+    """Given a PostgreSQL artifact, decrypt it and load it with psql, stopping at the first error
+    (ON_ERROR_STOP) and naming the statement. Raise BackupError if anything fails."""
+    psql = [
+        'psql',
+        '--no-password',
+        '-X',
+        '-q',
+        '-v',
+        'ON_ERROR_STOP=1',
+        '--echo-errors',
+        f'--dbname={PG_MAINTENANCE_DB}',
+        '-f',
+        '-',
+    ]
+    with Pipeline(what, 'restore') as pipe:
+        source, status = start_plaintext(pipe, path, gnupghome)
+        loader = pipe.start(psql, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+        broken = feed(pipe, source, loader, what, transform)
+        check_decrypted(pipe, path, gnupghome, broken, status)
+
+
+def restore_pg_roles(run: RunFiles, name: str, gnupghome: str | None, target: Target) -> None:
+    """Given the run's roles artifact, create the roles and tablespaces the target lacks, with
+    their attributes, memberships and settings. Raise BackupError if that fails."""
+    path = check_digest(run, run.names[name])
+    roles = set(pg_query('SELECT rolname FROM pg_roles').splitlines())
+    tablespaces = set(pg_query('SELECT spcname FROM pg_tablespace').splitlines())
+    roles_filter = PgRolesFilter(roles, tablespaces)
+    log.info('restore roles from %s', path.name)
+    try:
+        pg_load(path, gnupghome, 'psql roles', roles_filter)
+    finally:
+        target.roles += roles_filter.created
+
+
+def pg_missing_roles(run: RunFiles, name: str, gnupghome: str | None) -> list[str]:
+    """Given the run's roles artifact, return the roles it creates that the target lacks."""
+    path = check_digest(run, run.names[name])
+    roles = set(pg_query('SELECT rolname FROM pg_roles').splitlines())
+    missing = []
+    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
+        stream, status = start_plaintext(pipe, path, gnupghome)
+        for line in stream:
+            if line.startswith(b'CREATE ROLE '):
+                match = PG_ROLE_LINE_RE.match(line)
+                if match and _unquote_pg(match.group(1)) not in roles:
+                    missing.append(_unquote_pg(match.group(1)))
+        check_decrypted(pipe, path, gnupghome, False, status)
+    return missing
+
+
+def make_room_pg(db: str, target: Target) -> None:
+    """Given a target database name, make sure it does not exist: an empty one is dropped, one that
+    holds tables is renamed aside with --replace and refused without."""
+    if not pg_query(f'SELECT 1 FROM pg_database WHERE datname = {sql_literal(db)}').strip():
+        return
+    tables = int(pg_query(PG_TABLES_SQL, db).strip() or 0)
+    if not tables:
+        pg_query(f'DROP DATABASE {pg_ident(db)}')
+        return
+    if not target.replace:
+        raise BackupError(
+            f'PostgreSQL database {db} already holds {tables} table(s); refusing to load over '
+            'it. Use --as NAME for another name, or --replace to rename it aside first',
+            step='restore',
+        )
+    aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
+    pg_query(f'ALTER DATABASE {pg_ident(db)} RENAME TO {pg_ident(aside)}')
+    log.warning('PostgreSQL database %s renamed aside to %s', db, aside)
+    print(f'kept the old {db} aside as {aside}')
+
+
+def make_room_mysql(db: str, target: Target) -> None:
+    """Given a target database name, make sure it exists and holds no table: one that holds tables
+    is copied aside and emptied with --replace, and refused without."""
+    exists = mysql_query(
+        f'SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {sql_literal(db)}',
+        target,
+    )
+    tables = int(
+        mysql_query(
+            'SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = '
+            + sql_literal(db),
+            target,
+        ).strip()
+        or 0
+    )
+    if tables and not target.replace:
+        raise BackupError(
+            f'MariaDB database {db} already holds {tables} table(s); refusing to load over it. '
+            'Use --as NAME for another name, or --replace to keep it aside first',
+            step='restore',
+        )
+    if tables:
+        # MariaDB cannot rename a database: copy it aside with its routines, then start afresh.
+        aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
+        mysql_query(f'CREATE DATABASE {backtick(aside)}', target)
+        defaults = (
+            [f'--defaults-extra-file={target.mysql_defaults}'] if target.mysql_defaults else []
+        )
+        dump = [
+            'mysqldump',
+            *defaults,
+            '--single-transaction',
+            '--routines',
+            '--events',
+            '--triggers',
+            '--hex-blob',
+            '--',
+            db,
+        ]
+        with Pipeline(f'copy {db} aside', 'restore') as pipe:
+            dumper = pipe.start(dump, stdout=subprocess.PIPE)
+            pipe.start([*mysql_client(target.mysql_defaults), '--', aside], stdin=dumper.stdout)
+            assert dumper.stdout is not None
+            dumper.stdout.close()
+            pipe.check()
+        mysql_query(f'DROP DATABASE {backtick(db)}', target)
+        print(f'kept the old {db} aside as {aside}')
+    if not tables and exists.strip() != '0':
+        return
+    mysql_query(f'CREATE DATABASE {backtick(db)}', target)
+
+
+def restore_database(
+    run: RunFiles, entry: Mapping[str, Any], gnupghome: str | None, target: Target
+) -> str:
+    """Given a database of the run's index, load it into the target server under its target
+    name; return that name. Raise BackupError if it cannot be loaded."""
+    kind, db = entry['kind'], entry['database']
+    name = target.name_for(db)
+    if not TARGET_NAME_RE.match(name):
+        raise ConfigError(f'{name!r}: not a database name ppbackup restores to', step='restore')
+    if entry['file'] not in run.names:
+        raise BackupError(f'the dump of {kind} {db} ({entry["file"]}) is missing', step='restore')
+    path = check_digest(run, run.names[entry['file']])
+    log.info('restore %s %s as %s from %s', kind, db, name, path.name)
+    if kind == 'psql':
+        make_room_pg(name, target)
+        target.databases.append((kind, name))
+        dump_filter = PgDumpFilter(
+            name if name != db else None, target.no_owner, target.no_privileges
+        )
+        pg_load(path, gnupghome, f'psql {db} -> {name}', dump_filter)
+    else:
+        make_room_mysql(name, target)
+        target.databases.append((kind, name))
+        with Pipeline(f'mysql {db} -> {name}', 'restore') as pipe:
+            source, status = start_plaintext(pipe, path, gnupghome)
+            loader = pipe.start(
+                [*mysql_client(target.mysql_defaults), '--', name], stdin=subprocess.PIPE
+            )
+            check_decrypted(
+                pipe, path, gnupghome, feed(pipe, source, loader, f'mysql {name}'), status
+            )
+    target.renamed[db] = name
+    return name
+
+
+def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target: Target) -> None:
+    """Given the run's MariaDB users artifact, create the users the target lacks and apply their
+    grants (after the tables: table and column grants need them)."""
+    path = check_digest(run, run.names[name])
+    existing = set(
+        mysql_query("SELECT CONCAT('`', User, '`@`', Host, '`') FROM mysql.user", target).split(
+            '\n'
+        )
+    )
+    users_filter = MysqlUsersFilter(existing, target.renamed)
+    log.info('restore MariaDB users from %s', path.name)
+    try:
+        with Pipeline('mariadb users', 'restore') as pipe:
+            source, status = start_plaintext(pipe, path, gnupghome)
+            loader = pipe.start([*mysql_client(target.mysql_defaults)], stdin=subprocess.PIPE)
+            broken = feed(pipe, source, loader, 'mariadb users', users_filter)
+            check_decrypted(pipe, path, gnupghome, broken, status)
+    finally:
+        target.users += users_filter.created
+
+
+def extract_archives(
+    run: RunFiles, index: Mapping[str, Any], gnupghome: str | None, folder: Path
+) -> None:
+    """Given a folder, extract the run's file archives into it. Raise ConfigError for ``/``."""
+    if folder.resolve() == Path('/'):
+        raise ConfigError('--files /: refusing to extract over the root folder', step='restore')
+    ensure_private_dir(folder)
+    for name in index.get('archives', []):
+        path = check_digest(run, run.names[name])
+        log.info('extract %s into %s', path.name, folder)
+        with Pipeline(f'tar {path.name}', 'restore') as pipe:
+            source, status = start_plaintext(pipe, path, gnupghome)
+            tar = pipe.start(
+                ['tar', '--extract', '--file=-', '--no-overwrite-dir', '--directory', str(folder)],
+                stdin=subprocess.PIPE,
+            )
+            check_decrypted(
+                pipe, path, gnupghome, feed(pipe, source, tar, f'tar {path.name}'), status
+            )
+        print(f'files: {name} extracted into {folder}')
+
+
+def restore_run(
+    run: RunFiles,
+    index: Mapping[str, Any],
+    gnupghome: str | None,
+    target: Target,
+    only: Sequence[str] = (),
+    timings: dict[str, float] | None = None,
+) -> list[str]:
+    """Given a run and its index, restore its databases into the target servers: PostgreSQL roles
+    first where missing, MariaDB users after the tables. Return what the run lacks (warnings).
+    Raise BackupError at the first failure; what was made is recorded in ``target``."""
+    lacks = list(index.get('lacks', []))
+    entries = [e for e in index.get('databases', []) if not only or e['database'] in only]
+    unknown = [db for db in only if db not in {e['database'] for e in index.get('databases', [])}]
+    if unknown:
+        raise ConfigError(f'no database {", ".join(unknown)} in this run', step='restore')
+    if target.as_name and len(entries) != 1:
+        raise ConfigError(
+            '--as needs exactly one database: name it with --database', step='restore'
+        )
+    pg_roles, users = index.get('pg_roles'), index.get('mariadb_users')
+    has_pg = any(entry['kind'] == 'psql' for entry in entries)
+    has_mysql = any(entry['kind'] == 'mysql' for entry in entries)
+    if has_pg and pg_roles and pg_roles not in run.names:
+        lacks.append(f'the PostgreSQL roles file {pg_roles} is missing from this run')
+    if has_mysql and users and users not in run.names:
+        lacks.append(f'the MariaDB users file {users} is missing from this run')
+    if has_mysql and not users:
+        lacks.append('this run has no MariaDB users: the backup user could not read them')
+    if has_pg and pg_roles in run.names and not target.no_owner:
+        can_create = pg_query(PG_CAN_CREATE_ROLES_SQL).strip() == 't'
+        missing = [] if can_create else pg_missing_roles(run, pg_roles, gnupghome)
+        if missing:
+            raise BackupError(
+                f'the roles {", ".join(missing[:10])} are missing on this server and you cannot '
+                'create roles: run the restore as a superuser (or a role with CREATEROLE), or '
+                'use --no-owner --no-privileges (everything then belongs to you)',
+                step='restore',
+            )
+        if can_create:
+            restore_pg_roles(run, pg_roles, gnupghome, target)
+    for entry in entries:
+        started = time.monotonic()
+        restore_database(run, entry, gnupghome, target)
+        if timings is not None:
+            timings[f'{entry["kind"]} {entry["database"]}'] = time.monotonic() - started
+    if has_mysql and users in run.names:
+        restore_mysql_users(run, users, gnupghome, target)
+    return lacks
+
+
+def command_restore(
+    source: str,
+    config_arg: str | None,
+    gnupghome: str | None,
+    target: Target,
+    only: Sequence[str],
+    files: Path | None,
+) -> int:
+    """Restore a run (a manifest, a slot or ``latest``) onto the database servers the client
+    settings name (PG* variables, ~/.my.cnf or --mysql-defaults), and its files with --files."""
+    run = find_run(source, config_arg)
+    print(f'restoring {run.label}')
+    index = read_index(run, gnupghome)
+    lacks = restore_run(run, index, gnupghome, target, only)
+    for kind, name in target.databases:
+        print(f'restored {"PostgreSQL" if kind == "psql" else "MariaDB"} database {name}')
+    for role in target.roles:
+        print(f'created PostgreSQL role {role}')
+    for user in target.users:
+        print(f'created MariaDB user {user}')
+    if files is not None:
+        extract_archives(run, index, gnupghome, files)
+    for lack in lacks:
+        print(f'WARNING: this backup lacks something: {lack}')
+    return EXIT_OK
+
+
+def drill_checks(entry: Mapping[str, Any], name: str, target: Target) -> list[str]:
+    """Given a database of the index and its restored name, return what did not come back: tables
+    and row counts, the database's owner, definers that do not exist, views that fail when used."""
+    kind, db = entry['kind'], entry['database']
+    problems = []
+    if kind == 'psql':
+        counts = pg_row_counts(name)
+        owner = pg_query(
+            f'SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = {sql_literal(name)}'
+        ).strip()
+        if not target.no_owner and entry.get('owner') and owner != entry['owner']:
+            problems.append(f'psql {db}: owned by {owner}, not by {entry["owner"]}')
+    else:
+        counts = mysql_row_counts(name, target.mysql_defaults)
+        for line in mysql_query(MYSQL_DEFINERS_SQL, target, name).splitlines():
+            problems.append(f'mysql {db}: {line} does not exist: it fails when used')
+        views = mysql_query(
+            'SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()',
+            target,
+            name,
+        )
+        for view in views.splitlines():
+            try:
+                mysql_query(f'SELECT COUNT(*) FROM {backtick(view)}', target, name)
+            except BackupError as error:
+                problems.append(f'mysql {db}: view {view} fails when used: {error.detail[-200:]}')
+    for table, rows in sorted(entry.get('rows', {}).items()):
+        if table not in counts:
+            problems.append(f'{kind} {db}: table {table} did not come back')
+        elif counts[table] != rows:
+            problems.append(
+                f'{kind} {db}: table {table} has {counts[table]} rows, {rows} at dump time'
+            )
+    return problems
+
+
+def drill_cleanup(target: Target) -> list[str]:
+    """Drop everything a drill made: its databases, then the roles and users it created. Return
+    what could not be removed."""
+    left = []
+    for kind, name in reversed(target.databases):
+        try:
+            if kind == 'psql':
+                pg_query(f'DROP DATABASE IF EXISTS {pg_ident(name)} WITH (FORCE)', step='drill')
+            else:
+                mysql_query(f'DROP DATABASE IF EXISTS {backtick(name)}', target, step='drill')
+        except BackupError as error:
+            left.append(f'{kind} database {name}: {error}')
+    scratch = [name for kind, name in target.databases if kind == 'mysql']
+    if scratch:
+        # MariaDB keeps the grants on a dropped database: those the drill gave go too.
+        listed = ', '.join(sql_literal(name) for name in scratch)
+        tables = ('db', 'tables_priv', 'columns_priv', 'procs_priv')
+        sql = ''.join(f'DELETE FROM mysql.{table} WHERE Db IN ({listed}); ' for table in tables)
+        try:
+            mysql_query(sql + 'FLUSH PRIVILEGES', target, step='drill')
+        except BackupError as error:
+            left.append(f'the grants on {", ".join(scratch)}: {error}')
+    for role in reversed(target.roles):
+        try:
+            pg_query(f'DROP ROLE IF EXISTS {pg_ident(role)}', step='drill')
+        except BackupError as error:
+            left.append(f'role {role}: {error}')
+    for user in target.users:
+        try:
+            mysql_query(f'DROP USER IF EXISTS {user}', target, step='drill')
+        except BackupError as error:
+            left.append(f'user {user}: {error}')
+    return left
+
+
+def command_drill(
+    source: str, config_arg: str | None, gnupghome: str | None, target: Target, mail: Sequence[str]
+) -> int:
+    """Restore the newest run into scratch databases, check that everything came back, drop it all,
+    and report by mail: exit 0 when it passed, 1 when it did not."""
+    started = time.monotonic()
+    problems: list[str] = []
+    timings: dict[str, float] = {}
+    target.prefix = target.prefix or f'ppdrill_{secrets.token_hex(3)}_'
+    run = find_run(source, config_arg)
+    label = run.label
+    try:
+        index = read_index(run, gnupghome)
+        label = f'{index.get("name", "?")} ({run.label})'
+        for name in run.digests:
+            try:
+                check_digest(run, name)
+            except BackupError as error:
+                problems.append(str(error))
+        try:
+            lacks = restore_run(run, index, gnupghome, target, timings=timings)
+            problems += [f'the run lacks something: {lack}' for lack in lacks]
+            for entry in index.get('databases', []):
+                problems += drill_checks(entry, target.name_for(entry['database']), target)
+            for name in index.get('archives', []):
+                path = check_digest(run, run.names[name])
+                with Pipeline(f'tar {path.name}', 'drill') as pipe:
+                    stream, status = start_plaintext(pipe, path, gnupghome)
+                    tar = pipe.start(
+                        ['tar', '--list', '--file=-'],
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.DEVNULL,
+                    )
+                    check_decrypted(
+                        pipe, path, gnupghome, feed(pipe, stream, tar, path.name), status
+                    )
+        except BackupError as error:
+            problems.append(f'{error} {mask_secrets(error.detail)[-600:]}'.strip())
+    except BackupError as error:
+        problems.append(str(error))
+    finally:
+        left = drill_cleanup(target)
+    problems += [f'the drill could not remove {what}' for what in left]
+    outcome = 'FAILED' if problems else 'passed'
+    lines = [
+        f'drill: {outcome}',
+        f'run:   {label}',
+        f'host:  {os.uname().nodename}',
+        f'time:  {time.monotonic() - started:.1f} s in all',
+        '',
+        'time to restore each database (your recovery time):',
+        *(f'  {what}: {seconds:.1f} s' for what, seconds in timings.items()),
+    ]
+    if problems:
+        lines += ['', 'what did not come back:', *(f'  - {problem}' for problem in problems)]
+    body = '\n'.join(lines) + '\n'
+    print(body, end='')
+    try:
+        send_mail(mail, f'[ppbackup] drill: {outcome}: {label}', body)
+    except BackupError as error:
+        print(f'ppbackup: the drill mail could not be sent: {error}', file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_FAILED if problems else EXIT_OK
+
+
+# ---------------------------------------------------------------------------------------------------
 # demo: the whole cycle in a throwaway folder, with a fresh key, leaving $HOME as it was.
 # ---------------------------------------------------------------------------------------------------
 
@@ -4060,7 +5154,7 @@ def command_demo() -> int:
             f'{encrypted.name} -> tar archive with {len(listing.split())} entries, '
             'site/members.csv included'
         )
-        for dump in remote_slot.glob('demo-*sql*.gpg'):
+        for dump in [*remote_slot.glob('demo-psql*.gpg'), *remote_slot.glob('demo-mysql*.gpg')]:
             restored = work / 'restored.sql'
             command_decrypt(dump, str(restored), str(holder_home))
             text = restored.read_text(encoding='utf-8', errors='replace')
@@ -4118,7 +5212,35 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument('--max-age', type=float, default=26, help='hours (default 26)')
     watch.add_argument('--mail', default='', help='comma-separated addresses to alert')
     watch.add_argument('--dry-run', action='store_true', help='print what retention would remove')
-    for sub in (run, status, verify, decrypt, watch):
+    restore = commands.add_parser(
+        'restore', help='as a key holder: load a run into database servers (roles first)'
+    )
+    restore.add_argument('run', help='a manifest, a slot, a folder of slots, or "latest"')
+    restore.add_argument('--gnupghome', help='GnuPG home with the private key')
+    restore.add_argument(
+        '--database', action='append', default=[], help='only this database (repeatable)'
+    )
+    restore.add_argument('--as', dest='as_name', default='', help='restore the database as NAME')
+    restore.add_argument(
+        '--replace', action='store_true', help='keep an existing database aside, then restore'
+    )
+    restore.add_argument('--files', type=Path, help='extract the file archives into this folder')
+    restore.add_argument(
+        '--no-owner', action='store_true', help='no ownership: everything belongs to you'
+    )
+    restore.add_argument('--no-privileges', action='store_true', help='no grants')
+    drill = commands.add_parser(
+        'drill', help='as a key holder: restore the newest run into scratch databases and check it'
+    )
+    drill.add_argument('run', help='a folder of slots, a slot, a manifest, or "latest"')
+    drill.add_argument('--gnupghome', help='GnuPG home with the private key')
+    drill.add_argument('--prefix', default='', help='scratch database prefix (default: random)')
+    drill.add_argument('--mail', default='', help='comma-separated addresses for the report')
+    for sub in (restore, drill):
+        sub.add_argument(
+            '--mysql-defaults', help='MariaDB option file naming the target server and user'
+        )
+    for sub in (run, status, verify, decrypt, watch, restore, drill):
         sub.add_argument('--config', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -4139,6 +5261,15 @@ def setup_logging(verbose: bool, syslog: bool = False) -> None:
             log.addHandler(sys_handler)
 
 
+def parse_mail_list(text: str, step: str) -> tuple[str, ...]:
+    """Given --mail's comma-separated addresses, return them. Raise ConfigError for a bad one."""
+    mail = tuple(part.strip() for part in text.split(',') if part.strip())
+    bad = [addr for addr in mail if not EMAIL_RE.match(addr)]
+    if bad:
+        raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step=step)
+    return mail
+
+
 def _raise_interrupted(signum: int, _frame: object) -> NoReturn:
     raise Interrupted(signum)
 
@@ -4150,11 +5281,24 @@ def dispatch(args: argparse.Namespace) -> int:
         return command_decrypt(args.file, args.output, args.gnupghome)
     if command == 'demo':
         return command_demo()
+    if command in ('restore', 'drill'):
+        target = Target(
+            prefix=getattr(args, 'prefix', ''),
+            as_name=getattr(args, 'as_name', ''),
+            replace=getattr(args, 'replace', False),
+            no_owner=getattr(args, 'no_owner', False),
+            no_privileges=getattr(args, 'no_privileges', False),
+            mysql_defaults=args.mysql_defaults,
+        )
+        if command == 'restore':
+            return command_restore(
+                args.run, args.config, args.gnupghome, target, args.database, args.files
+            )
+        return command_drill(
+            args.run, args.config, args.gnupghome, target, parse_mail_list(args.mail, 'drill')
+        )
     if command == 'watch':
-        mail = tuple(part.strip() for part in args.mail.split(',') if part.strip())
-        bad = [addr for addr in mail if not EMAIL_RE.match(addr)]
-        if bad:
-            raise ConfigError(f'--mail: not an email address: {", ".join(bad)}', step='watch')
+        mail = parse_mail_list(args.mail, 'watch')
         return command_watch(args.dir, args.max_age, mail, args.dry_run)
     try:
         config = load_config(config_path_from(args.config))

@@ -59,7 +59,7 @@ SHARES = {'psql': 0.43, 'mysql': 0.10, 'logs': 0.25, 'uploads': 0.20, 'binaries'
 
 ZSTD = 'zstd -q -T0 -3 -c'
 # The same dump options as ppbackup.plan_artifacts, so that both sides dump the same bytes.
-PG_DUMP = 'pg_dump --no-password --format=plain --dbname={db}'
+PG_DUMP = 'pg_dump --no-password --format=plain --dbname={db} --create'
 MYSQLDUMP = (
     'mysqldump --single-transaction --quick --routines --events --triggers --hex-blob '
     '--default-character-set=utf8mb4 -- {db}'

@@ -26,7 +26,17 @@ def tree(root: Path) -> dict[str, tuple[int, int, float]]:
 def test_help_lists_every_command(site: Site) -> None:
     result = site.run('--help')
     assert result.returncode == 0
-    for command in ('run', 'check', 'status', 'verify', 'decrypt', 'demo', 'watch'):
+    for command in (
+        'run',
+        'check',
+        'status',
+        'verify',
+        'decrypt',
+        'demo',
+        'watch',
+        'restore',
+        'drill',
+    ):
         assert command in result.stdout
 
 
@@ -39,12 +49,14 @@ def test_dry_run_prints_the_plan_and_writes_and_mails_nothing(site: Site) -> Non
     assert tree(site.home) == before
     assert len(site.mails()) == mails
     out = result.stdout
-    assert f'pg_dump --no-password --format=plain --dbname={site.pg_db} | zstd' in out
+    assert f'pg_dump --no-password --format=plain --dbname={site.pg_db} --create | zstd' in out
     assert 'mysqldump --single-transaction' in out and 'tar --create' in out
     assert 'rsync -a -H' in out
     assert 'slots: day1, wk2' in out
-    # Last week's Monday run in day1 is what rotation would remove.
-    assert 'rotation would remove 5 file(s)' in out
+    # Last week's Monday run in day1 is what rotation would remove: four dumps and archives, the
+    # PostgreSQL roles, the MariaDB users, the row counts and the manifest.
+    assert 'rotation would remove 8 file(s)' in out
+    assert 'pg_dumpall --no-password --globals-only' in out
     manifest = next((site.backups / 'day1').glob('assoc-*.sha256'))
     assert str(manifest) in out
 
@@ -94,7 +106,8 @@ def test_status_shows_slots_coverage_and_last_run(site: Site) -> None:
     )
     assert {row['slot'] for row in data['slots']} == {'day1', 'day2', 'wk1'}
     row = next(row for row in data['slots'] if row['slot'] == 'day2')
-    assert row['files'] == 4 and row['bytes'] > 0
+    # psql, mysql, files, binaries, and the PostgreSQL roles, MariaDB users and row counts
+    assert row['files'] == 7 and row['bytes'] > 0
     assert len(row['recipients']) == 2  # read from the ciphertext, no private key needed
     assert data['last_result'] == 'succeeded' and data['last_transfer']
 
@@ -146,8 +159,11 @@ def test_decrypt_round_trips_a_dump_into_a_restorable_database(site: Site) -> No
     site.decrypt(dump, out)
     restored = site.pg_db + '_dec'
     try:
-        sh('createdb', '--', restored)
-        sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', restored, '-f', str(out))
+        # The dump creates its own database (pg_dump --create): give it another name, as the
+        # README's bare way says, and load it from the maintenance database.
+        renamed = site.root / 'renamed.sql'
+        renamed.write_text(out.read_text().replace(site.pg_db, restored))
+        sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', 'postgres', '-f', str(renamed))
         query = 'SELECT * FROM members ORDER BY id'
         assert psql(restored, query) == psql(site.pg_db, query)
     finally:

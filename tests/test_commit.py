@@ -60,11 +60,12 @@ def test_case1_a_commit_that_runs_out_of_room_keeps_the_earlier_run_whole(
     mount_tmpfs(site.backups, mounts, 'size=64m,nr_inodes=1000,mode=0700')
     run_ok(site, faketime=at('2027-01-04'))  # Monday: day1, wk1
     before = site.snapshot(site.backups, site.remote)
-    # Tuesday's run needs day2 (one inode) and its three ciphertexts (three inodes): give it just
-    # those, so that the first file the commit itself creates, the manifest, finds no room.
+    # Tuesday's run needs day2 (one inode) and its five ciphertexts (psql, its roles, the row
+    # counts, files, binaries: five inodes): give it just those, so that the first file the commit
+    # itself creates, the manifest, finds no room.
     used = used_inodes(site.backups)
     subprocess.run(
-        ['mount', '-o', f'remount,nr_inodes={used + 1 + 3}', str(site.backups)], check=True
+        ['mount', '-o', f'remount,nr_inodes={used + 1 + 5}', str(site.backups)], check=True
     )
     mails_before = len(site.mails())
     result = site.run(faketime=at('2027-01-05'))
@@ -127,7 +128,8 @@ def test_case3_a_daily_job_at_the_same_minute_that_fails_removes_yesterdays_plai
     run_ok(site, faketime=at('2027-01-05', '03:00:00'))
     site.write_config(BACKUP_GPG_RECIPIENT=f'"{site.keys.alice} {site.keys.expired}"')
     assert site.run(faketime=at('2027-01-05', '23:00:00')).returncode == 1
-    assert len(list(site.latest.iterdir())) == 3  # psql, files, binaries
+    # psql, its roles, the row counts, files, binaries
+    assert len(list(site.latest.iterdir())) == 5
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -161,7 +163,7 @@ def test_S1_two_backups_sharing_the_folders_never_touch_each_others_runs(site: S
         assert 'removed by retention' in site.mails()[-1]['body']
         if when.endswith('03:40:00'):  # assoc replaced its own plaintext, not shop's
             assert sorted(p.name for p in site.latest.glob('shop-*')) == shop_latest
-            assert len(list(site.latest.glob('assoc-*'))) == 2
+            assert len(list(site.latest.glob('assoc-*'))) == 4  # psql, roles, row counts, files
     # A week later, shop's plaintext expired: the 24-hour bound holds for every backup's files.
     assert list(site.latest.glob('shop-*')) == []
     assert len(runs_in(site.backups / 'day1', 'assoc')) == 1

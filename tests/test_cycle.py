@@ -15,10 +15,18 @@ import ppbackup
 
 
 def restore_postgres(site: Site, encrypted: Path, db: str) -> None:
-    sql = site.root / f'{db}.sql'
-    site.decrypt(encrypted, sql)
-    sh('createdb', '--', db)
-    sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', db, '-f', str(sql))
+    # The dump carries its database (pg_dump --create): restore it under another name.
+    result = site.run(
+        'restore',
+        str(encrypted.parent),
+        '--database',
+        site.pg_db,
+        '--as',
+        db,
+        '--gnupghome',
+        str(site.keys.holder),
+    )
+    assert result.returncode == 0, result.stderr
 
 
 def restore_mysql(site: Site, encrypted: Path, db: str) -> None:
@@ -49,8 +57,11 @@ def test_a_run_backs_up_everything_and_every_copy_restores(site: Site) -> None:
             f'assoc-{run}.sha256',
             f'assoc-binaries-{run}.tar.zst.gpg',
             f'assoc-files-{run}.tar.zst.gpg',
+            f'assoc-mariadb-users-{run}.sql.zst.gpg',
             f'assoc-mysql-{run}.sql.zst.gpg',
+            f'assoc-pg-roles-{run}.sql.zst.gpg',
             f'assoc-psql-{run}.sql.zst.gpg',
+            f'assoc-rowcounts-{run}.json.zst.gpg',
         ]
     )
     # The week slot holds hard links to the database and files copies, and no binaries.
@@ -209,7 +220,8 @@ def test_only_one_day_keeps_just_the_latest_run(site: Site) -> None:
     assert [p.name for p in site.backups.iterdir()] == ['day0']
     day0 = site.backups / 'day0'
     assert slot_runs(day0) == ['assoc-20270112-0500']
-    assert len(list(day0.glob('*.gpg'))) == 3  # psql, files, binaries: no week copies anywhere
+    # psql, its roles, the row counts, files, binaries: no week copies anywhere
+    assert len(list(day0.glob('*.gpg'))) == 5
 
 
 def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> None:
@@ -225,12 +237,13 @@ def test_limit_mb_removes_whole_older_runs_but_never_the_latest(site: Site) -> N
     assert sum(used.values()) <= 2 * 1024 * 1024
     # The latest run (Friday, day5, and its week copy) is complete; the oldest went first.
     assert slot_runs(site.backups / 'day5') == ['assoc-20270108-0300']
-    assert len(list((site.backups / 'day5').glob('*.gpg'))) == 2
+    # psql, its roles, the row counts, files
+    assert len(list((site.backups / 'day5').glob('*.gpg'))) == 4
     assert not (site.backups / 'day1').exists() or not list((site.backups / 'day1').iterdir())
     # A limit smaller than one run keeps that run, whole.
     site.write_config(BACKUP_LIMIT_MB='1')
     assert site.run(faketime=at('2027-01-09')).returncode == 0
-    assert len(list((site.backups / 'day6').glob('*.gpg'))) == 2
+    assert len(list((site.backups / 'day6').glob('*.gpg'))) == 4
 
 
 def test_main_is_callable_in_process(site: Site) -> None:
@@ -251,7 +264,9 @@ def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site:
     assert sorted(p.name for p in day1.iterdir()) == [
         'assoc-20270104-030000-2.sha256',
         'assoc-files-20270104-030000-2.tar.zst.gpg',
+        'assoc-pg-roles-20270104-030000-2.sql.zst.gpg',
         'assoc-psql-20270104-030000-2.sql.zst.gpg',
+        'assoc-rowcounts-20270104-030000-2.json.zst.gpg',
     ]
     assert sorted(p.name for p in (site.remote / 'backups' / 'day1').glob('*.sha256')) == [
         'assoc-20270104-030000-2.sha256',
@@ -259,5 +274,7 @@ def test_a_rerun_in_the_same_second_gets_its_own_id_and_replaces_the_first(site:
     ]
     assert sorted(p.name for p in site.latest.iterdir()) == [
         'assoc-files-20270104-030000-2.tar.zst',
+        'assoc-pg-roles-20270104-030000-2.sql.zst',
         'assoc-psql-20270104-030000-2.sql.zst',
+        'assoc-rowcounts-20270104-030000-2.json.zst',
     ]

@@ -96,7 +96,8 @@ def test_ping_start_then_success_for_a_good_run(site: Site, monitor: Monitor) ->
         ('POST', f'/ping/{TOKEN}'),
     ]
     assert monitor.hits[1][2].startswith('assoc: succeeded in ')
-    assert '4 file(s), 0 warning(s)' in monitor.hits[1][2]
+    # psql, mysql, files, binaries, and the PostgreSQL roles, MariaDB users and row counts
+    assert '7 file(s), 0 warning(s)' in monitor.hits[1][2]
     assert site.subjects() == ['[ppbackup] assoc: succeeded']
 
 
@@ -190,7 +191,15 @@ def test_metrics_after_a_good_and_a_failed_run(site: Site) -> None:
     # Bytes per artifact, raw, compressed and encrypted, each labelled with the artifact.
     artifacts = {labels['artifact']: labels for labels, _ in good['ppbackup_artifact_raw_bytes']}
     assert sorted(artifacts) == sorted(
-        ['binaries', 'files', f'mysql {site.my_db}', f'psql {site.pg_db}']
+        [
+            'binaries',
+            'files',
+            f'mysql {site.my_db}',
+            f'psql {site.pg_db}',
+            'pg roles',
+            'mariadb users',
+            'row counts',
+        ]
     )
     assert artifacts[f'psql {site.pg_db}'] == {
         'backup': 'assoc',

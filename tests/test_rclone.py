@@ -230,7 +230,9 @@ def test_runs_to_each_backend_are_checked_against_the_manifest_and_send_only_the
     result = site.run()
     assert result.returncode == 0, result.stderr
     local = named_files(site)
-    assert len(local) == 9  # day: 4 files and the manifest; week: 3 (no binaries) and its own
+    # day: 7 files (psql, mysql, files, binaries, the PostgreSQL roles, the MariaDB users, the row
+    # counts) and the manifest; week: 6 (no binaries) and its own
+    assert len(local) == 15
     assert backend.files() == local  # every file a manifest names, byte for byte, and no other
     line = transfer_line(site)
     expected_hash = {'local': 'SHA256', 'sftp': 'MD5', 's3': 'MD5'}[backend.kind]
@@ -246,7 +248,7 @@ def test_runs_to_each_backend_are_checked_against_the_manifest_and_send_only_the
     # A second run sends only itself.
     first = backend.files()
     first_day = {name: data for name, data in first.items() if name.startswith('day')}
-    assert len(first_day) == 5
+    assert len(first_day) == 8
     result = site.run(faketime='+1d')  # another day slot: the first run's day files stay there
     assert result.returncode == 0, result.stderr
     after = backend.files()
@@ -254,9 +256,9 @@ def test_runs_to_each_backend_are_checked_against_the_manifest_and_send_only_the
         assert after[name] == data  # never deleted nor rewritten remotely
     local = named_files(site)
     assert {name: after.get(name) for name in local} == local
-    # Sent: the new day slot (4 files and the manifest) and the week slot (3 and the manifest);
+    # Sent: the new day slot (7 files and the manifest) and the week slot (6 and the manifest);
     # nothing of the first run's day slot, which the remote already held.
-    assert '9 file(s) sent' in transfer_line(site), transfer_line(site)
+    assert '15 file(s) sent' in transfer_line(site), transfer_line(site)
 
 
 @pytest.mark.parametrize('backend', ['local', 's3'], indirect=True)
@@ -285,7 +287,7 @@ def test_an_interrupted_upload_is_completed_by_the_next_run(site: Site, backend:
     assert 'FAILED at sync' in result.stderr and 'timeout after 3 s' in result.stderr
     assert 'FAILED at sync' in site.subjects()[-1]
     first_day = {name: data for name, data in named_files(site).items() if name.startswith('day')}
-    assert len(first_day) == 5  # the local slots are complete
+    assert len(first_day) == 8  # the local slots are complete
     assert {name: backend.files().get(name) for name in first_day} != first_day
     site.write_config(BACKUP_SYNC_BWLIMIT=None, BACKUP_SYNC_TIMEOUT=None)
     # The next run, a day later: the first run's day slot stays here, and must now arrive whole.
@@ -335,7 +337,7 @@ def test_a_key_that_cannot_write_fails_the_run_naming_the_remote(site: Site, s3:
     assert f'rclone copy {backend.remote}' in mail['body']
     assert 'AccessDenied' in mail['body']
     assert backend.files() == {}
-    assert len(named_files(site)) == 9  # nothing local is lost
+    assert len(named_files(site)) == 15  # nothing local is lost
     for path in site.backups.rglob('*.gpg'):
         assert path.stat().st_size > 0
 
@@ -399,12 +401,12 @@ def test_a_backend_without_hashes_is_checked_by_size_and_says_so(site: Site, ssh
     result = site.run()
     assert result.returncode == 0, result.stderr
     assert 'succeeded with 1 WARNING(s)' in site.subjects()[-1]
-    assert 'gives no hash for 9 file(s), so only their size was checked' in last_body(site)
-    assert '9 checked against the manifests, by size only' in transfer_line(site)
+    assert 'gives no hash for 15 file(s), so only their size was checked' in last_body(site)
+    assert '15 checked against the manifests, by size only' in transfer_line(site)
     assert folder_backend('sftp', '', folder).files() == named_files(site)
     verify = site.run('verify', '--remote')
     assert verify.returncode == 0, verify.stdout
-    assert verify.stdout.count('only its size was checked') == 9
+    assert verify.stdout.count('only its size was checked') == 15
     check = site.run('check')
     assert 'WARN  remote rclone:bare:' in check.stdout and 'size only' in check.stdout
 

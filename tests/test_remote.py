@@ -84,7 +84,8 @@ def assert_local_slots_complete_and_decryptable(site: Site) -> None:
     week = one(site.backups.glob('wk*'))
     day_files = sorted(path.name for path in day.glob('*.gpg'))
     week_files = sorted(path.name for path in week.glob('*.gpg'))
-    assert len(day_files) == 4  # psql, mysql, files, binaries
+    # psql, mysql, files, binaries, and the PostgreSQL roles, MariaDB users and row counts
+    assert len(day_files) == 7
     assert week_files == [name for name in day_files if '-binaries-' not in name]
     for slot in (day, week):
         manifest = one(slot.glob('*.sha256'))
@@ -173,7 +174,7 @@ def test_sync_over_ssh(site: Site, plain_remote: Sshd) -> None:
     assert log.count('Accepted publickey for root') == 2, log
     local = files_under(site.backups)
     remote = files_under(remote_dir / 'backups')
-    assert len(local) == 9  # day: 4 files + manifest; week: 3 files + manifest
+    assert len(local) == 15  # day: 7 files + manifest; week: 6 files + manifest
     assert remote == local
     # Hard links survive the trip: the week copies cost no disk on the remote either.
     day = one((remote_dir / 'backups').glob('day*'))
@@ -199,7 +200,7 @@ def test_T5_write_only_remote(
     # The transfer and the --checksum verification both went through the forced rrsync -wo.
     assert log.count(f"forced-command (key-option) 'rrsync -wo {folder}'") == 2, log
     assert files_under(folder / 'backups') == files_under(site.backups)
-    assert len(files_under(site.backups)) == 9
+    assert len(files_under(site.backups)) == 15
 
     # Reading back is refused, and nothing arrives.
     for source in ('backups/', f'backups/{one(site.backups.glob("day*")).name}/'):
@@ -260,12 +261,13 @@ def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site
     # The remote never deletes: day1 holds last week's two runs beside this week's run.
     newest_day1 = run_names(day1, '20270111-03')
     last_week_day1 = run_names(day1, '20270104-03') | run_names(day1, '20270104-14')
-    assert len(newest_day1) == 4 and len(last_week_day1) == 8
+    # psql, its roles, the row counts, files, binaries and the manifest, per run
+    assert len(newest_day1) == 6 and len(last_week_day1) == 12
     assert len([name for name in newest_day1 if name.endswith('.sha256')]) == 1
     assert names(day1) == newest_day1 | last_week_day1
     last_week_wk1 = run_names(received / 'wk1', '20270104-03')  # replaced by the 14:00 run
     newest_wk1 = run_names(received / 'wk1', '20270104-14')
-    assert len(last_week_wk1) == len(newest_wk1) == 3
+    assert len(last_week_wk1) == len(newest_wk1) == 5  # psql, roles, row counts, files, manifest
     assert names(received / 'wk1') == last_week_wk1 | newest_wk1
     # Things watch must never touch: a file no manifest names, and anything outside DIR.
     (day1 / 'README.txt').write_text('not a backup\n')
@@ -294,7 +296,7 @@ def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site
     # A week slot keeps only its newest run: week 1's is Monday afternoon's.
     assert names(received / 'wk1') == newest_wk1
     assert names(received / 'wk2') == run_names(received / 'wk2', '20270111-03')
-    assert len(names(received / 'wk2')) == 3
+    assert len(names(received / 'wk2')) == 5
     after = site.snapshot(site.remote, site.backups)
     untouched = {
         path: value for path, value in before.items() if not path.startswith(str(received) + os.sep)

@@ -150,9 +150,10 @@ class Soak:
             site.write_config(BACKUP_REMOTE=str(site.root / 'gone' / 'remote'))
         elif fault == 'enospc':
             # The commit's first new inode, the day manifest's temporary, finds no room: the run
-            # makes a day slot if it has none, and one ciphertext per artifact (psql, files).
+            # makes a day slot if it has none, and one ciphertext per artifact (psql, its roles,
+            # the row counts, files).
             backups = site.backups
-            needed = 2 + (not (backups / f'day{day.isoweekday()}').exists())
+            needed = 4 + (not (backups / f'day{day.isoweekday()}').exists())
             info = os.statvfs(backups)
             limit = info.f_files - info.f_ffree + needed
             subprocess.run(['mount', '-o', f'remount,nr_inodes={limit}', str(backups)], check=True)
