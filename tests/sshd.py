@@ -94,6 +94,13 @@ class Sshd:
         )
         self.authorized_keys.write_text(f'{options} {self.client_pub}\n')
 
+    def allow_user(self, user: str, options: str) -> None:
+        """Let the client key in as ``user`` with ``options`` (a forced command, as in the README)."""
+        (self.folder / f'authorized_keys.{user}').write_text(f'{options} {self.client_pub}\n')
+
+    def forget_user(self, user: str) -> None:
+        (self.folder / f'authorized_keys.{user}').unlink(missing_ok=True)
+
     def deny_all(self) -> None:
         self.authorized_keys.write_text('')
 
@@ -114,7 +121,7 @@ Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
 PidFile {folder / 'sshd.pid'}
-AuthorizedKeysFile {authorized_keys}
+AuthorizedKeysFile {authorized_keys} {folder}/authorized_keys.%u
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
