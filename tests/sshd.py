@@ -94,12 +94,12 @@ class Sshd:
         )
         self.authorized_keys.write_text(f'{options} {self.client_pub}\n')
 
-    def allow_user(self, user: str, options: str) -> None:
-        """Let the client key in as ``user`` with ``options`` (a forced command, as in the README)."""
-        (self.folder / f'authorized_keys.{user}').write_text(f'{options} {self.client_pub}\n')
-
-    def forget_user(self, user: str) -> None:
-        (self.folder / f'authorized_keys.{user}').unlink(missing_ok=True)
+    def allow_in(self, home: Path, options: str) -> None:
+        """Let the client key in as the user whose home is ``home``, with ``options`` (a forced
+        command, as in the README), through a root-owned ``home/.ssh/authorized_keys``."""
+        (home / '.ssh').mkdir(mode=0o755, exist_ok=True)
+        (home / '.ssh' / 'authorized_keys').write_text(f'{options} {self.client_pub}\n')
+        (home / '.ssh' / 'authorized_keys').chmod(0o644)
 
     def deny_all(self) -> None:
         self.authorized_keys.write_text('')
@@ -121,7 +121,7 @@ Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
 PidFile {folder / 'sshd.pid'}
-AuthorizedKeysFile {authorized_keys} {folder}/authorized_keys.%u
+AuthorizedKeysFile {authorized_keys} %h/.ssh/authorized_keys
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -134,6 +134,10 @@ X11Forwarding no
 AllowTcpForwarding no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
+# Other users (a receiving account made by a test) use their own ~/.ssh/authorized_keys, as on a
+# real backup host; root only the test's file.
+Match User root
+  AuthorizedKeysFile {authorized_keys}
 """)
     return config
 
