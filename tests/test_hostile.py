@@ -15,10 +15,12 @@ import dataclasses
 import hashlib
 import json
 import os
+import pwd
 import re
 import secrets
 import shutil
 import subprocess
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -583,3 +585,55 @@ def test_two_senders_one_watch_one_report(
     text = metrics.read_text()
     assert f'ppbackup_watch_problems{{tree="{first.folder}"}} 0' in text
     assert f'ppbackup_watch_problems{{tree="{second.folder}"}} 1' in text
+
+
+def readme_setpriv() -> list[str]:
+    """Return the README's cron line for watch as a dedicated user, up to the ppbackup command."""
+    text = (REPO / 'README.md').read_text()
+    match = re.search(r'root  (/usr/bin/setpriv .*?) /usr/local/bin/ppbackup watch', text)
+    assert match, 'the README shows no setpriv line for a dedicated watch user'
+    return match.group(1).split()
+
+
+def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, make = backup_host
+    host, plain = make('site'), make('shop')
+    watcher = f'ppbw{secrets.token_hex(4)}'
+    sh('useradd', '--system', '--no-create-home', '--user-group', watcher)
+    try:
+        for each in (host, plain):
+            send(site, each)
+            each.kept.mkdir(mode=0o700)
+            shutil.chown(each.kept, watcher, watcher)
+        sent = contents(host.incoming / 'backups')
+        setpriv = [word.replace('ppb-watch', watcher) for word in readme_setpriv()]
+        python = [sys.executable, str(REPO / 'ppbackup.py'), 'watch']
+        # As the README says: the capabilities to read what arrived and to make it its own.
+        ran = sh(*setpriv, *python, str(host.folder), check=False, env=site.env)
+        assert ran.returncode == 0, ran.stderr
+        for path in (host.kept / 'backups').rglob('*.gpg'):
+            twin = host.incoming / 'backups' / path.relative_to(host.kept / 'backups')
+            assert path.stat().st_ino == twin.stat().st_ino  # a link, no extra copy
+            assert path.stat().st_uid == pwd.getpwnam(watcher).pw_uid
+        assert contents(host.kept / 'backups') == sent
+        # The receiving account can no longer rewrite them, even without -no-overwrite.
+        host.allow(readme_options().replace(' -no-overwrite', ''))
+        copy = attacker_copy(site, tmp_path)
+        rewrite_run(copy)
+        inplace = host.push('-a', '--inplace', '--checksum', f'{copy}/backups', f'{host.target}:.')
+        assert inplace.returncode != 0 and 'Permission denied' in inplace.stderr
+        assert contents(host.kept / 'backups') == sent
+        # Without CAP_CHOWN it cannot take a file over: it keeps a checked copy instead.
+        no_chown = [word.replace(',+chown', '') for word in setpriv]
+        ran = sh(*no_chown, *python, str(plain.folder), check=False, env=site.env)
+        assert ran.returncode == 0, ran.stderr
+        for path in (plain.kept / 'backups').rglob('*.gpg'):
+            twin = plain.incoming / 'backups' / path.relative_to(plain.kept / 'backups')
+            assert path.stat().st_ino != twin.stat().st_ino
+            assert path.stat().st_uid == pwd.getpwnam(watcher).pw_uid
+            assert path.read_bytes() == twin.read_bytes()
+    finally:
+        sh('userdel', watcher, check=False)
+        sh('groupdel', watcher, check=False)
