@@ -4018,9 +4018,11 @@ class WatchTree:
                     f'{self.folder}/{WATCH_KEPT}: not a folder, or a symlink ({error.strerror})'
                 )
                 return False
-            if self.kept_fd >= 0 and os.fstat(self.kept_fd).st_uid != os.geteuid():
+            kept = os.fstat(self.kept_fd) if self.kept_fd >= 0 else None
+            if kept and (kept.st_uid != os.geteuid() or kept.st_mode & 0o022):
                 self.report.problems.append(
-                    f'{self.folder}/{WATCH_KEPT} is not owned by the user watch runs as'
+                    f'{self.folder}/{WATCH_KEPT} is not owned by the user watch runs as, or is '
+                    f'writable by others: chown it to that user; chmod 700 {self.folder}/{WATCH_KEPT}'
                 )
                 return False
             try:
@@ -4119,7 +4121,10 @@ class WatchTree:
             if tree.startswith('.'):
                 continue
             where = f'{WATCH_INCOMING}/{shown(tree)}'
-            info = os.stat(tree, dir_fd=self.incoming_fd, follow_symlinks=False)
+            try:
+                info = os.stat(tree, dir_fd=self.incoming_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone while we looked
             if stat.S_ISLNK(info.st_mode):
                 self.report.problems.append(f'{where} is a symlink; not followed')
                 continue
@@ -4496,7 +4501,18 @@ def command_watch(
 ) -> int:
     """Watch every sender's folder: one report, at most one mail; return 1 if anything is wrong."""
     now = time.time()
-    reports = [WatchTree(folder, now, dry_run).watch(max_age_hours) for folder in folders]
+    reports = []
+    for folder in folders:
+        tree = WatchTree(folder, now, dry_run)
+        try:
+            reports.append(tree.watch(max_age_hours))
+        except OSError as error:  # unreadable, read-only, full: say where, and go on with the rest
+            hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+            tree.report.problems.append(
+                f'{folder}: {error.filename or ""}: {error.strerror}{hint}; watch needs read access'
+                ' to incoming/ and its own kept/ (see README, "watch")'
+            )
+            reports.append(tree.report)
     if metrics is not None and not dry_run:
         write_metrics(metrics, reports, now)
     if as_json:

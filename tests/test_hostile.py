@@ -27,17 +27,14 @@ from pathlib import Path
 
 import pytest
 from conftest import CANARY, REPO, Site, sh
-from sshd import Sshd, start_sshd
+from sshd import Sshd, start_sshd, write_only_options
 
 README_FOLDER = '/srv/ppbackup/site'
 
 
 def readme_options() -> str:
     """Return the README's authorized_keys options (the forced command), for /srv/ppbackup/site."""
-    text = (REPO / 'README.md').read_text()
-    match = re.search(r'^(command="/usr/bin/rrsync [^"]*",restrict) ssh-ed25519 ', text, re.M)
-    assert match, 'the README shows no forced command'
-    return match.group(1)
+    return write_only_options(Path(README_FOLDER) / 'incoming')
 
 
 @dataclasses.dataclass

@@ -197,7 +197,12 @@ def test_T5_write_only_remote(
     assert site.subjects() == ['[ppbackup] assoc: succeeded']
     log = log_since(server, offset)
     # The transfer and the --checksum verification both went through the forced rrsync -wo.
-    assert log.count(f"forced-command (key-option) 'rrsync -wo {folder}'") == 2, log
+    assert (
+        log.count(
+            f"forced-command (key-option) '/usr/bin/rrsync -wo -no-del -no-overwrite -munge {folder}'"
+        )
+        == 2
+    ), log
     assert files_under(folder / 'backups') == files_under(site.backups)
     assert len(files_under(site.backups)) == 9
 
