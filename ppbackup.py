@@ -4018,6 +4018,8 @@ class WatchTree:
                     f'{self.folder}/{WATCH_KEPT}: not a folder, or a symlink ({error.strerror})'
                 )
                 return False
+            if self.kept_fd >= 0:
+                fcntl.flock(self.kept_fd, fcntl.LOCK_EX)  # one watch at a time per folder
             kept = os.fstat(self.kept_fd) if self.kept_fd >= 0 else None
             if kept and (kept.st_uid != os.geteuid() or kept.st_mode & 0o022):
                 self.report.problems.append(

@@ -163,11 +163,10 @@ def watch_json(site: Site, *folders: Path, faketime: str | None = None) -> list[
     return rows
 
 
-def restore_newest(site: Site, host: Host, tmp: Path) -> None:
-    """As a key holder, from where the README says: the newest run in kept/, checked against its
-    manifest, the database dump and the files archive decrypted."""
-    row = watch_json(site, host.folder)[0]
-    newest = host.kept / str(row['newest_run'])
+def restore_newest(site: Site, host: Host, tmp: Path, run: str = '') -> None:
+    """As a key holder, from where the README says: the newest run in kept/ (or ``run``), checked
+    against its manifest, the database dump and the files archive decrypted."""
+    newest = host.kept / (run or str(watch_json(site, host.folder)[0]['newest_run']))
     check = sh('sha256sum', '--strict', '-c', newest.name, cwd=newest.parent)
     manifest = newest.read_text().splitlines()
     assert check.stdout.count(': OK') == len(manifest) >= 2
@@ -421,6 +420,9 @@ def test_H4_future_dates_and_a_junk_flood_push_no_real_run_out(
     assert contents(host.kept / 'backups').items() >= kept.items()
     assert real_runs <= set(contents(host.kept / 'backups'))
     assert canaries(base) == outside
+    # The newest run is junk now; the key holder takes the newest real one, by its name.
+    real_day = next(name for name in real_runs if name.startswith('day'))
+    restore_newest(site, host, tmp_path, run=f'backups/{real_day}')
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -503,6 +505,7 @@ def test_H6_no_shell_no_read_no_forward(
     assert 'prohibited' in forward.stderr or 'open failed' in forward.stderr, forward.stderr
     assert contents(host.incoming / 'backups') == arrived
     assert canaries(base) == outside
+    restore_newest(site, host, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------------
