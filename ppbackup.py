@@ -4227,6 +4227,7 @@ class WatchTree:
                 self.report.problems += problems
                 if self.dry_run and not problems:
                     print(f'would keep {self.folder}/{WATCH_KEPT}/{tree}/{slot}/{manifest}')
+                    self._record(key, manifest, entries, opened)  # in memory only
                 return
             self.keep_run(key, tree, slot, manifest, entries, opened)
         finally:
@@ -4264,6 +4265,15 @@ class WatchTree:
             os.fsync(kept_slot_fd)
         finally:
             os.close(kept_slot_fd)
+        self._record(key, manifest, entries, opened)
+
+    def _record(
+        self,
+        key: str,
+        manifest: str,
+        entries: Mapping[str, str],
+        opened: Mapping[str, tuple[int, os.stat_result, str]],
+    ) -> None:
         self.runs[key] = {
             'first_seen': self.now,
             'manifest_name': manifest,
@@ -4271,7 +4281,7 @@ class WatchTree:
             'files': dict(entries),
             'bytes': sum(info.st_size for _, info, _ in opened.values()),
         }
-        self.report.kept_now.append(f'{tree}/{slot}/{manifest}')
+        self.report.kept_now.append(key)
 
     def _keep_file(
         self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int
@@ -4508,6 +4518,8 @@ def command_watch(
         tree = WatchTree(folder, now, dry_run)
         try:
             reports.append(tree.watch(max_age_hours))
+            for key in tree.report.kept_now:
+                log.info('%s: %s %s', folder, 'would keep' if dry_run else 'kept', key)
         except OSError as error:  # unreadable, read-only, full: say where, and go on with the rest
             hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
             tree.report.problems.append(

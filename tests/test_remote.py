@@ -390,6 +390,14 @@ def test_watch_is_quiet_on_a_healthy_tree(site: Site) -> None:
     folder = to_incoming(site)
     run_ok(site)
     mails_before = len(site.mails())
+    dry = site.run('watch', str(folder), '--dry-run')
+    assert dry.returncode == 0, dry.stderr
+    slots = sorted(path.name for path in (folder / 'incoming' / 'backups').iterdir())
+    assert [line.rsplit('/', 2)[1] for line in dry.stdout.splitlines()] == slots
+    assert all(
+        line.startswith(f'would keep {folder}/kept/backups/') for line in dry.stdout.splitlines()
+    )
+    assert not (folder / 'kept').exists()  # a dry run changes nothing
     result = site.run('watch', str(folder), '--mail', 'a@example.org')
     assert result.returncode == 0, result.stderr
     assert result.stdout == '' and result.stderr == ''
