@@ -4474,33 +4474,36 @@ class WatchTree:
             )
 
 
-def write_metrics(path: Path, reports: Sequence[TreeReport], now: float) -> None:
-    """Given watch's reports, replace ``path`` atomically with them in Prometheus text format."""
+def watch_metrics_text(reports: Sequence[TreeReport], now: float) -> str:
+    """Given watch's reports, return its metrics in Prometheus text, one sample per folder."""
 
-    def label(report: TreeReport) -> str:
-        value = str(report.folder).replace('\\', '\\\\').replace('"', '\\"').replace('\n', '\\n')
-        return f'{{tree="{value}"}}'
+    def per_tree(value: Callable[[TreeReport], float]) -> list[Sample]:
+        return [({'tree': str(report.folder)}, value(report)) for report in reports]
 
-    def values(report: TreeReport) -> dict[str, float]:
-        age = now - report.newest_time if report.newest_time is not None else -1
-        return {
-            'newest_run_age_seconds': age,
-            'problems': len(report.problems) + len(report.stale),
-            'runs_kept': report.runs_kept,
-            'bytes_kept': report.bytes_kept,
-        }
-
-    helps = {
-        'newest_run_age_seconds': 'Seconds since watch first saw the newest run (-1: none yet).',
-        'problems': 'Problems found by the last watch run.',
-        'runs_kept': "Runs kept out of the sender's reach.",
-        'bytes_kept': 'Bytes in the runs kept.',
-    }
-    lines = []
-    for name, text in helps.items():
-        lines += [f'# HELP ppbackup_watch_{name} {text}', f'# TYPE ppbackup_watch_{name} gauge']
-        lines += [f'ppbackup_watch_{name}{label(r)} {values(r)[name]:.0f}' for r in reports]
-    write_file_atomically(path, ('\n'.join(lines) + '\n').encode(), now)
+    return prometheus_text(
+        [
+            (
+                'ppbackup_watch_newest_run_age_seconds',
+                'Seconds since watch first saw the newest run kept (+Inf: none).',
+                per_tree(lambda r: now - r.newest_time if r.newest_time is not None else math.inf),
+            ),
+            (
+                'ppbackup_watch_problems',
+                'Problems found by the last watch run.',
+                per_tree(lambda r: len(r.problems) + len(r.stale)),
+            ),
+            (
+                'ppbackup_watch_runs_kept',
+                "Runs kept out of the sender's reach.",
+                per_tree(lambda r: r.runs_kept),
+            ),
+            (
+                'ppbackup_watch_bytes_kept',
+                'Bytes in the runs kept.',
+                per_tree(lambda r: r.bytes_kept),
+            ),
+        ]
+    )
 
 
 def command_watch(
@@ -4527,8 +4530,13 @@ def command_watch(
                 ' to incoming/ and its own kept/ (see README, "watch")'
             )
             reports.append(tree.report)
+    code = EXIT_OK
     if metrics is not None and not dry_run:
-        write_metrics(metrics, reports, now)
+        try:
+            write_metrics(metrics, watch_metrics_text(reports, now))
+        except BackupError as error:
+            print(f'ppbackup watch: {error}', file=sys.stderr)
+            code = EXIT_FAILED
     if as_json:
         rows = [
             {
@@ -4546,7 +4554,7 @@ def command_watch(
         print(json.dumps(rows, indent=2))
     troubled = [r for r in reports if r.problems or r.stale]
     if not troubled:
-        return EXIT_OK
+        return code
     kind = 'FAILED' if any(r.problems for r in troubled) else 'ALERT'
     text = ''
     for r in troubled:
