@@ -604,6 +604,8 @@ def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
     sh('useradd', '--system', '--no-create-home', '--user-group', watcher)
     try:
         for each in (host, plain):
+            if each is plain:  # the attacker's copy of what the first one holds
+                copy = attacker_copy(site, tmp_path)
             send(site, each)
             each.kept.mkdir(mode=0o700)
             shutil.chown(each.kept, watcher, watcher)
@@ -620,7 +622,6 @@ def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
         assert contents(host.kept / 'backups') == sent
         # The receiving account can no longer rewrite them, even without -no-overwrite.
         host.allow(readme_options().replace(' -no-overwrite', ''))
-        copy = attacker_copy(site, tmp_path)
         rewrite_run(copy)
         inplace = host.push('-a', '--inplace', '--checksum', f'{copy}/backups', f'{host.target}:.')
         assert inplace.returncode != 0 and 'Permission denied' in inplace.stderr
