@@ -234,6 +234,9 @@ def test_H1_delete_through_the_forced_command_is_refused(
     assert canaries(base) == outside
     watch(site, host.folder)
     restore_newest(site, host, tmp_path)
+    # The sender's own check of the remote still works through the forced command.
+    verify = site.run('verify', '--remote', extra_env=host.server.env())
+    assert verify.returncode == 0 and 'remote included: all is well' in verify.stdout, verify.stdout
     # A day of normal runs after the attack still arrives, is checked and kept.
     runs_before = watch_json(site, host.folder)[0]['runs_kept']
     send(site, host, faketime='+2h')
