@@ -96,7 +96,6 @@ RUN_PREFIX = '.ppbackup-run-'
 LOCK_NAME = '.ppbackup.lock'
 STATE_SUFFIX = '.state.json'  # one state file per BACKUP_NAME: NAME.state.json
 MANIFEST_SUFFIX = '.sha256'
-PARTIAL_DIR = '.ppbackup-partial'
 DEFAULT_CONFIG = '~/ppbackup.cfg'
 # Debian 12's python3-gnupg; setup.cfg's install_requires says the same.
 MIN_PYTHON_GNUPG = (0, 4, 9)
@@ -2404,13 +2403,16 @@ def sweep_uncommitted(config: Config, slots: Sequence[Path]) -> list[str]:
 
 def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
     """Return rsync's argv start: archive mode, hard links kept (the remote week copy costs no
-    disk either), and an ssh that fails fast."""
+    disk either), and an ssh that fails fast.
+
+    No --partial-dir: the README's forced command (rrsync -no-overwrite) refuses it, and a file cut
+    short is better sent again whole than resumed into a remote that never rewrites what it holds.
+    """
     argv = [
         'rsync',
         '-a',
         *(['-H'] if hard_links else []),
         f'--timeout={RSYNC_IO_TIMEOUT}',
-        f'--partial-dir={PARTIAL_DIR}',
         *([f'--bwlimit={config.sync_bwlimit}'] if config.sync_bwlimit else []),  # KiB/s
     ]
     if ':' in config.remote.split('/', 1)[0]:
@@ -4176,70 +4178,719 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
 
 
 # ---------------------------------------------------------------------------------------------------
-# watch: on the backup host, retention, integrity and freshness of what arrived.
+# watch: on the backup host, keep what arrived out of the sender's reach, check it, apply retention.
+#
+# A sender's folder DIR (root's, or the watch user's) holds ``incoming/``, the receiving account's
+# rrsync folder, and ``kept/``, watch's own. Everything under incoming/ is the sender's word and is
+# treated as hostile: names are data, symlinks are never followed (every open is O_NOFOLLOW and
+# relative to a folder fd), mtimes are ignored. A run (a manifest and the files it names) that
+# passes the SHA-256 check is made read-only and owned by watch, and hard-linked into kept/, where the
+# receiving account cannot reach it; retention counts from when watch first saw a run.
 # ---------------------------------------------------------------------------------------------------
 
+WATCH_INCOMING = 'incoming'
+WATCH_KEPT = 'kept'
+WATCH_STATE = '.ppbackup-watch.json'
+WATCH_DAY_KEEP = 7 * 86400  # a day run: at least 7 days after it arrived
+WATCH_WEEK_KEEP = 53 * 7 * 86400  # the newest week-slot run of an ISO week: 53 weeks
+WATCH_FUTURE_SLACK = 3600  # a clock this far ahead of ours is a lie, not drift
+WATCH_FLOOD_RUNS = 10  # more runs than this arriving within a day is reported
+MANIFEST_MAX_BYTES = 1 << 20
+SLOT_RE = re.compile(r'(day|wk)[0-9]+')
+MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')
+RUN_NAME_RE = re.compile(r'(.+?)-(?:[0-9]{2}xx|[0-9]{8}-[0-9]{6}(?:-[0-9]+)?)\.sha256')
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
-def watch_retention(root: Path) -> list[Path]:
-    """Given a received folder, return the files the sender's rules remove: in a day slot the runs
-    of days before its newest run's day, in a week slot all but the newest run. Never the newest
-    run of a slot, never anything not named by a manifest of the slot."""
-    doomed = []
-    for slot in all_slots(root):
-        runs = slot_runs(slot)
-        if len(runs) < 2:
+
+def shown(name: str) -> str:
+    """Given a name from the received side, return it safe to print: as is if plain, else quoted."""
+    if name.isprintable() and name.strip() == name and name:
+        return name
+    return repr(name)
+
+
+def plain_name_problem(name: str) -> str:
+    """Given a file name from a manifest, return '' if it is a plain file name, else why not."""
+    if not name or name in ('.', '..'):
+        return 'an empty name, "." or ".."'
+    if '/' in name or '\0' in name or '\n' in name or '\r' in name:
+        return 'a path, not a file name (it holds "/", NUL or a line break)'
+    if name.startswith(('-', '.')):
+        return 'it starts with "-" or "."'
+    return ''
+
+
+def _when(stamp: float) -> str:
+    """Given a time from the received side, return it as local time, or the number if absurd."""
+    try:
+        return f'{dt.datetime.fromtimestamp(stamp):%Y-%m-%d %H:%M}'
+    except (OverflowError, ValueError, OSError):
+        return f'{stamp:.0f} s after 1970'
+
+
+def _open_in(dir_fd: int, name: str, flags: int = _OPEN_FILE) -> int:
+    """Given a folder fd and a name in it, open it without following a symlink; raise OSError."""
+    return os.open(name, flags, dir_fd=dir_fd)
+
+
+def _sha256_fd(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while block := os.read(fd, BLOCK):
+        digest.update(block)
+    return digest.hexdigest()
+
+
+def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
+    """Given an open manifest, return ({plain file name: sha256}, problems), each problem named."""
+    data = b''
+    while len(data) <= MANIFEST_MAX_BYTES and (block := os.read(fd, MANIFEST_MAX_BYTES + 1)):
+        data += block
+    if len(data) > MANIFEST_MAX_BYTES:
+        return {}, [f'{where}: larger than {MANIFEST_MAX_BYTES} bytes; not a manifest']
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError:
+        return {}, [f'{where}: not UTF-8 text; not a manifest']
+    entries: dict[str, str] = {}
+    problems = []
+    # Only "\n" ends a line: a name holding "\r" or another separator stays one (refused) name.
+    for number, line in enumerate(text.split('\n'), 1):
+        if not line:
             continue
-        newest = runs[-1]
-        newest_day = dt.date.fromtimestamp(newest.time)
-        keep_files = set(newest.files) | {newest.manifest.name}
-        for run in runs[:-1]:
-            if slot.name.startswith('day') and dt.date.fromtimestamp(run.time) == newest_day:
-                keep_files |= set(run.files) | {run.manifest.name}
-        for run in runs[:-1]:
-            for name in [run.manifest.name, *run.files]:
-                if (
-                    name not in keep_files
-                    and (slot / name).is_file()
-                    and (slot / name) not in doomed
-                ):
-                    doomed.append(slot / name)
-    return doomed
+        match = MANIFEST_LINE_RE.fullmatch(line)
+        if not match:
+            problems.append(f'{where}:{number}: not a "SHA-256  name" line: {shown(line[:80])}')
+            continue
+        why = plain_name_problem(match.group(2))
+        if why:
+            problems.append(f'{where}:{number}: refuses the name {shown(match.group(2))}: {why}')
+            continue
+        entries[match.group(2)] = match.group(1)
+    if not entries and not problems:
+        problems.append(f'{where}: names no file')
+    return entries, problems
 
 
-def command_watch(root: Path, max_age_hours: float, mail: Sequence[str], dry_run: bool) -> int:
-    """Apply retention to a received tree, check every file and the newest run's age; alert."""
-    if not root.is_dir():
-        raise ConfigError(f'{root}: no such folder', step='watch')
-    problems = check_tree(root, None, None)
-    runs = [run for slot in all_slots(root) for run in slot_runs(slot)]
-    newest = max((run.time for run in runs), default=None)
-    if newest is None:
-        problems.append(f'no backup has arrived in {root} (no manifest found)')
-    elif time.time() - newest > max_age_hours * 3600:
-        since = dt.datetime.fromtimestamp(newest)
-        hours = (time.time() - newest) / 3600
-        problems.append(
-            f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
-            f'more than --max-age {max_age_hours:g} h)'
-        )
-    removed = []
-    for path in watch_retention(root):
-        if dry_run:
-            print(f'would remove {path}')
-        else:
-            remove_path(path)
-            removed.append(path)
-    if not problems:
-        return EXIT_OK
-    report = '\n'.join(f'- {problem}' for problem in problems)
-    print(f'ppbackup watch {root}: {len(problems)} problem(s)\n{report}', file=sys.stderr)
-    if mail:
-        kind = 'ALERT' if all('arrived' in problem for problem in problems) else 'FAILED'
-        body = f'ppbackup watch on {os.uname().nodename}, folder {root}\n\n{report}\n'
-        if removed:
-            body += f'\nretention removed {len(removed)} file(s)\n'
+@dataclasses.dataclass
+class TreeReport:
+    """What watch found in one sender's folder: the report, --json and --metrics are made from it."""
+
+    folder: Path
+    names: set[str] = dataclasses.field(default_factory=set)  # BACKUP_NAMEs seen in manifests
+    problems: list[str] = dataclasses.field(default_factory=list)  # tampering, damage: FAILED
+    stale: list[str] = dataclasses.field(default_factory=list)  # nothing arrived: ALERT
+    newest: str = ''
+    newest_time: float | None = None
+    runs_kept: int = 0
+    bytes_kept: int = 0
+    kept_now: list[str] = dataclasses.field(default_factory=list)
+    removed: list[str] = dataclasses.field(default_factory=list)
+
+    def label(self) -> str:
+        names = ', '.join(sorted(self.names)) or 'no backup name seen'
+        return f'{self.folder} ({names})'
+
+
+class WatchTree:
+    """One sender's folder: its incoming/ (hostile), its kept/ and the state watch keeps there."""
+
+    def __init__(self, folder: Path, now: float, dry_run: bool) -> None:
+        self.folder = folder
+        self.now = now
+        self.dry_run = dry_run
+        self.report = TreeReport(folder)
+        self.runs: dict[str, dict[str, Any]] = {}  # "TREE/SLOT/MANIFEST" -> what was kept
+        self.kept_fd = -1
+        self.incoming_fd = -1
+        self.receiver_uid = -1
+        self.kept_inodes: set[tuple[int, int]] = set()
+        self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
+        self.saved = b''  # the state as read: written again only when it changed
+
+    # -- folders -----------------------------------------------------------------------------------
+
+    def open_folders(self) -> bool:
+        """Open DIR, kept/ and incoming/; return False (with a problem) if DIR is unsafe or absent."""
         try:
-            send_mail(mail, f'[ppbackup] watch {root.name}: {kind}', body)
+            info = self.folder.lstat()
+        except OSError as error:
+            raise ConfigError(f'{self.folder}: {error.strerror}', step='watch') from error
+        if not stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f'{self.folder}: not a folder (or a symlink)', step='watch')
+        if info.st_uid not in (0, os.geteuid()) or info.st_mode & 0o022:
+            self.report.problems.append(
+                f'{self.folder}: owned by uid {info.st_uid} or writable by others (mode '
+                f'{stat.S_IMODE(info.st_mode):o}): the receiving account could swap kept/ out. '
+                f'chown root {self.folder}; chmod 755 {self.folder}'
+            )
+            return False
+        dir_fd = os.open(self.folder, _OPEN_DIR)
+        try:
+            if not self.dry_run:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(WATCH_KEPT, 0o700, dir_fd=dir_fd)
+            try:
+                self.kept_fd = _open_in(dir_fd, WATCH_KEPT, _OPEN_DIR)
+            except FileNotFoundError:
+                pass  # a dry run before the first real one
+            except OSError as error:
+                self.report.problems.append(
+                    f'{self.folder}/{WATCH_KEPT}: not a folder, or a symlink ({error.strerror})'
+                )
+                return False
+            if self.kept_fd >= 0:
+                fcntl.flock(self.kept_fd, fcntl.LOCK_EX)  # one watch at a time per folder
+            kept = os.fstat(self.kept_fd) if self.kept_fd >= 0 else None
+            if kept and (kept.st_uid != os.geteuid() or kept.st_mode & 0o022):
+                self.report.problems.append(
+                    f'{self.folder}/{WATCH_KEPT} is not owned by the user watch runs as, or is '
+                    f'writable by others: chown it to that user; chmod 700 {self.folder}/{WATCH_KEPT}'
+                )
+                return False
+            try:
+                self.incoming_fd = _open_in(dir_fd, WATCH_INCOMING, _OPEN_DIR)
+                self.receiver_uid = os.fstat(self.incoming_fd).st_uid
+            except FileNotFoundError:
+                pass  # nothing arrived yet: the freshness check says so
+            except OSError as error:
+                self.report.problems.append(
+                    f'{self.folder}/{WATCH_INCOMING}: not a folder, or a symlink '
+                    f'({error.strerror}); not followed'
+                )
+        finally:
+            os.close(dir_fd)
+        return True
+
+    def close(self) -> None:
+        for fd in (self.kept_fd, self.incoming_fd):
+            if fd >= 0:
+                os.close(fd)
+
+    def _subdir(self, parent_fd: int, name: str, create: bool) -> int:
+        """Given a folder fd, return an fd of its subfolder ``name`` (made 0700 if ``create``)."""
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+        return _open_in(parent_fd, name, _OPEN_DIR)
+
+    def _kept_slot(self, tree: str, slot: str, create: bool) -> int:
+        if self.kept_fd < 0:
+            raise FileNotFoundError(errno.ENOENT, 'no kept folder yet')
+        tree_fd = self._subdir(self.kept_fd, tree, create)
+        try:
+            return self._subdir(tree_fd, slot, create)
+        finally:
+            os.close(tree_fd)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def load_state(self) -> None:
+        if self.kept_fd < 0:
+            return
+        try:
+            fd = _open_in(self.kept_fd, WATCH_STATE)
+        except FileNotFoundError:
+            return
+        try:
+            with os.fdopen(fd, 'rb') as handle:
+                self.saved = handle.read()
+                data = json.loads(self.saved)
+        except (OSError, ValueError) as error:
+            raise BackupError(
+                f'{self.folder}/{WATCH_KEPT}/{WATCH_STATE} is unreadable ({error}); restore it or '
+                'move it aside (watch then sees every run in kept/ as new)',
+                step='watch',
+            ) from error
+        runs = data.get('runs', {}) if isinstance(data, dict) else {}
+        self.runs = runs if isinstance(runs, dict) else {}
+        for key, run in self.runs.items():
+            for name in [run['manifest_name'], *run['files']]:
+                with contextlib.suppress(OSError):
+                    info = os.stat(
+                        self._kept_rel(key, name), dir_fd=self.kept_fd, follow_symlinks=False
+                    )
+                    self.kept_inodes.add((info.st_dev, info.st_ino))
+
+    def save_state(self) -> None:
+        if self.dry_run or self.kept_fd < 0:
+            return
+        data = json.dumps({'version': 1, 'runs': self.runs}, indent=1, sort_keys=True).encode()
+        if data == self.saved:
+            return
+        tmp = f'{TMP_PREFIX}{os.getpid()}-{WATCH_STATE}'
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=self.kept_fd
+        )
+        with os.fdopen(fd, 'wb') as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, WATCH_STATE, src_dir_fd=self.kept_fd, dst_dir_fd=self.kept_fd)
+        os.fsync(self.kept_fd)
+
+    @staticmethod
+    def _kept_rel(key: str, name: str) -> str:
+        tree, slot, _ = key.split('/')
+        return f'{tree}/{slot}/{name}'
+
+    # -- arrivals ----------------------------------------------------------------------------------
+
+    def scan_incoming(self) -> None:
+        """Look at every run in incoming/: keep the new ones that pass, check the kept ones."""
+        if self.incoming_fd < 0:
+            return
+        for tree in sorted(os.listdir(self.incoming_fd)):
+            if tree.startswith('.'):
+                continue
+            where = f'{WATCH_INCOMING}/{shown(tree)}'
+            try:
+                info = os.stat(tree, dir_fd=self.incoming_fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue  # gone while we looked
+            if stat.S_ISLNK(info.st_mode):
+                self.report.problems.append(f'{where} is a symlink; not followed')
+                continue
+            if not stat.S_ISDIR(info.st_mode) or plain_name_problem(tree):
+                continue
+            tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
+            try:
+                for slot in sorted(os.listdir(tree_fd)):
+                    if not SLOT_RE.fullmatch(slot):
+                        continue
+                    if stat.S_ISLNK(os.stat(slot, dir_fd=tree_fd, follow_symlinks=False).st_mode):
+                        self.report.problems.append(f'{where}/{slot} is a symlink; not followed')
+                        continue
+                    try:
+                        slot_fd = _open_in(tree_fd, slot, _OPEN_DIR)
+                    except OSError:
+                        continue  # not a folder: not a slot
+                    try:
+                        for manifest in sorted(os.listdir(slot_fd)):
+                            if manifest.endswith(MANIFEST_SUFFIX) and not manifest.startswith('.'):
+                                self.look_at_run(tree, slot, manifest, slot_fd)
+                    finally:
+                        os.close(slot_fd)
+            finally:
+                os.close(tree_fd)
+
+    def _open_received(self, slot_fd: int, name: str, where: str) -> tuple[int, os.stat_result]:
+        """Given a received name, return (fd, stat) of a regular file; raise ValueError why not."""
+        try:
+            fd = _open_in(slot_fd, name)
+        except FileNotFoundError as error:
+            raise ValueError(f'{where}: named by the manifest but missing') from error
+        except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise ValueError(f'{where}: a symlink; not followed') from error
+            raise ValueError(f'{where}: cannot open: {error.strerror}') from error
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            os.close(fd)
+            raise ValueError(f'{where}: not a regular file')
+        return fd, info
+
+    def look_at_run(self, tree: str, slot: str, manifest: str, slot_fd: int) -> None:
+        key = f'{tree}/{slot}/{manifest}'
+        where = f'{shown(tree)}/{slot}/{shown(manifest)}'
+        match = RUN_NAME_RE.fullmatch(manifest)
+        self.report.names.add(shown(match.group(1) if match else manifest))
+        why = plain_name_problem(manifest)
+        if why:
+            self.report.problems.append(f'{where}: refused as a manifest name: {why}')
+            return
+        if key in self.runs:
+            self.recheck_kept_run(key, where, slot_fd)
+            return
+        opened: dict[str, tuple[int, os.stat_result, str]] = {}
+        problems: list[str] = []
+        try:
+            try:
+                fd, info = self._open_received(slot_fd, manifest, where)
+            except ValueError as error:
+                self.report.problems.append(str(error))
+                return
+            opened[manifest] = (fd, info, _sha256_fd(fd))
+            os.lseek(fd, 0, os.SEEK_SET)
+            entries, problems = _read_manifest_fd(fd, where)
+            for name, digest in entries.items():
+                file_where = f'{shown(tree)}/{slot}/{name}'
+                try:
+                    fd, info = self._open_received(slot_fd, name, file_where)
+                except ValueError as error:
+                    problems.append(str(error))
+                    continue
+                opened[name] = (fd, info, '')
+                if stat.S_IMODE(info.st_mode) & (stat.S_ISUID | stat.S_ISGID):
+                    problems.append(f'{file_where}: setuid or setgid; refused')
+                    continue
+                actual = _sha256_fd(fd)
+                opened[name] = (fd, info, actual)
+                if actual != digest:
+                    problems.append(
+                        f'{file_where}: SHA-256 does not match the manifest (altered or truncated)'
+                    )
+            for name, (_, info, _) in opened.items():
+                if info.st_mtime > self.now + WATCH_FUTURE_SLACK:
+                    # Reported, and still kept: the bytes are sound, only the date lies.
+                    self.report.problems.append(
+                        f'{shown(tree)}/{slot}/{shown(name)}: dated '
+                        f'{_when(info.st_mtime)}, in the future '
+                        "of this host's clock (retention here uses watch's own times)"
+                    )
+                mine = (info.st_dev, info.st_ino) in self.kept_inodes
+                if info.st_uid != self.receiver_uid and not mine:
+                    problems.append(
+                        f'{shown(tree)}/{slot}/{shown(name)}: owned by uid {info.st_uid}, not by '
+                        'the receiving account; not taken'
+                    )
+            if problems or self.dry_run:
+                self.report.problems += problems
+                if self.dry_run and not problems:
+                    print(f'would keep {self.folder}/{WATCH_KEPT}/{tree}/{slot}/{manifest}')
+                    self._record(key, manifest, entries, opened)  # in memory only
+                return
+            self.keep_run(key, tree, slot, manifest, entries, opened)
+        finally:
+            for fd, _, _ in opened.values():
+                os.close(fd)
+
+    def keep_run(
+        self,
+        key: str,
+        tree: str,
+        slot: str,
+        manifest: str,
+        entries: Mapping[str, str],
+        opened: Mapping[str, tuple[int, os.stat_result, str]],
+    ) -> None:
+        """Make a checked run unchangeable from the receiving account and link it into kept/."""
+        kept_slot_fd = self._kept_slot(tree, slot, create=True)
+        try:
+            clashes = []
+            for name, (_, info, digest) in opened.items():
+                with contextlib.suppress(FileNotFoundError):
+                    kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+                    if (kept.st_dev, kept.st_ino) != (info.st_dev, info.st_ino):
+                        clashes.append(name)
+            if clashes:
+                # Same name, other inode: the version that arrived first stays; this one is news.
+                self.report.problems += [
+                    f'{shown(tree)}/{slot}/{shown(name)}: arrived again with other content; the '
+                    f'first version stays in {self.folder}/{WATCH_KEPT}'
+                    for name in clashes
+                ]
+                return
+            for name, (fd, info, digest) in opened.items():
+                self._keep_file(fd, info, name, digest, kept_slot_fd)
+            os.fsync(kept_slot_fd)
+        finally:
+            os.close(kept_slot_fd)
+        self._record(key, manifest, entries, opened)
+
+    def _record(
+        self,
+        key: str,
+        manifest: str,
+        entries: Mapping[str, str],
+        opened: Mapping[str, tuple[int, os.stat_result, str]],
+    ) -> None:
+        self.runs[key] = {
+            'first_seen': self.now,
+            'manifest_name': manifest,
+            'manifest_sha256': opened[manifest][2],
+            'files': dict(entries),
+            'bytes': sum(info.st_size for _, info, _ in opened.values()),
+        }
+        self.report.kept_now.append(key)
+
+    def _keep_file(
+        self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int
+    ) -> None:
+        with contextlib.suppress(FileExistsError):  # the week slot's twin was linked already
+            if not self.copy_instead:
+                try:
+                    # Owned by watch: the receiving account can no longer write, chmod or
+                    # rewrite this inode in place; renaming a new file over its name leaves ours.
+                    # The mode stays as sent (an rsync that finds it changed would try to set it
+                    # back, and fail), less any write bit for group and others.
+                    if info.st_uid != os.geteuid():
+                        os.fchown(fd, os.geteuid(), -1)
+                    if stat.S_IMODE(info.st_mode) & 0o7022:
+                        os.fchmod(fd, stat.S_IMODE(info.st_mode) & ~0o7022)
+                except PermissionError:
+                    self.copy_instead = True  # a watch user without CAP_CHOWN: one extra copy
+            if not self.copy_instead and os.fstat(kept_slot_fd).st_dev == info.st_dev:
+                os.link(f'/proc/self/fd/{fd}', name, dst_dir_fd=kept_slot_fd, follow_symlinks=True)
+            else:
+                self._copy_file(fd, name, digest, kept_slot_fd)
+        kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+        self.kept_inodes.add((kept.st_dev, kept.st_ino))
+
+    @staticmethod
+    def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
+        tmp = f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}'
+        out = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444, dir_fd=kept_slot_fd
+        )
+        try:
+            hasher = hashlib.sha256()
+            os.lseek(fd, 0, os.SEEK_SET)
+            while block := os.read(fd, BLOCK):
+                hasher.update(block)
+                view = memoryview(block)
+                while view:
+                    view = view[os.write(out, view) :]
+            os.fsync(out)
+            if hasher.hexdigest() != digest:
+                raise BackupError(f'{name} changed while it was copied; not kept', step='watch')
+            os.link(tmp, name, src_dir_fd=kept_slot_fd, dst_dir_fd=kept_slot_fd)
+        finally:
+            os.close(out)
+            os.unlink(tmp, dir_fd=kept_slot_fd)
+
+    def recheck_kept_run(self, key: str, where: str, slot_fd: int) -> None:
+        """A kept run: its received names must still be the kept inodes (or the same bytes)."""
+        run = self.runs[key]
+        expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
+        try:
+            tree, slot, _ = key.split('/')
+            kept_slot_fd = self._kept_slot(tree, slot, create=False)
+        except OSError:
+            self.report.problems.append(f'{where}: its kept copy is gone from {WATCH_KEPT}/')
+            return
+        try:
+            for name, digest in expected.items():
+                file_where = f'{where.rsplit("/", 1)[0]}/{shown(name)}'
+                try:
+                    kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    self.report.problems.append(f'{file_where}: its kept copy is missing')
+                    continue
+                try:
+                    received = os.stat(name, dir_fd=slot_fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue  # gone from incoming/: the kept copy is what counts
+                if (received.st_dev, received.st_ino) == (kept.st_dev, kept.st_ino):
+                    continue
+                try:
+                    fd, _ = self._open_received(slot_fd, name, file_where)
+                except ValueError as error:
+                    self.report.problems.append(
+                        f'{error}, after it arrived; the first version is kept'
+                    )
+                    continue
+                try:
+                    same = _sha256_fd(fd) == digest
+                finally:
+                    os.close(fd)
+                if not same:
+                    self.report.problems.append(
+                        f'{file_where}: changed after it arrived (rewritten by the sender); the '
+                        f'version that arrived first is kept in {self.folder}/{WATCH_KEPT}'
+                    )
+        finally:
+            os.close(kept_slot_fd)
+
+    # -- retention ---------------------------------------------------------------------------------
+
+    def expired(self) -> list[str]:
+        """Return the kept runs whose time is up, by the times watch recorded: a run stays 7 days
+        after it arrived, the newest week-slot run of each ISO week (per backup name) 53 weeks,
+        and the newest run always."""
+        if not self.runs:
+            return []
+        newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
+        week_newest: dict[tuple[str, str, tuple[int, int]], str] = {}
+        for key, run in sorted(self.runs.items(), key=lambda item: item[1]['first_seen']):
+            tree, slot, manifest = key.split('/')
+            if slot.startswith('wk'):
+                match = RUN_NAME_RE.fullmatch(manifest)
+                iso = dt.datetime.fromtimestamp(run['first_seen']).isocalendar()
+                week_newest[tree, match.group(1) if match else '', (iso[0], iso[1])] = key
+        weekly = set(week_newest.values())
+        doomed = []
+        for key, run in self.runs.items():
+            age = self.now - run['first_seen']
+            if key == newest or age <= WATCH_DAY_KEEP or (key in weekly and age <= WATCH_WEEK_KEEP):
+                continue
+            doomed.append(key)
+        return sorted(doomed)
+
+    def apply_retention(self) -> None:
+        """Remove the expired runs from kept/, and their names in incoming/ that are the same
+        inodes (nothing else there is touched)."""
+        for key in self.expired():
+            run = self.runs[key]
+            tree, slot, _ = key.split('/')
+            names = [run['manifest_name'], *run['files']]
+            if self.dry_run:
+                print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
+                continue
+            kept_slot_fd = self._kept_slot(tree, slot, create=False)
+            received_fd = -1
+            with contextlib.suppress(OSError):
+                tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
+                try:
+                    received_fd = _open_in(tree_fd, slot, _OPEN_DIR)
+                finally:
+                    os.close(tree_fd)
+            try:
+                for name in names:
+                    try:
+                        kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+                    except FileNotFoundError:
+                        continue
+                    if received_fd >= 0:
+                        with contextlib.suppress(FileNotFoundError):
+                            there = os.stat(name, dir_fd=received_fd, follow_symlinks=False)
+                            if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
+                                os.unlink(name, dir_fd=received_fd)
+                    os.unlink(name, dir_fd=kept_slot_fd)
+            finally:
+                os.close(kept_slot_fd)
+                if received_fd >= 0:
+                    os.close(received_fd)
+            del self.runs[key]
+            self.report.removed.append(key)
+
+    # -- the whole look ----------------------------------------------------------------------------
+
+    def watch(self, max_age_hours: float) -> TreeReport:
+        """Keep and check what arrived, apply retention, and sum up; return the report."""
+        try:
+            if not self.open_folders():
+                return self.report
+            self.load_state()
+            # Retention first: a name freed by an expired run may arrive again, rightly.
+            self.apply_retention()
+            self.scan_incoming()
+            self.save_state()
+            self.sum_up(max_age_hours)
+        finally:
+            self.close()
+        return self.report
+
+    def sum_up(self, max_age_hours: float) -> None:
+        report = self.report
+        report.runs_kept = len(self.runs)
+        report.bytes_kept = sum(int(run.get('bytes', 0)) for run in self.runs.values())
+        if self.runs:
+            report.newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
+            report.newest_time = float(self.runs[report.newest]['first_seen'])
+        if report.newest_time is None:
+            report.stale.append(f'no backup has arrived in {self.folder}/{WATCH_INCOMING}')
+        elif self.now - report.newest_time > max_age_hours * 3600:
+            since = dt.datetime.fromtimestamp(report.newest_time)
+            hours = (self.now - report.newest_time) / 3600
+            report.stale.append(
+                f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
+                f'more than --max-age {max_age_hours:g} h)'
+            )
+        recent = [run for run in self.runs.values() if self.now - run['first_seen'] < 86400]
+        if len(recent) > WATCH_FLOOD_RUNS:
+            report.problems.append(
+                f'{len(recent)} runs arrived within a day (more than {WATCH_FLOOD_RUNS}): a flood '
+                'of junk? Every one is kept for its time; nothing older goes sooner'
+            )
+
+
+def watch_metrics_text(reports: Sequence[TreeReport], now: float) -> str:
+    """Given watch's reports, return its metrics in Prometheus text, one sample per folder."""
+
+    def per_tree(value: Callable[[TreeReport], float]) -> list[Sample]:
+        return [({'tree': str(report.folder)}, value(report)) for report in reports]
+
+    return prometheus_text(
+        [
+            (
+                'ppbackup_watch_newest_run_age_seconds',
+                'Seconds since watch first saw the newest run kept (+Inf: none).',
+                per_tree(lambda r: now - r.newest_time if r.newest_time is not None else math.inf),
+            ),
+            (
+                'ppbackup_watch_problems',
+                'Problems found by the last watch run.',
+                per_tree(lambda r: len(r.problems) + len(r.stale)),
+            ),
+            (
+                'ppbackup_watch_runs_kept',
+                "Runs kept out of the sender's reach.",
+                per_tree(lambda r: r.runs_kept),
+            ),
+            (
+                'ppbackup_watch_bytes_kept',
+                'Bytes in the runs kept.',
+                per_tree(lambda r: r.bytes_kept),
+            ),
+        ]
+    )
+
+
+def command_watch(
+    folders: Sequence[Path],
+    max_age_hours: float,
+    mail: Sequence[str],
+    dry_run: bool,
+    as_json: bool = False,
+    metrics: Path | None = None,
+) -> int:
+    """Watch every sender's folder: one report, at most one mail; return 1 if anything is wrong."""
+    now = time.time()
+    reports = []
+    for folder in folders:
+        tree = WatchTree(folder, now, dry_run)
+        try:
+            reports.append(tree.watch(max_age_hours))
+            for key in tree.report.kept_now:
+                log.info('%s: %s %s', folder, 'would keep' if dry_run else 'kept', key)
+        except OSError as error:  # unreadable, read-only, full: say where, and go on with the rest
+            hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+            tree.report.problems.append(
+                f'{folder}: {error.filename or ""}: {error.strerror}{hint}; watch needs read access'
+                ' to incoming/ and its own kept/ (see README, "watch")'
+            )
+            reports.append(tree.report)
+    code = EXIT_OK
+    if metrics is not None and not dry_run:
+        try:
+            write_metrics(metrics, watch_metrics_text(reports, now))
+        except BackupError as error:
+            print(f'ppbackup watch: {error}', file=sys.stderr)
+            code = EXIT_FAILED
+    if as_json:
+        rows = [
+            {
+                'tree': str(r.folder),
+                'names': sorted(r.names),
+                'newest_run': r.newest or None,
+                'newest_run_first_seen': r.newest_time,
+                'newest_run_age_hours': (now - r.newest_time) / 3600 if r.newest_time else None,
+                'runs_kept': r.runs_kept,
+                'bytes_kept': r.bytes_kept,
+                'problems': [*r.problems, *r.stale],
+            }
+            for r in reports
+        ]
+        print(json.dumps(rows, indent=2))
+    troubled = [r for r in reports if r.problems or r.stale]
+    if not troubled:
+        return code
+    kind = 'FAILED' if any(r.problems for r in troubled) else 'ALERT'
+    text = ''
+    for r in troubled:
+        found = [*r.problems, *r.stale]
+        text += f'{r.label()}: {len(found)} problem(s)\n' + ''.join(f'- {p}\n' for p in found)
+    print(f'ppbackup watch: {kind}\n{text}', file=sys.stderr, end='')
+    if mail:
+        body = f'ppbackup watch on {os.uname().nodename}: {kind}\n\n{text}'
+        body += '\nWhat passed the check before stays in each kept/ folder; see README, "watch".\n'
+        subject = f'[ppbackup] watch on {os.uname().nodename}: {kind}: ' + ', '.join(
+            r.label() for r in troubled
+        )
+        try:
+            send_mail(mail, subject, body)
         except BackupError as error:
             print(f'ppbackup: the alert mail could not be sent: {error}', file=sys.stderr)
     return EXIT_FAILED
@@ -5207,11 +5858,19 @@ def build_parser() -> argparse.ArgumentParser:
     decrypt.add_argument('-o', '--output', help='output file (default: stdout)')
     decrypt.add_argument('--gnupghome', help='GnuPG home with the private key')
     commands.add_parser('demo', help='run the whole cycle on sample data in a throwaway folder')
-    watch = commands.add_parser('watch', help='on the backup host: retention, integrity, freshness')
-    watch.add_argument('dir', type=Path)
+    watch = commands.add_parser(
+        'watch', help="on the backup host: keep what arrived out of the sender's reach, check it"
+    )
+    watch.add_argument('dir', type=Path, nargs='+', help="a sender's folder: incoming/ and kept/")
     watch.add_argument('--max-age', type=float, default=26, help='hours (default 26)')
     watch.add_argument('--mail', default='', help='comma-separated addresses to alert')
-    watch.add_argument('--dry-run', action='store_true', help='print what retention would remove')
+    watch.add_argument(
+        '--dry-run',
+        action='store_true',
+        help='print what would be kept and removed; change nothing',
+    )
+    watch.add_argument('--json', action='store_true', help='print JSON per folder for monitoring')
+    watch.add_argument('--metrics', type=Path, help='write Prometheus metrics to this file')
     restore = commands.add_parser(
         'restore', help='as a key holder: load a run into database servers (roles first)'
     )
@@ -5299,7 +5958,7 @@ def dispatch(args: argparse.Namespace) -> int:
         )
     if command == 'watch':
         mail = parse_mail_list(args.mail, 'watch')
-        return command_watch(args.dir, args.max_age, mail, args.dry_run)
+        return command_watch(args.dir, args.max_age, mail, args.dry_run, args.json, args.metrics)
     try:
         config = load_config(config_path_from(args.config))
     except ConfigError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import shlex
 import socket
 import subprocess
@@ -25,6 +26,14 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(('127.0.0.1', 0))
         return sock.getsockname()[1]
+
+
+def write_only_options(folder: Path) -> str:
+    """Return the README's authorized_keys options (its forced command) for ``folder``."""
+    text = (Path(__file__).resolve().parent.parent / 'README.md').read_text()
+    match = re.search(r'^(command="/usr/bin/rrsync [^"]*",restrict) ssh-ed25519 ', text, re.M)
+    assert match, 'the README shows no forced command'
+    return match.group(1).replace('/srv/ppbackup/site/incoming', str(folder))
 
 
 def keygen(path: Path, comment: str) -> str:
@@ -87,12 +96,16 @@ class Sshd:
         self.authorized_keys.write_text(self.client_pub + '\n')
 
     def allow_write_only(self, folder: Path) -> None:
-        """Let the client key in only through ``rrsync -wo folder``: writes below it, no reads."""
-        options = (
-            f'command="rrsync -wo {folder}",no-pty,no-agent-forwarding,'
-            'no-port-forwarding,no-X11-forwarding'
-        )
-        self.authorized_keys.write_text(f'{options} {self.client_pub}\n')
+        """Let the client key in only through the README's forced command, ``rrsync -wo -no-del
+        -no-overwrite -munge folder``: it adds below it; it cannot read, delete or rewrite."""
+        self.authorized_keys.write_text(f'{write_only_options(folder)} {self.client_pub}\n')
+
+    def allow_in(self, home: Path, options: str) -> None:
+        """Let the client key in as the user whose home is ``home``, with ``options`` (a forced
+        command, as in the README), through a root-owned ``home/.ssh/authorized_keys``."""
+        (home / '.ssh').mkdir(mode=0o755, exist_ok=True)
+        (home / '.ssh' / 'authorized_keys').write_text(f'{options} {self.client_pub}\n')
+        (home / '.ssh' / 'authorized_keys').chmod(0o644)
 
     def deny_all(self) -> None:
         self.authorized_keys.write_text('')
@@ -114,7 +127,7 @@ Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
 PidFile {folder / 'sshd.pid'}
-AuthorizedKeysFile {authorized_keys}
+AuthorizedKeysFile {authorized_keys} %h/.ssh/authorized_keys
 PermitRootLogin prohibit-password
 PubkeyAuthentication yes
 PasswordAuthentication no
@@ -127,6 +140,10 @@ X11Forwarding no
 AllowTcpForwarding no
 Subsystem sftp internal-sftp
 LogLevel VERBOSE
+# Other users (a receiving account made by a test) use their own ~/.ssh/authorized_keys, as on a
+# real backup host; root only the test's file.
+Match User root
+  AuthorizedKeysFile {authorized_keys}
 """)
     return config
 

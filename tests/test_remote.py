@@ -198,7 +198,12 @@ def test_T5_write_only_remote(
     assert site.subjects() == ['[ppbackup] assoc: succeeded']
     log = log_since(server, offset)
     # The transfer and the --checksum verification both went through the forced rrsync -wo.
-    assert log.count(f"forced-command (key-option) 'rrsync -wo {folder}'") == 2, log
+    assert (
+        log.count(
+            f"forced-command (key-option) '/usr/bin/rrsync -wo -no-del -no-overwrite -munge {folder}'"
+        )
+        == 2
+    ), log
     assert files_under(folder / 'backups') == files_under(site.backups)
     assert len(files_under(site.backups)) == 15
 
@@ -247,71 +252,79 @@ def names(slot: Path) -> set[str]:
     return {path.name for path in slot.iterdir()}
 
 
-def run_names(slot: Path, run: str) -> set[str]:
-    """Return the names in a slot of one run, given its id to the hour (YYYYMMDD-HH)."""
-    return {path.name for path in slot.iterdir() if f'-{run}' in path.name}
+def to_incoming(site: Site) -> Path:
+    """Send to SITE.remote/incoming, the layout watch expects: return the sender's folder."""
+    site.write_config(BACKUP_REMOTE=str(site.remote / 'incoming'))
+    return site.remote
 
 
-def test_watch_removes_last_weeks_runs_from_a_day_slot_and_keeps_the_newest(site: Site) -> None:
+def runs_in(slot: Path) -> set[str]:
+    return {path.name for path in slot.glob('*.sha256')}
+
+
+def test_watch_keeps_runs_by_its_own_clock_and_prunes_both_copies(site: Site) -> None:
+    folder = to_incoming(site)
     site.write_config(BACKUP_MYSQL_DB=None)
-    for when in (at('2027-01-04'), at('2027-01-04', '14:00:00'), at('2027-01-11')):
-        run_ok(site, faketime=when)
-    received = site.remote / 'backups'
-    day1 = received / 'day1'
-    # The remote never deletes: day1 holds last week's two runs beside this week's run.
-    newest_day1 = run_names(day1, '20270111-03')
-    last_week_day1 = run_names(day1, '20270104-03') | run_names(day1, '20270104-14')
-    # psql, its roles, the row counts, files, binaries and the manifest, per run
-    assert len(newest_day1) == 6 and len(last_week_day1) == 12
-    assert len([name for name in newest_day1 if name.endswith('.sha256')]) == 1
-    assert names(day1) == newest_day1 | last_week_day1
-    last_week_wk1 = run_names(received / 'wk1', '20270104-03')  # replaced by the 14:00 run
-    newest_wk1 = run_names(received / 'wk1', '20270104-14')
-    assert len(last_week_wk1) == len(newest_wk1) == 5  # psql, roles, row counts, files, manifest
-    assert names(received / 'wk1') == last_week_wk1 | newest_wk1
+    received = folder / 'incoming' / 'backups'
+    kept = folder / 'kept' / 'backups'
+    # Each run is seen by watch an hour after it was made: that is when its time starts here.
+    seen_in: dict[str, set[str]] = {}
+    for day, hour in (
+        ('2027-01-04', '03:00:00'),
+        ('2027-01-04', '14:00:00'),
+        ('2027-01-11', '02:00:00'),
+    ):
+        before_run = runs_in(kept / 'wk1') | runs_in(kept / 'day1') if kept.exists() else set()
+        run_ok(site, faketime=at(day, hour))
+        seen = f'{int(hour[:2]) + 1:02d}:00:00'
+        watched = site.run('watch', str(folder), faketime=at(day, seen))
+        assert watched.returncode == 0, watched.stderr
+        seen_in[hour] = runs_in(kept / 'day1') - before_run
+    day1, wk1, wk2 = kept / 'day1', kept / 'wk1', kept / 'wk2'
+    assert len(runs_in(day1)) == 3 and len(runs_in(wk1)) == 2 and len(runs_in(wk2)) == 1
+    early, late, next_week = (one(iter(seen_in[h])) for h in ('03:00:00', '14:00:00', '02:00:00'))
+    # Kept files are the received inodes, owned by watch: no extra copy.
+    for path in day1.iterdir():
+        twin = received / 'day1' / path.name
+        assert path.stat().st_ino == twin.stat().st_ino
+        assert path.stat().st_uid == os.geteuid() and path.stat().st_mode & 0o022 == 0
     # Things watch must never touch: a file no manifest names, and anything outside DIR.
-    (day1 / 'README.txt').write_text('not a backup\n')
-    (site.remote / 'elsewhere.txt').write_text('outside the watched folder\n')
-    (site.remote / 'day1').mkdir()
-    decoy = next(name for name in last_week_day1 if name.endswith('.sha256'))
-    (site.remote / 'day1' / decoy).write_text('a decoy outside DIR\n')
-    before = site.snapshot(site.remote, site.backups)
-    newest_bytes = {name: (day1 / name).read_bytes() for name in newest_day1}
-    when = at('2027-01-11', '05:00:00')  # two hours after the newest run: nothing is too old
-
-    dry = site.run('watch', str(received), '--dry-run', faketime=when)
+    (received / 'day1' / 'README.txt').write_text('not a backup\n')
+    (site.root / 'elsewhere.txt').write_text('outside the watched folder\n')
+    before = site.snapshot(site.root / 'elsewhere.txt', site.backups)
+    kept_before = {path.name: path.read_bytes() for path in day1.iterdir()}
+    # Eight days after the week-1 runs arrived: they go, except the newest week-slot run of
+    # week 1 (53 weeks); the week-2 run is newer than 7 days and stays.
+    when = at('2027-01-12', '16:00:00')
+    dry = site.run('watch', str(folder), '--dry-run', '--max-age', '48', faketime=when)
     assert dry.returncode == 0, dry.stderr
-    assert dry.stderr == ''
     assert sorted(dry.stdout.splitlines()) == sorted(
-        [f'would remove {day1 / name}' for name in last_week_day1]
-        + [f'would remove {received / "wk1" / name}' for name in last_week_wk1]
+        [f'would remove {folder}/kept/backups/day1/{name} (6 file(s))' for name in (early, late)]
+        + [f'would remove {folder}/kept/backups/wk1/{early} (5 file(s))']
     )
-    assert site.snapshot(site.remote, site.backups) == before  # a dry run removes nothing
+    assert {path.name: path.read_bytes() for path in day1.iterdir()} == kept_before
 
-    result = site.run('watch', str(received), faketime=when)
+    result = site.run('watch', str(folder), '--max-age', '48', faketime=when)
     assert result.returncode == 0, result.stderr
     assert result.stdout == '' and result.stderr == ''
-    assert names(day1) == newest_day1 | {'README.txt'}
-    assert {name: (day1 / name).read_bytes() for name in newest_day1} == newest_bytes
-    # A week slot keeps only its newest run: week 1's is Monday afternoon's.
-    assert names(received / 'wk1') == newest_wk1
-    assert names(received / 'wk2') == run_names(received / 'wk2', '20270111-03')
-    assert len(names(received / 'wk2')) == 5
-    after = site.snapshot(site.remote, site.backups)
-    untouched = {
-        path: value for path, value in before.items() if not path.startswith(str(received) + os.sep)
-    }
-    assert {path: after[path] for path in untouched if path in after} == untouched
-    assert all(path in after for path in untouched)
-    assert str(day1 / 'README.txt') in after
-    # What is left is healthy, and a second watch has nothing more to do.
-    again = site.run('watch', str(received), '--dry-run', faketime=when)
+    assert runs_in(day1) == {next_week}
+    assert runs_in(wk1) == {late}
+    assert len(runs_in(wk2)) == 1
+    # the manifest and its five files: psql, its roles, the row counts, files, binaries
+    assert len(list(day1.iterdir())) == 6
+    # The received names of what expired went too (the same inodes); the rest stays.
+    assert runs_in(received / 'day1') == {next_week}
+    assert runs_in(received / 'wk1') == {late}
+    assert 'README.txt' in names(received / 'day1')
+    assert site.snapshot(site.root / 'elsewhere.txt', site.backups) == before
+    again = site.run('watch', str(folder), '--dry-run', '--max-age', '48', faketime=when)
     assert again.returncode == 0 and again.stdout == '' and again.stderr == ''
 
 
 def test_watch_names_a_flipped_byte_and_a_truncated_file(site: Site) -> None:
+    folder = to_incoming(site)
     run_ok(site)
-    received = site.remote / 'backups'
+    received = folder / 'incoming' / 'backups'
     day = one(received.glob('day*'))
     week = one(received.glob('wk*'))
     flipped = one(day.glob('*-binaries-*.gpg'))  # day slot only
@@ -326,7 +339,7 @@ def test_watch_names_a_flipped_byte_and_a_truncated_file(site: Site) -> None:
     os.truncate(truncated, truncated.stat().st_size // 2)
     mails_before = len(site.mails())
 
-    quiet = site.run('watch', str(received))
+    quiet = site.run('watch', str(folder))
     assert quiet.returncode == 1
     for name in (
         f'{day.name}/{flipped.name}',
@@ -336,36 +349,39 @@ def test_watch_names_a_flipped_byte_and_a_truncated_file(site: Site) -> None:
         assert name in quiet.stderr, quiet.stderr
     assert '-files-' not in quiet.stderr  # the intact files are not accused
     assert new_mails(site, mails_before) == []  # no --mail, no mail
+    assert not list((folder / 'kept').rglob('*.gpg'))  # a run that fails is not kept
 
-    alerted = site.run('watch', str(received), '--mail', 'a@example.org')
+    alerted = site.run('watch', str(folder), '--mail', 'a@example.org')
     assert alerted.returncode == 1
     assert flipped.name in alerted.stderr and truncated.name in alerted.stderr
     mails = new_mails(site, mails_before)
     assert len(mails) == 1
-    assert 'FAILED' in subject_of(mails[0])
+    assert 'FAILED' in subject_of(mails[0]) and str(folder) in subject_of(mails[0])
+    assert 'assoc' in subject_of(mails[0])
     assert mails[0]['argv'][-1] == 'a@example.org'  # type: ignore[index]
     assert flipped.name in str(mails[0]['body']) and truncated.name in str(mails[0]['body'])
     assert flipped.exists() and truncated.exists()  # watch reports damage; it does not delete it
 
 
 def test_watch_alarms_when_the_newest_run_is_too_old(site: Site) -> None:
+    folder = to_incoming(site)
     site.write_config(BACKUP_MYSQL_DB=None)
     run_ok(site, faketime=at('2027-01-04'))
-    received = site.remote / 'backups'
     mails_before = len(site.mails())
 
-    fresh = site.run('watch', str(received), faketime=at('2027-01-04', '04:00:00'))
+    fresh = site.run('watch', str(folder), faketime=at('2027-01-04', '04:00:00'))
     assert fresh.returncode == 0, fresh.stderr
     short = site.run(
-        'watch', str(received), '--max-age', '0.5', faketime=at('2027-01-04', '04:00:00')
+        'watch', str(folder), '--max-age', '0.5', faketime=at('2027-01-04', '05:00:00')
     )
     assert short.returncode == 1
-    assert 'no backup has arrived since 2027-01-04 03:00' in short.stderr, short.stderr
+    # Its age counts from when watch first saw it, by this host's clock, not the sender's mtime.
+    assert 'no backup has arrived since 2027-01-04 04:00' in short.stderr, short.stderr
     assert new_mails(site, mails_before) == []
 
-    late = site.run('watch', str(received), '--mail', 'a@example.org', faketime=at('2027-01-07'))
+    late = site.run('watch', str(folder), '--mail', 'a@example.org', faketime=at('2027-01-07'))
     assert late.returncode == 1
-    assert 'no backup has arrived since 2027-01-04 03:00' in late.stderr, late.stderr
+    assert 'no backup has arrived since 2027-01-04 04:00' in late.stderr, late.stderr
     mails = new_mails(site, mails_before)
     assert len(mails) == 1
     assert 'ALERT' in subject_of(mails[0]) and 'FAILED' not in subject_of(mails[0])
@@ -373,30 +389,47 @@ def test_watch_alarms_when_the_newest_run_is_too_old(site: Site) -> None:
 
 
 def test_watch_is_quiet_on_a_healthy_tree(site: Site) -> None:
+    folder = to_incoming(site)
     run_ok(site)
-    received = site.remote / 'backups'
-    before = site.snapshot(site.remote)
     mails_before = len(site.mails())
-    result = site.run('watch', str(received), '--mail', 'a@example.org')
+    dry = site.run('watch', str(folder), '--dry-run')
+    assert dry.returncode == 0, dry.stderr
+    slots = sorted(path.name for path in (folder / 'incoming' / 'backups').iterdir())
+    assert [line.rsplit('/', 2)[1] for line in dry.stdout.splitlines()] == slots
+    assert all(
+        line.startswith(f'would keep {folder}/kept/backups/') for line in dry.stdout.splitlines()
+    )
+    assert not (folder / 'kept').exists()  # a dry run changes nothing
+    result = site.run('watch', str(folder), '--mail', 'a@example.org')
     assert result.returncode == 0, result.stderr
     assert result.stdout == '' and result.stderr == ''
     assert new_mails(site, mails_before) == []
-    assert site.snapshot(site.remote) == before
+    received = files_under(folder / 'incoming' / 'backups')
+    assert received == files_under(site.backups)
+    assert files_under(folder / 'kept' / 'backups') == received
+    before = site.snapshot(folder)
+    again = site.run('watch', str(folder), '--mail', 'a@example.org')
+    assert again.returncode == 0 and again.stderr == ''
+    assert site.snapshot(folder) == before
 
 
 def test_watch_over_write_only_remote_end_to_end(
     site: Site, write_only_remote: tuple[Sshd, Path]
 ) -> None:
     server, folder = write_only_remote
-    # A subfolder of the rrsync folder: the client's "vault" is FOLDER/vault on the server.
-    site.write_config(BACKUP_REMOTE=f'{HOST}:vault')
+    # The rrsync folder is the sender's incoming/; watch looks at the folder above it.
+    incoming = folder / 'incoming'
+    incoming.mkdir()
+    server.allow_write_only(incoming)
+    site.write_config(BACKUP_REMOTE=f'{HOST}:.')
     result = site.run(extra_env=server.env())
     assert result.returncode == 0, result.stderr
-    received = folder / 'vault' / 'backups'
+    received = incoming / 'backups'
     assert files_under(received) == files_under(site.backups)
     mails_before = len(site.mails())
-    watched = site.run('watch', str(received), '--mail', 'a@example.org')
+    watched = site.run('watch', str(folder), '--mail', 'a@example.org')
     assert watched.returncode == 0, watched.stderr
     assert watched.stdout == '' and watched.stderr == ''
     assert new_mails(site, mails_before) == []
     assert files_under(received) == files_under(site.backups)
+    assert files_under(folder / 'kept' / 'backups') == files_under(site.backups)
