@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from conftest import CANARY, REPO, Site, psql, sh
+from conftest import ADMIN_ENV, CANARY, REPO, Site, psql, sh
 
 import ppbackup
 
@@ -618,7 +618,8 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         state = (insecure(site) / ('assoc' + ppbackup.STATE_SUFFIX)).read_text()
         assert password not in state
     finally:
-        sh('mysql', input=f"DROP USER IF EXISTS '{user}'@'localhost';\n", check=False)
+        # As the suite's own user: the site's ~/.my.cnf logs in as this very user.
+        sh('mysql', input=f"DROP USER IF EXISTS '{user}'@'localhost';\n", env=ADMIN_ENV)
 
 
 def test_P4_plaintext_older_than_24_hours_goes_even_when_the_run_fails(site: Site) -> None:
