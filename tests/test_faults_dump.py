@@ -58,8 +58,22 @@ def held_table_lock(site: Site) -> Iterator[None]:
         ],
         stdout=subprocess.DEVNULL,
     )
-    time.sleep(0.5)
     try:
+        # Wait until the lock is granted, not for a guessed while: a dump started earlier would
+        # simply finish.
+        for _ in range(300):
+            held = psql(
+                site.pg_db,
+                'SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation '
+                "WHERE c.relname = 'ballots' AND l.mode = 'AccessExclusiveLock' AND l.granted "
+                'AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())',
+            )
+            if held.strip() == '1':
+                break
+            assert locker.poll() is None, 'the locking psql ended'
+            time.sleep(0.05)
+        else:
+            pytest.fail('the table lock was never granted')
         yield
     finally:
         locker.kill()
