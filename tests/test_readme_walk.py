@@ -4,7 +4,8 @@ Every code block marked ``<!-- walk: USER -->`` in README.md is run, in the READ
 real Unix user made for this test: root, the site user, the key holder. Between the blocks the test
 does only what the README leaves to people or to other sections: it carries the public key and the
 ssh key between machines, plays the backup host (a loopback sshd with the receiving account's
-forced command), seeds the site's data, reads the fingerprints out, and copies a backup to the key
+forced command: the README's own line, read from it), runs the backup host's ``ppbackup watch`` as
+root, seeds the site's data, reads the fingerprints out, and copies what watch kept to the key
 holder. cron's run is the crontab's own line, run as cron runs it (``env -i``, cron's PATH).
 
 Only these words of the README's commands are changed, all of them names and places:
@@ -33,7 +34,7 @@ from typing import Iterator
 
 import pytest
 from conftest import REPO, psql, sh
-from sshd import start_sshd
+from sshd import start_sshd, write_only_options
 
 PASSPHRASE = 'Tr3asurer pass phrase'
 PINENTRY = """#!/bin/sh
@@ -176,9 +177,14 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
     )
 
     with start_sshd(world.root / 'backuphost') as backup_host:
-        srv = world.root / 'srv' / 'site'
-        srv.mkdir(parents=True)
-        sh('chown', world.recv, str(srv))
+        # The sender's folder on the backup host, as README "A write-only remote" makes it:
+        # root's, with the receiving account's incoming/ (0700) inside.
+        srv = world.root / 'srv' / 'ppbackup' / 'site'
+        (srv / 'incoming').mkdir(parents=True)
+        for folder in (srv.parent, srv):
+            folder.chmod(0o755)
+        sh('chown', f'{world.recv}:', str(srv / 'incoming'))
+        (srv / 'incoming').chmod(0o700)
         for path in (backup_host.folder, backup_host.authorized_keys):
             path.chmod(0o755 if path.is_dir() else 0o644)
         world.words = {
@@ -225,10 +231,9 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
                 # "A write-only remote").
                 site_key = (site_home / '.ssh' / 'id_ed25519.pub').read_text().strip()
                 assert site_key in output  # "Send that line to the backup host's admin"
-                backup_host.authorized_keys.write_text(
-                    f'command="rrsync -wo {srv}",no-pty,no-agent-forwarding,'
-                    f'no-port-forwarding,no-X11-forwarding {site_key}\n'
-                )
+                # "A write-only remote": the README's forced command, word for word.
+                options = write_only_options(srv / 'incoming')
+                backup_host.authorized_keys.write_text(f'{options} {site_key}\n')
             if user == 'site' and 'ssh-keyscan' in script:
                 # Compared with what the backup host's admin read out.
                 assert host_fingerprint.stdout.split()[1] in output, output
@@ -237,6 +242,7 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
                 assert fingerprint in output
             if user == 'site' and 'crontab -' in script:
                 run_like_cron(world)
+                watch_like_cron(world, srv)
                 ran_cron = True
         assert fingerprint and ran_cron
 
@@ -306,10 +312,36 @@ def _read(path: Path) -> str:
         return ''
 
 
+def watch_like_cron(world: World, srv: Path) -> None:
+    """Run the backup host's daily watch line (README "On the backup host") for this one sender's
+    folder, as root's cron would: it keeps the night's run in kept/ and, all being well, is quiet."""
+    readme = (REPO / 'README.md').read_text(encoding='utf-8')
+    line = re.search(r'^30 9 \* \* \*  (/usr/local/bin/ppbackup watch .*)$', readme, re.M)
+    assert line, 'the README shows no daily watch line for root'
+    words = line.group(1).split()
+    assert words[:3] == ['/usr/local/bin/ppbackup', 'watch', '/srv/ppbackup/site']
+    # Only this sender's folder (the README names a second one), and mail to a local mailbox.
+    argv = [str(world.prefix / 'ppbackup'), 'watch', str(srv), '--mail', 'root@localhost']
+    result = subprocess.run(
+        ['env', '-i', 'HOME=/root', 'LOGNAME=root', 'SHELL=/bin/sh', f'PATH={CRON_PATH}', *argv],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        start_new_session=True,
+    )
+    assert (result.returncode, result.stdout, result.stderr) == (0, '', ''), result
+    kept = list((srv / 'kept' / 'backups').glob(f'day*/{world.site}-*.sha256'))
+    assert kept, 'watch kept nothing'
+    assert (srv / 'kept').stat().st_uid == 0
+
+
 def before_decrypt(world: World, srv: Path, ran_cron: bool) -> None:
-    """Give the key holder a copy of what arrived on the backup host."""
+    """Give the key holder a copy of the history watch kept on the backup host (README "Restore,
+    as a key holder", step 1: fetched with an admin account there)."""
     assert ran_cron
     copy = world.homes[world.holder] / 'backups'
-    shutil.copytree(srv / 'backups', copy, symlinks=True)
+    shutil.copytree(srv / 'kept' / 'backups', copy, symlinks=True)
     sh('chown', '-R', world.holder, str(copy))
     assert list(copy.glob(f'day*/{world.site}-psql-*.sql.zst.gpg'))
