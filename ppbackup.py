@@ -4195,6 +4195,7 @@ WATCH_DAY_KEEP = 7 * 86400  # a day run: at least 7 days after it arrived
 WATCH_WEEK_KEEP = 53 * 7 * 86400  # the newest week-slot run of an ISO week: 53 weeks
 WATCH_FUTURE_SLACK = 3600  # a clock this far ahead of ours is a lie, not drift
 WATCH_FLOOD_RUNS = 10  # more runs than this arriving within a day is reported
+WATCH_SCRUB_EVERY = 7 * 86400  # each kept run is read again and hashed this often (disk rot, T4)
 MANIFEST_MAX_BYTES = 1 << 20
 SLOT_RE = re.compile(r'(day|wk)[0-9]+')
 MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')
@@ -4598,6 +4599,7 @@ class WatchTree:
     ) -> None:
         self.runs[key] = {
             'first_seen': self.now,
+            'hashed': self.now,
             'manifest_name': manifest,
             'manifest_sha256': opened[manifest][2],
             'files': dict(entries),
@@ -4693,6 +4695,46 @@ class WatchTree:
         finally:
             os.close(kept_slot_fd)
 
+    def scrub_kept(self) -> None:
+        """Read every kept run not hashed for WATCH_SCRUB_EVERY again and check its SHA-256: the
+        receiving account cannot write a kept file, but a disk can rot (T4). Runs arrive daily, so
+        the reading spreads over the week instead of the whole history every hour."""
+        for key, run in sorted(self.runs.items()):
+            if self.now - float(run.get('hashed', run['first_seen'])) < WATCH_SCRUB_EVERY:
+                continue
+            if key in self.report.kept_now:
+                continue  # hashed just now
+            expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
+            tree, slot, _ = key.split('/')
+            try:
+                kept_slot_fd = self._kept_slot(tree, slot, create=False)
+            except OSError:
+                self.report.problems.append(f'{key}: its kept copy is gone from {WATCH_KEPT}/')
+                continue
+            damaged = []
+            try:
+                for name, digest in expected.items():
+                    try:
+                        fd = _open_in(kept_slot_fd, name)
+                    except OSError as error:
+                        damaged.append(f'{name} ({error.strerror})')
+                        continue
+                    try:
+                        if _sha256_fd(fd) != digest:
+                            damaged.append(f'{name} (SHA-256 differs from the manifest)')
+                    finally:
+                        os.close(fd)
+            finally:
+                os.close(kept_slot_fd)
+            if damaged:  # reported at every run until someone looks; never marked as checked
+                self.report.problems += [
+                    f'{WATCH_KEPT}/{tree}/{slot}/{what}: the kept copy is damaged (disk?); '
+                    'restore it from another copy of the run'
+                    for what in damaged
+                ]
+            elif not self.dry_run:
+                run['hashed'] = self.now
+
     # -- retention ---------------------------------------------------------------------------------
 
     def expired(self) -> list[str]:
@@ -4766,6 +4808,7 @@ class WatchTree:
             # Retention first: a name freed by an expired run may arrive again, rightly.
             self.apply_retention()
             self.scan_incoming()
+            self.scrub_kept()
             self.save_state()
             self.sum_up(max_age_hours)
         finally:

@@ -512,6 +512,44 @@ def test_H6_no_shell_no_read_no_forward(
 
 
 # ---------------------------------------------------------------------------------------------------
+# T4 at the far end: a kept copy that rots on the backup host's disk.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_T4_a_kept_copy_damaged_on_the_backup_host_is_found_by_the_weekly_hash(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]]
+) -> None:
+    _, make = backup_host
+    host = make('site')
+    send(site, host)
+    watch(site, host.folder)
+    slot = next((host.kept / 'backups').glob('day*'))
+    _, dump = one_run(slot)
+    original = dump.read_bytes()
+    # The disk flips one byte: in place, the same inode (kept/ and incoming/ share it).
+    with open(dump, 'r+b') as handle:
+        handle.seek(len(original) // 2)
+        handle.write(bytes([original[len(original) // 2] ^ 0x01]))
+    # The hourly run reads only what is new: a kept run is hashed again once a week.
+    watch(site, host.folder, faketime='+1h')
+    days = ('--max-age', '9999')
+    for _ in range(2):  # reported at every run until repaired, never marked as checked
+        alarm = watch(site, host.folder, faketime='+8d', code=1, args=days)
+        assert 'FAILED' in alarm.stderr
+        # Each name of the damaged inode: the day run and its week twin (a hard link).
+        damaged = re.findall(
+            r'- kept/(\S+) \(SHA-256 differs from the manifest\): the kept', alarm.stderr
+        )
+        twins = [p for p in (host.kept / 'backups').rglob(dump.name) if p.samefile(dump)]
+        assert sorted(damaged) == sorted(str(p.relative_to(host.kept)) for p in twins), alarm.stderr
+        assert len(twins) == 2 and alarm.stderr.count('the kept copy is damaged') == 2
+    dump.write_bytes(original)  # repaired from another copy: the next run is quiet
+    watch(site, host.folder, faketime='+8d', args=days)
+    state = json.loads((host.kept / '.ppbackup-watch.json').read_text())
+    assert all(run['hashed'] > run['first_seen'] for run in state['runs'].values())
+
+
+# ---------------------------------------------------------------------------------------------------
 # Normal life: a same-hour rerun, and two senders into one backup host.
 # ---------------------------------------------------------------------------------------------------
 
