@@ -1478,6 +1478,23 @@ def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
     return removed
 
 
+def expire_plaintext(insecure_dir: Path) -> list[str]:
+    """Remove expired plaintext as ``remove_expired_plaintext`` does, and log each removal; raise
+    BackupError if one cannot go (a read-only or broken disk): the 24-hour bound is broken then,
+    and the admins must hear of it."""
+    try:
+        removed = remove_expired_plaintext(insecure_dir)
+    except OSError as error:
+        raise BackupError(
+            f'cannot remove plaintext older than 24 hours: {error.filename or insecure_dir}: '
+            f'{error.strerror}; remove it by hand',
+            step='expire plaintext',
+        ) from error
+    for path in removed:
+        log.info('removed plaintext older than 24 hours: %s', path)
+    return removed
+
+
 def temp_target(name: str) -> str:
     """Given a temporary's name (see ``temp_name``), return the final name it was made for."""
     parts = name[len(TMP_PREFIX) :].split('-', 2)
@@ -3474,6 +3491,7 @@ def command_run(config: Config, dry_run: bool) -> int:
     # Every failure from here on is mailed: the config is read, so the admins can be told, even
     # when the private folder is unfit or has no inode left for the lock. Only "locked" is quiet.
     try:
+        expire_plaintext(config.insecure_dir)  # first, even if the run then fails or is locked out
         with run_lock(config):
             code = _run_and_record(config, report)
     except LockedError:
@@ -6006,13 +6024,15 @@ def dispatch(args: argparse.Namespace) -> int:
         config = load_config(config_path_from(args.config))
     except ConfigError:
         # Even a broken config must not keep old plaintext alive: sweep the default place.
-        remove_expired_plaintext(Path(os.path.expanduser('~/backups.insecure')))
+        try:
+            expire_plaintext(Path(os.path.expanduser('~/backups.insecure')))
+        except BackupError as error:
+            print(f'ppbackup: {error}', file=sys.stderr)
         raise
     setup_logging(args.verbose, config.syslog)
     remember_secrets(config.home)
-    if command != 'check' and not getattr(args, 'dry_run', False):  # those write nothing
-        for path in remove_expired_plaintext(config.insecure_dir):
-            log.info('removed plaintext older than 24 hours: %s', path)
+    if command in ('status', 'verify'):  # check and --dry-run write nothing; run does it itself
+        expire_plaintext(config.insecure_dir)
     if command == 'check':
         return command_check(config)
     if command == 'status':

@@ -15,6 +15,7 @@ import pwd
 import secrets
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -303,6 +304,34 @@ def test_S9_no_inode_left_for_the_lock_fails_with_a_mail(site: Site, mounts: lis
     assert result.returncode == 1 and 'lock' in result.stderr, result.stderr
     assert len(site.mails()) == 1 and 'FAILED at lock' in site.subjects()[0]
     assert not site.backups.exists()
+
+
+def test_S9_expired_plaintext_that_cannot_be_removed_fails_with_a_mail(
+    site: Site, mounts: list[Path]
+) -> None:
+    first = site.run()
+    assert first.returncode == 0, first.stderr
+    before = site.snapshot(site.backups, site.remote)
+    two_days_ago = time.time() - 48 * 3600
+    for path in site.latest.iterdir():
+        os.utime(path, (two_days_ago, two_days_ago))
+    # The disk under latest/ went read-only: the 24-hour bound cannot be kept, and must be told.
+    sh('mount', '--bind', str(site.latest), str(site.latest))
+    mounts.append(site.latest)
+    sh('mount', '-o', 'remount,bind,ro', str(site.latest))
+    mails = len(site.mails())
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 1, result.stderr
+    assert 'cannot remove plaintext older than 24 hours' in result.stderr
+    assert 'Read-only file system' in result.stderr
+    assert len(site.mails()) == mails + 1
+    assert 'FAILED at expire plaintext' in site.subjects()[-1]
+    assert site.snapshot(site.backups, site.remote) == before  # nothing else was touched
+    for command in ('status', 'verify'):  # the same sentence, exit 1, no traceback
+        other = site.run(command)
+        assert_no_traceback(other)
+        assert other.returncode == 1 and 'cannot remove plaintext' in other.stderr, other.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
