@@ -56,7 +56,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, Mapping, NoReturn, Sequence
+from typing import IO, Any, Callable, Iterable, Iterator, Mapping, NoReturn, Sequence
 
 try:
     import gnupg
@@ -1871,12 +1871,24 @@ def pg_row_counts(
         timeout=timeout,
         env=env,
     )
+    return parse_counts(out.splitlines())
+
+
+def parse_counts(lines: Iterable[str]) -> dict[str, int]:
+    """Given a client's "table<TAB>count" lines, return {table: count}."""
     counts = {}
-    for line in out.splitlines():
+    for line in lines:
         name, _, count = line.rpartition('\t')
         if name:
             counts[name] = int(count)
     return counts
+
+
+def mysql_count_query(tables: Sequence[str]) -> str:
+    """Given MariaDB tables, return one query giving each one's name and exact row count."""
+    return ' UNION ALL '.join(
+        f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
+    )
 
 
 def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600) -> dict[str, int]:
@@ -1888,15 +1900,92 @@ def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600
     tables = [line for line in out.splitlines() if line]
     if not tables:
         return {}
-    query = ' UNION ALL '.join(
-        f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
-    )
+    query = mysql_count_query(tables)
     _, out = run_command(
         [*client, '-e', query, '--', db], what=f'row counts of {db}', step='dump', timeout=timeout
     )
-    return {
-        name: int(count) for name, _, count in (line.rpartition('\t') for line in out.splitlines())
-    }
+    return parse_counts(out.splitlines())
+
+
+class DumpSnapshot:
+    """A client session of the database, kept open on pipes while its dump runs, whose transaction
+    the row counts are taken in: a drill compares a restore with these counts, so they must be of
+    the rows the dump holds, however busy the site is.
+
+    PostgreSQL: the session exports its snapshot and pg_dump imports it (``--snapshot``): the dump
+    and the counts see exactly the same rows. MariaDB cannot share a snapshot between sessions: the
+    session starts its consistent snapshot just before mysqldump starts its own, so only a write in
+    those milliseconds can make the counts differ from the dump.
+    """
+
+    MARKER = 'ppbackup-end-of-answer'
+
+    def __init__(self, kind: str, db: str, config: Config) -> None:
+        self.kind = kind
+        self.db = db
+        self.snapshot = ''
+        self.pipe = Pipeline(f'row counts of {db}', f'dump {kind} {db}', config.dump_timeout)
+        if kind == 'psql':
+            argv = [*pg_client(db), '-v', 'ON_ERROR_STOP=1']
+            begin = 'BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY; SELECT pg_export_snapshot();'
+        else:
+            argv = [*mysql_client(None), '--unbuffered', '--skip-column-names', '--', db]
+            begin = (
+                'SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ; '
+                'START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY;'
+            )
+        env = client_environ(config) if kind == 'psql' else None
+        self.proc = self.pipe.start(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=dict(env) if env else None
+        )
+        try:
+            answer = self.ask(begin)
+        except BaseException:
+            self.pipe.__exit__()
+            raise
+        self.snapshot = answer[0] if kind == 'psql' and answer else ''
+
+    def ask(self, sql: str) -> list[str]:
+        """Given statements, run them in the session; return the lines they printed."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.proc.stdin.write(f"{sql}\nSELECT '{self.MARKER}';\n".encode())
+            self.proc.stdin.flush()
+        lines: list[str] = []
+        while line := self.proc.stdout.readline():
+            text = line.decode('utf-8', 'replace').rstrip('\n')
+            if text == self.MARKER:
+                return lines
+            lines.append(text)
+        # The client ended: an error (ON_ERROR_STOP), or the timeout killed it.
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        self.pipe.check()
+        raise BackupError(f'{self.pipe.what}: the client ended early', step=self.pipe.step)
+
+    def dump_argv(self, argv: Sequence[str]) -> tuple[str, ...]:
+        """Given the dump's argv, return it taking this session's snapshot (PostgreSQL)."""
+        return (*argv, f'--snapshot={self.snapshot}') if self.snapshot else tuple(argv)
+
+    def row_counts(self) -> dict[str, int]:
+        """Return {table: exact row count} in the session's snapshot."""
+        if self.kind == 'psql':
+            return parse_counts(self.ask(PG_COUNT_SQL.strip() + ';'))
+        tables = [line for line in self.ask(MYSQL_TABLES_SQL + ';') if line]
+        return parse_counts(self.ask(mysql_count_query(tables) + ';') if tables else [])
+
+    def __enter__(self) -> DumpSnapshot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None and self.proc.stdin is not None:
+                with contextlib.suppress(BrokenPipeError):
+                    self.proc.stdin.write(b'COMMIT;\n')
+                self.proc.stdin.close()
+                self.pipe.check()
+        finally:
+            self.pipe.__exit__()
 
 
 def pg_database_owner(db: str, env: Mapping[str, str] | None = None) -> str:
@@ -2010,6 +2099,7 @@ def dump_generated(
     config: Config,
     rundir: Path,
     lacks: Sequence[str],
+    counts: Mapping[str, Mapping[str, int]],
 ) -> tuple[Path, int, list[str]]:
     """Given the MariaDB users or the index artifact, write its source from the databases, then
     compress it like any dump. Return as dump_artifact does."""
@@ -2018,7 +2108,7 @@ def dump_generated(
         with os.fdopen(create_private_file(rundir / MYSQL_USERS_SOURCE), 'w') as handle:
             handle.write(script)
     else:
-        write_run_index(config, artifacts, rundir, lacks)
+        write_run_index(config, artifacts, rundir, lacks, counts)
     try:
         return dump_artifact(artifact, config, rundir)
     finally:  # latest/ keeps the compressed copy only
@@ -2027,17 +2117,20 @@ def dump_generated(
 
 
 def write_run_index(
-    config: Config, artifacts: Sequence[Artifact], rundir: Path, lacks: Sequence[str]
+    config: Config,
+    artifacts: Sequence[Artifact],
+    rundir: Path,
+    lacks: Sequence[str],
+    counts: Mapping[str, Mapping[str, int]],
 ) -> None:
     """Write the run's index into the run folder, to be encrypted as an artifact of its own: what
-    each file holds, each table's row count at dump time, and what a restore will lack. The counts
-    are taken right after the dumps: a drill compares them with what a restore brings back."""
+    each file holds, each table's row count in the dump's snapshot (``counts``, by label; see
+    DumpSnapshot), and what a restore will lack. A drill compares the counts with a restore."""
     databases = []
     for artifact in artifacts:
         if artifact.kind == 'psql':
             db = artifact.label.split(' ', 1)[1]
-            # libpq's settings from the config reach these as they reach pg_dump.
-            rows = pg_row_counts(db, config.dump_timeout, client_environ(config))
+            # libpq's settings from the config reach this as they reach pg_dump.
             owner = pg_database_owner(db, client_environ(config))
             databases.append(
                 {
@@ -2045,7 +2138,7 @@ def write_run_index(
                     'database': db,
                     'file': artifact.filename,
                     'owner': owner,
-                    'rows': rows,
+                    'rows': dict(counts[artifact.label]),
                 }
             )
         elif artifact.kind == 'mysql':
@@ -2055,7 +2148,7 @@ def write_run_index(
                     'kind': 'mysql',
                     'database': db,
                     'file': artifact.filename,
-                    'rows': mysql_row_counts(db, timeout=config.dump_timeout),
+                    'rows': dict(counts[artifact.label]),
                 }
             )
     by_kind = {artifact.kind: artifact.filename for artifact in artifacts}
@@ -2072,12 +2165,24 @@ def write_run_index(
         json.dump(index, handle, indent=1, sort_keys=True)
 
 
-def dump_artifact(artifact: Artifact, config: Config, rundir: Path) -> tuple[Path, int, list[str]]:
-    """Given an artifact, stream it through the compressor into the run folder.
+def dump_artifact(
+    artifact: Artifact,
+    config: Config,
+    rundir: Path,
+    counts: dict[str, dict[str, int]] | None = None,
+) -> tuple[Path, int, list[str]]:
+    """Given an artifact, stream it through the compressor into the run folder; a database's row
+    counts go into ``counts`` (by label), taken in the dump's own snapshot.
 
     Return (plaintext path, uncompressed bytes, warnings). Raise BackupError if any process fails,
     or a dump lacks its end-of-dump trailer.
     """
+    if counts is not None and artifact.kind in ('psql', 'mysql'):
+        with DumpSnapshot(artifact.kind, artifact.label.split(' ', 1)[1], config) as snapshot:
+            argv = snapshot.dump_argv(artifact.argv)
+            dumped = dump_artifact(dataclasses.replace(artifact, argv=argv), config, rundir)
+            counts[artifact.label] = snapshot.row_counts()
+        return dumped
     log.info('dump %s', artifact.label)
     path = rundir / artifact.filename
     fd = create_private_file(path)
@@ -3186,9 +3291,10 @@ def make_all(
     errors: list[BackupError] = []
     encrypting: list[concurrent.futures.Future[Made]] = []
     made: list[Made] = []
-    # The index (row counts) and the MariaDB users are made once every dump succeeded: counted
-    # after the dumps, a dump that lost rows shows in a drill, and a failed run does not wait on a
-    # locked table to count it.
+    # The index and the MariaDB users are made once every dump succeeded. Each database's rows are
+    # counted in its dump's own snapshot (DumpSnapshot), right after the dump, so that a drill
+    # compares a restore with what the dump really held, and a dump that lost rows shows.
+    counts: dict[str, dict[str, int]] = {}
     generated = (MYSQL_USERS, ROWCOUNTS)
     main = [artifact for artifact in artifacts if artifact.kind not in generated]
     late = [artifact for artifact in artifacts if artifact.kind in generated]
@@ -3196,7 +3302,9 @@ def make_all(
         concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps,
         concurrent.futures.ThreadPoolExecutor(1) as encryptions,
     ):
-        dumping = [dumps.submit(dump_artifact, artifact, config, rundir) for artifact in main]
+        dumping = [
+            dumps.submit(dump_artifact, artifact, config, rundir, counts) for artifact in main
+        ]
 
         def encrypt_next(artifact: Artifact, future: concurrent.futures.Future[Any]) -> None:
             try:
@@ -3224,7 +3332,7 @@ def make_all(
                 encrypt_next(artifact, future)
             for artifact in late if not errors else []:
                 dumping.append(
-                    dumps.submit(dump_generated, artifact, artifacts, config, rundir, lacks)
+                    dumps.submit(dump_generated, artifact, artifacts, config, rundir, lacks, counts)
                 )
                 encrypt_next(artifact, dumping[-1])
             for encrypted in encrypting:
@@ -5515,6 +5623,24 @@ def extract_archives(
         print(f'files: {name} extracted into {folder}')
 
 
+def run_lacks(
+    run: RunFiles, index: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Given a run, its index and the databases to restore, return what a restore of them will lack:
+    what the backup user could not read at dump time, and the roles or users file if it is gone."""
+    lacks = list(index.get('lacks', []))
+    pg_roles, users = index.get('pg_roles'), index.get('mariadb_users')
+    has_pg = any(entry['kind'] == 'psql' for entry in entries)
+    has_mysql = any(entry['kind'] == 'mysql' for entry in entries)
+    if has_pg and pg_roles and pg_roles not in run.names:
+        lacks.append(f'the PostgreSQL roles file {pg_roles} is missing from this run')
+    if has_mysql and users and users not in run.names:
+        lacks.append(f'the MariaDB users file {users} is missing from this run')
+    if has_mysql and not users:
+        lacks.append('this run has no MariaDB users: the backup user could not read them')
+    return lacks
+
+
 def restore_run(
     run: RunFiles,
     index: Mapping[str, Any],
@@ -5526,7 +5652,6 @@ def restore_run(
     """Given a run and its index, restore its databases into the target servers: PostgreSQL roles
     first where missing, MariaDB users after the tables. Return what the run lacks (warnings).
     Raise BackupError at the first failure; what was made is recorded in ``target``."""
-    lacks = list(index.get('lacks', []))
     entries = [e for e in index.get('databases', []) if not only or e['database'] in only]
     unknown = [db for db in only if db not in {e['database'] for e in index.get('databases', [])}]
     if unknown:
@@ -5535,15 +5660,10 @@ def restore_run(
         raise ConfigError(
             '--as needs exactly one database: name it with --database', step='restore'
         )
+    lacks = run_lacks(run, index, entries)
     pg_roles, users = index.get('pg_roles'), index.get('mariadb_users')
     has_pg = any(entry['kind'] == 'psql' for entry in entries)
     has_mysql = any(entry['kind'] == 'mysql' for entry in entries)
-    if has_pg and pg_roles and pg_roles not in run.names:
-        lacks.append(f'the PostgreSQL roles file {pg_roles} is missing from this run')
-    if has_mysql and users and users not in run.names:
-        lacks.append(f'the MariaDB users file {users} is missing from this run')
-    if has_mysql and not users:
-        lacks.append('this run has no MariaDB users: the backup user could not read them')
     if has_pg and pg_roles in run.names and not target.no_owner:
         can_create = pg_query(PG_CAN_CREATE_ROLES_SQL).strip() == 't'
         missing = [] if can_create else pg_missing_roles(run, pg_roles, gnupghome)
@@ -5558,9 +5678,11 @@ def restore_run(
             restore_pg_roles(run, pg_roles, gnupghome, target)
     for entry in entries:
         started = time.monotonic()
-        restore_database(run, entry, gnupghome, target)
-        if timings is not None:
-            timings[f'{entry["kind"]} {entry["database"]}'] = time.monotonic() - started
+        try:
+            restore_database(run, entry, gnupghome, target)
+        finally:  # a failed one too: the time until it failed
+            if timings is not None:
+                timings[f'{entry["kind"]} {entry["database"]}'] = time.monotonic() - started
     if has_mysql and users in run.names:
         restore_mysql_users(run, users, gnupghome, target)
     return lacks
@@ -5684,8 +5806,10 @@ def command_drill(
             except BackupError as error:
                 problems.append(str(error))
         try:
-            lacks = restore_run(run, index, gnupghome, target, timings=timings)
+            # Said first: a restore that then fails (no roles file) is explained by it.
+            lacks = run_lacks(run, index, index.get('databases', []))
             problems += [f'the run lacks something: {lack}' for lack in lacks]
+            restore_run(run, index, gnupghome, target, timings=timings)
             for entry in index.get('databases', []):
                 problems += drill_checks(entry, target.name_for(entry['database']), target)
             for name in index.get('archives', []):

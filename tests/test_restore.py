@@ -427,6 +427,54 @@ def test_R5_drill_fails_naming_the_table_when_a_dump_lost_rows(
     assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
 
+def test_R5_rows_written_while_the_dump_runs_do_not_fail_the_drill(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    """A busy site: a row is written after pg_dump took its snapshot, before the run ends. The
+    row counts are of the dump's own snapshot, so the drill compares like with like."""
+    site.write_config(BACKUP_MYSQL_DB=None)
+    db = site.pg_db
+    # Another session holds ballots: pg_dump, its snapshot taken, waits for its share lock.
+    locker = subprocess.Popen(
+        ['psql', '-X', '-q', '-d', db, '-c',
+         'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);'],
+        env={**os.environ, 'PGAPPNAME': 'ppbt-locker'},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    run = None
+    try:
+        waiting = (
+            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND "
+            "application_name = 'pg_dump' AND wait_event_type = 'Lock'"
+        )
+        for _ in range(600):
+            if run is None and psql(db, 'SELECT count(*) FROM pg_locks WHERE granted AND '
+                                    "mode = 'AccessExclusiveLock' AND relation = 'ballots'::regclass"
+                                    ).strip() == '1':  # fmt: skip
+                run = site.start()
+            if run is not None and psql(db, waiting).strip() == '1':
+                break
+            assert run is None or run.poll() is None, run.communicate()
+            time.sleep(0.05)
+        else:
+            pytest.fail('pg_dump never waited on the lock')
+        psql(db, "INSERT INTO members VALUES (100, 'Late Comer', 'written during the dump')")
+    finally:
+        psql('postgres', "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+             "WHERE application_name = 'ppbt-locker'")  # fmt: skip
+        locker.wait(timeout=60)
+    assert run is not None
+    out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    # The dump holds the rows of its snapshot: not the late one.
+    dump = next(site.latest.glob('assoc-psql-*'))
+    assert b'Late Comer' not in sh('zstd', '-dc', str(dump)).stdout.encode()
+    result = drill(site, fresh_pg, fresh_mariadb)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert 'drill: passed' in result.stdout
+    assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
+
+
 def test_R5_drill_fails_when_the_roles_artifact_is_missing(
     backed_up: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
 ) -> None:
@@ -436,7 +484,7 @@ def test_R5_drill_fails_when_the_roles_artifact_is_missing(
     assert result.returncode == 1
     body = backed_up.mails()[-1]['body']
     assert 'FAILED' in body and roles.name in body and 'missing' in body
-    assert f'the PostgreSQL roles file {roles.name.removesuffix(".gpg")} is missing' in body
+    assert f'the PostgreSQL roles file {roles.name.removesuffix(".gpg")} is missing' in body, body
     assert f'psql {PG_DB}:' in body  # the databases were still tried, and timed
     assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
