@@ -9,6 +9,7 @@ afterwards, even on failure.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import secrets
 import shutil
@@ -17,7 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 from conftest import Site, mysql, psql, sh
@@ -427,48 +428,74 @@ def test_R5_drill_fails_naming_the_table_when_a_dump_lost_rows(
     assert scratch_left(fresh_pg, fresh_mariadb) == ('', '', '')
 
 
-def test_R5_rows_written_while_the_dump_runs_do_not_fail_the_drill(
-    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
-) -> None:
-    """A busy site: a row is written after pg_dump took its snapshot, before the run ends. The
-    row counts are of the dump's own snapshot, so the drill compares like with like."""
-    site.write_config(BACKUP_MYSQL_DB=None)
-    db = site.pg_db
-    # Another session holds ballots: pg_dump, its snapshot taken, waits for its share lock.
-    locker = subprocess.Popen(
-        ['psql', '-X', '-q', '-d', db, '-c',
-         'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);'],
-        env={**os.environ, 'PGAPPNAME': 'ppbt-locker'},
+@contextlib.contextmanager
+def dump_held_up(site: Site, kind: str) -> Iterator[Callable[[], subprocess.Popen[str]]]:
+    """Another session locks ``ballots``; yield a starter of the run that returns once the dumper,
+    its snapshot taken, waits for that table. The lock goes when the block ends."""
+    if kind == 'psql':
+        locker = ['psql', '-X', '-q', '-d', site.pg_db, '-c',
+                  'BEGIN; LOCK TABLE ballots IN ACCESS EXCLUSIVE MODE; SELECT pg_sleep(120);']  # fmt: skip
+        held = ("SELECT count(*) FROM pg_locks WHERE granted AND mode = 'AccessExclusiveLock' "
+                "AND relation = 'ballots'::regclass")  # fmt: skip
+        waits = (f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{site.pg_db}' "
+                 "AND application_name = 'pg_dump' AND wait_event_type = 'Lock'")  # fmt: skip
+        ask = functools.partial(psql, site.pg_db)
+        release = ("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                   "WHERE application_name = 'ppbt-locker'")  # fmt: skip
+    else:
+        locker = ['mysql', '-e', 'LOCK TABLES ballots WRITE; SELECT SLEEP(120) AS ppbt_locker',
+                  '--', site.my_db]  # fmt: skip
+        listed = 'FROM information_schema.processlist WHERE '
+        held = f"SELECT count(*) {listed} info LIKE 'SELECT SLEEP(120) AS ppbt_locker%'"
+        waits = (f"SELECT count(*) {listed} db = '{site.my_db}' AND "
+                 "state = 'Waiting for table metadata lock'")  # fmt: skip
+        ask = functools.partial(mysql, site.my_db)
+        release = ''
+    holder = subprocess.Popen(
+        locker, env={**os.environ, 'PGAPPNAME': 'ppbt-locker'},
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
-    run = None
-    try:
-        waiting = (
-            f"SELECT count(*) FROM pg_stat_activity WHERE datname = '{db}' AND "
-            "application_name = 'pg_dump' AND wait_event_type = 'Lock'"
-        )
+    run: list[subprocess.Popen[str]] = []
+
+    def start() -> subprocess.Popen[str]:
         for _ in range(600):
-            if run is None and psql(db, 'SELECT count(*) FROM pg_locks WHERE granted AND '
-                                    "mode = 'AccessExclusiveLock' AND relation = 'ballots'::regclass"
-                                    ).strip() == '1':  # fmt: skip
-                run = site.start()
-            if run is not None and psql(db, waiting).strip() == '1':
-                break
-            assert run is None or run.poll() is None, run.communicate()
+            if not run and ask(held).strip() == '1':
+                run.append(site.start())
+            if run and ask(waits).strip() == '1':
+                return run[0]
+            assert not run or run[0].poll() is None, run[0].communicate()
             time.sleep(0.05)
-        else:
-            pytest.fail('pg_dump never waited on the lock')
-        psql(db, "INSERT INTO members VALUES (100, 'Late Comer', 'written during the dump')")
+        pytest.fail(f'the {kind} dump never waited on the lock')
+
+    try:
+        yield start
     finally:
-        psql('postgres', "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
-             "WHERE application_name = 'ppbt-locker'")  # fmt: skip
-        locker.wait(timeout=60)
-    assert run is not None
+        if release:
+            psql('postgres', release)
+        else:
+            for line in mysql(
+                '', f'SELECT id {listed} info LIKE "SELECT SLEEP(120) AS ppbt%"'
+            ).split():
+                mysql('', f'KILL CONNECTION {line}')
+        holder.wait(timeout=60)
+
+
+@pytest.mark.parametrize('kind', ['psql', 'mysql'])
+def test_R5_rows_written_while_the_dump_runs_do_not_fail_the_drill(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path, kind: str
+) -> None:
+    """A busy site: a row is written after the dumper took its snapshot, before the run ends. The
+    row counts are of the dump's own snapshot, so the drill compares like with like."""
+    site.write_config(**({'BACKUP_MYSQL_DB': None} if kind == 'psql' else {'BACKUP_PSQL_DB': None}))
+    late = "INSERT INTO members VALUES (100, 'Late Comer', 'written during the dump')"
+    with dump_held_up(site, kind) as start:
+        run = start()
+        (psql(site.pg_db, late) if kind == 'psql' else mysql(site.my_db, late))
     out, err = run.communicate(timeout=300)
     assert run.returncode == 0, err
     # The dump holds the rows of its snapshot: not the late one.
-    dump = next(site.latest.glob('assoc-psql-*'))
-    assert b'Late Comer' not in sh('zstd', '-dc', str(dump)).stdout.encode()
+    dump = next(site.latest.glob(f'assoc-{kind}-*'))
+    assert 'Late Comer' not in sh('zstd', '-dc', str(dump)).stdout
     result = drill(site, fresh_pg, fresh_mariadb)
     assert result.returncode == 0, result.stdout + result.stderr
     assert 'drill: passed' in result.stdout
