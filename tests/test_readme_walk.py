@@ -285,9 +285,23 @@ def run_like_cron(world: World) -> None:
     home = world.homes[world.site]
     env = [f'HOME={home}', f'LOGNAME={world.site}', 'SHELL=/bin/sh', f'PATH={CRON_PATH}']
     env += [f'{key}={value}' for key, value in variables.items()]
+    quiet_cron_job(
+        ['runuser', '-u', world.site, '--', 'env', '-i', *env, '/bin/sh', '-c', command], home
+    )
+    # The admins' mail, through the machine's real mailx and MTA, into the local mailbox.
+    mailbox = Path('/var/mail') / world.site
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and 'succeeded' not in _read(mailbox):
+        time.sleep(0.5)
+    assert f'[ppbackup] {world.site}: succeeded' in _read(mailbox)
+
+
+def quiet_cron_job(argv: list[str], cwd: Path) -> None:
+    """Run a job as cron does (no terminal, no input) and require it to succeed in silence:
+    anything it printed would reach the admin as cron's own mail."""
     result = subprocess.run(
-        ['runuser', '-u', world.site, '--', 'env', '-i', *env, '/bin/sh', '-c', command],
-        cwd=home,
+        argv,
+        cwd=cwd,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -295,14 +309,7 @@ def run_like_cron(world: World) -> None:
         check=False,
         start_new_session=True,
     )
-    # Quiet on success: anything printed would reach the admin as cron's own mail.
-    assert (result.returncode, result.stdout, result.stderr) == (0, '', '')
-    # The admins' mail, through the machine's real mailx and MTA, into the local mailbox.
-    mailbox = Path('/var/mail') / world.site
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and 'succeeded' not in _read(mailbox):
-        time.sleep(0.5)
-    assert f'[ppbackup] {world.site}: succeeded' in _read(mailbox)
+    assert (result.returncode, result.stdout, result.stderr) == (0, '', ''), result
 
 
 def _read(path: Path) -> str:
@@ -322,16 +329,8 @@ def watch_like_cron(world: World, srv: Path) -> None:
     assert words[:3] == ['/usr/local/bin/ppbackup', 'watch', '/srv/ppbackup/site']
     # Only this sender's folder (the README names a second one), and mail to a local mailbox.
     argv = [str(world.prefix / 'ppbackup'), 'watch', str(srv), '--mail', 'root@localhost']
-    result = subprocess.run(
-        ['env', '-i', 'HOME=/root', 'LOGNAME=root', 'SHELL=/bin/sh', f'PATH={CRON_PATH}', *argv],
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        start_new_session=True,
-    )
-    assert (result.returncode, result.stdout, result.stderr) == (0, '', ''), result
+    env = ['HOME=/root', 'LOGNAME=root', 'SHELL=/bin/sh', f'PATH={CRON_PATH}']
+    quiet_cron_job(['env', '-i', *env, *argv], Path('/'))
     kept = list((srv / 'kept' / 'backups').glob(f'day*/{world.site}-*.sha256'))
     assert kept, 'watch kept nothing'
     assert (srv / 'kept').stat().st_uid == 0
