@@ -2567,28 +2567,17 @@ def sync_remote(config: Config) -> list[str]:
     """Send every committed run (see ``committed_files``) to the remote; return what was listed.
     Raise BackupError if rsync fails or times out."""
     listed = committed_files(config)
-    run_command(
-        [
-            *rsync_base(config),
-            '--files-from=-',
-            '--',
-            str(config.backup_dir.parent) + '/',
-            config.remote,
-        ],
-        what=f'rsync to {config.remote}',
-        step='sync',
-        timeout=config.sync_timeout,
-        input_bytes=''.join(name + '\n' for name in listed).encode(),
-    )
+    send_files(config, listed)
     return listed
 
 
-def resend_remote(config: Config, relative_files: Sequence[str]) -> None:
-    """Given files relative to the backups folder's parent, send them again whatever their times."""
+def send_files(config: Config, relative_files: Sequence[str], ignore_times: bool = False) -> None:
+    """Given files relative to the backups folder's parent, rsync them to the remote (with
+    ``ignore_times``, whatever their times: a copy found to differ). Raise BackupError on failure."""
     run_command(
         [
             *rsync_base(config),
-            '--ignore-times',
+            *(['--ignore-times'] if ignore_times else []),
             '--files-from=-',
             '--',
             str(config.backup_dir.parent) + '/',
@@ -3527,7 +3516,7 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
                 f'{len(bad)} remote cop(ies) differed from the manifest after '
                 f'the transfer and were sent again: {", ".join(bad)}'
             )
-            resend_remote(config, bad)
+            send_files(config, bad, ignore_times=True)
             bad = remote_mismatches(config, rel)
         if bad:
             raise BackupError(

@@ -30,6 +30,21 @@ ADMIN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(('PG', 'MYS
 CANARY = 'CANARY-' + secrets.token_hex(8)  # a marker that must never leave latest/ unencrypted
 
 
+def scripted_pinentry(passphrase: str) -> str:
+    """Return a pinentry script that answers GETPIN with ``passphrase``, as a person typing it
+    would (the Assuan protocol): the one fake for a key holder at a terminal."""
+    return f"""#!/bin/sh
+echo "OK scripted pinentry"
+while IFS= read -r line; do
+  case "$line" in
+    GETPIN*) printf 'D %s\\nOK\\n' '{passphrase}' ;;
+    BYE*) echo OK; exit 0 ;;
+    *) echo OK ;;
+  esac
+done
+"""
+
+
 def sh(
     *argv: str,
     input: str | bytes | None = None,

@@ -20,21 +20,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, sh
+from conftest import REPO, scripted_pinentry, sh
 
 PASSPHRASE = 'correct horse battery staple'
 PLAINTEXT = b'-- PostgreSQL database dump\nCOPY members FROM stdin;\n1\tAda\n\\.\n'
-PINENTRY_SCRIPT = """#!/bin/sh
-# A pinentry that answers GETPIN with PASSPHRASE, as a person typing it would (Assuan).
-echo "OK scripted pinentry"
-while IFS= read -r line; do
-  case "$line" in
-    GETPIN*) printf 'D %s\\nOK\\n' 'PASSPHRASE' ;;
-    BYE*) echo OK; exit 0 ;;
-    *) echo OK ;;
-  esac
-done
-"""
 
 
 @dataclasses.dataclass
@@ -52,7 +41,7 @@ class Holder:
 
     def scripted_pinentry(self, passphrase: str) -> None:
         script = self.root / 'pinentry-scripted'
-        script.write_text(PINENTRY_SCRIPT.replace('PASSPHRASE', passphrase))
+        script.write_text(scripted_pinentry(passphrase))
         script.chmod(0o755)
         self.pinentry(str(script))
 

@@ -181,6 +181,16 @@ def restore_newest(site: Site, host: Host, tmp: Path, run: str = '') -> None:
     assert 'site/canary.txt' in sh('tar', '-tf', str(out.with_suffix('.tar'))).stdout
 
 
+def sender_kept(site: Site, backup_host: tuple[Path, Callable[[str], Host]]) -> tuple[Path, Host]:
+    """Return (the backup host's base folder, the web host "site" on it) after one normal run
+    arrived and watch kept it."""
+    base, make = backup_host
+    host = make('site')
+    send(site, host)
+    watch(site, host.folder)
+    return base, host
+
+
 def attacker_copy(site: Site, tmp: Path) -> Path:
     """The attacker's copy of the web host's backups folder (they have root there)."""
     copy = tmp / f'evil-{secrets.token_hex(3)}'
@@ -209,10 +219,7 @@ def one_run(slot: Path) -> tuple[Path, Path]:
 def test_H1_delete_through_the_forced_command_is_refused(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     arrived = contents(host.incoming / 'backups')
     kept = contents(host.kept / 'backups')
     assert kept and set(kept) <= set(arrived)
@@ -270,10 +277,7 @@ def rewrite_run(copy: Path) -> tuple[Path, Path]:
 def test_H2_a_rewritten_file_and_manifest_change_nothing_that_was_kept(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     arrived = contents(host.incoming / 'backups')
     kept = contents(host.kept / 'backups')
     outside = canaries(base)
@@ -325,10 +329,7 @@ def test_H2_a_rewritten_file_and_manifest_change_nothing_that_was_kept(
 def test_H3_manifest_names_are_data_never_paths(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     kept = contents(host.kept / 'backups')
     above = base / 'canary-above.txt'
     beside = host.folder / 'canary-beside.txt'
@@ -379,10 +380,7 @@ def test_H3_manifest_names_are_data_never_paths(
 def test_H4_future_dates_and_a_junk_flood_push_no_real_run_out(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     kept = contents(host.kept / 'backups')
     real_runs = {name for name in kept if name.endswith('.sha256')}
     outside = canaries(base)
@@ -436,10 +434,7 @@ def test_H4_future_dates_and_a_junk_flood_push_no_real_run_out(
 def test_H5_symlinks_are_never_followed(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     kept = contents(host.kept / 'backups')
     above = base / 'canary-above.txt'
     evil = tmp_path / 'evil' / 'backups'
@@ -484,10 +479,7 @@ def test_H5_symlinks_are_never_followed(
 def test_H6_no_shell_no_read_no_forward(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    base, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    base, host = sender_kept(site, backup_host)
     outside = canaries(base)
     arrived = contents(host.incoming / 'backups')
     manifest = next((host.incoming / 'backups').rglob('*.sha256'))
@@ -519,10 +511,7 @@ def test_H6_no_shell_no_read_no_forward(
 def test_T4_a_kept_copy_damaged_on_the_backup_host_is_found_by_the_weekly_hash(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]]
 ) -> None:
-    _, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    _, host = sender_kept(site, backup_host)
     slot = next((host.kept / 'backups').glob('day*'))
     _, dump = one_run(slot)
     original = dump.read_bytes()
@@ -557,10 +546,7 @@ def test_T4_a_kept_copy_damaged_on_the_backup_host_is_found_by_the_weekly_hash(
 def test_a_same_hour_rerun_keeps_both_versions(
     site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
 ) -> None:
-    _, make = backup_host
-    host = make('site')
-    send(site, host)
-    watch(site, host.folder)
+    _, host = sender_kept(site, backup_host)
     first = contents(host.kept / 'backups')
     (site.home / 'site' / 'index.php').write_text('<?php echo "changed"; ?>\n')
     send(site, host)  # the same hour: new run id, new names

@@ -33,21 +33,10 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, psql, sh
+from conftest import REPO, psql, scripted_pinentry, sh
 from sshd import start_sshd, write_only_options
 
 PASSPHRASE = 'Tr3asurer pass phrase'
-PINENTRY = """#!/bin/sh
-# A pinentry answering GETPIN as the key holder typing the passphrase would (Assuan protocol).
-echo "OK scripted pinentry"
-while IFS= read -r line; do
-  case "$line" in
-    GETPIN*) printf 'D %s\\nOK\\n' 'PASSPHRASE' ;;
-    BYE*) echo OK; exit 0 ;;
-    *) echo OK ;;
-  esac
-done
-"""
 CRON_PATH = '/usr/bin:/bin'  # what cron gives a job
 WALK_RE = re.compile(r'<!-- walk: ([a-z-]+) -->\n```sh\n(.*?)```\n', re.S)
 README_FINGERPRINT = '0123456789ABCDEF0123456789ABCDEF01234567'
@@ -169,7 +158,7 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
 
     # The key holder's gpg-agent asks for the passphrase through the scripted pinentry.
     pinentry = world.root / 'pinentry-scripted'
-    pinentry.write_text(PINENTRY.replace('PASSPHRASE', PASSPHRASE))
+    pinentry.write_text(scripted_pinentry(PASSPHRASE))
     pinentry.chmod(0o755)
     world.run_as(
         world.holder,
