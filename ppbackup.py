@@ -118,6 +118,7 @@ TRAILERS = {
     'psql': b'-- PostgreSQL database dump complete',
     'mysql': b'-- Dump completed',
 }
+DATABASE_KINDS = tuple(TRAILERS)  # a database's own dump: a shrink is worth a warning
 # The artifacts that carry what a database needs around it, and the run's index with row counts.
 PG_ROLES = 'pg-roles'
 PG_ROLES_TRAILER = b'-- PostgreSQL database cluster dump complete'
@@ -3347,12 +3348,17 @@ def make_all(
 
 
 def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]:
-    """Given this run's artifacts and the last run's sizes, warn on a dump under half its size."""
+    """Given this run's artifacts and the last run's sizes, warn on a database dump under half its
+    size. Not the roles or users files: they follow the whole server's accounts, not the data."""
     previous = state.get('raw_sizes', {})
     warnings = []
     for item in made:
         before = previous.get(item.artifact.label)
-        if item.artifact.trailer and before and item.raw_bytes < before * SHRINK_WARN_RATIO:
+        if (
+            item.artifact.kind in DATABASE_KINDS
+            and before
+            and item.raw_bytes < before * SHRINK_WARN_RATIO
+        ):
             warnings.append(
                 f'{item.artifact.label} shrank from {human_size(before)} to '
                 f'{human_size(item.raw_bytes)} since the last run: check the data'
