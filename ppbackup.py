@@ -42,6 +42,7 @@ import os
 import pwd
 import re
 import secrets
+import select
 import shlex
 import shutil
 import signal
@@ -801,6 +802,13 @@ def _group_alive(pgid: int) -> bool:
     return False
 
 
+def nap(seconds: float) -> None:
+    """Sleep a moment, through poll(2) and its relative timeout. Python 3.11's time.sleep waits for
+    an absolute deadline (clock_nanosleep, TIMER_ABSTIME), which a faked clock (libfaketime, as in
+    the tests) can turn into EINVAL: the kill loop below must never fail half way."""
+    select.poll().poll(seconds * 1000)
+
+
 def _kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
     """Given a process group, send SIGTERM, then SIGKILL to whatever still runs after ``grace``.
     Children that die at once end the wait at once."""
@@ -810,7 +818,7 @@ def _kill_group(pgid: int, grace: float = KILL_GRACE) -> None:
         while time.monotonic() < deadline:
             if not _group_alive(pgid):
                 return
-            time.sleep(0.02)
+            nap(0.02)
         os.killpg(pgid, signal.SIGKILL)
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
 
-from conftest import Site
+from conftest import REPO, Site
 
 import ppbackup
 
@@ -252,6 +253,26 @@ def test_kill_group_returns_when_its_children_died_though_they_are_not_reaped() 
         if child.poll() is None:
             child.kill()
             child.wait()
+
+
+def test_the_kill_loop_survives_a_faked_clock_that_breaks_time_sleep() -> None:
+    """Under libfaketime with the monotonic clock left real, Python 3.11's time.sleep fails with
+    EINVAL every time (its absolute deadline is mangled); under the suite's plain faketime, now and
+    then. The kill loop must not stop half way: a child that ignores SIGTERM still gets SIGKILL."""
+    env = {**os.environ, 'FAKETIME_DONT_FAKE_MONOTONIC': '1', 'PYTHONPATH': str(REPO)}
+    faked = ['faketime', '-f', '@2027-01-05 03:00:00', sys.executable, '-c']
+    broken = subprocess.run([*faked, 'import time; time.sleep(0.01)'], env=env, capture_output=True)
+    assert b'Invalid argument' in broken.stderr  # what the old loop met
+    code = (
+        'import subprocess, ppbackup\n'
+        "child = subprocess.Popen(['sh', '-c', 'trap \"\" TERM; sleep 30'], process_group=0)\n"
+        'ppbackup.nap(0.3)  # the shell has set its trap\n'
+        'ppbackup._kill_group(child.pid, grace=0.5)\n'
+        'print(child.wait())  # killed: no need for a timeout, whose sleep would fail here\n'
+    )
+    result = subprocess.run([*faked, code], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == [str(-signal.SIGKILL)]
 
 
 def test_sigterm_during_the_transfer_exits_143_and_leaves_no_child(site: Site) -> None:
