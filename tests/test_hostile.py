@@ -264,6 +264,10 @@ def rewrite_run(copy: Path) -> tuple[Path, Path]:
     match; return (manifest, psql file) in the copy."""
     slot = next(path for path in (copy / 'backups').iterdir() if path.name.startswith('day'))
     manifest, dump = one_run(slot)
+    # Dated a minute later, whenever the test runs: the sender's quick check (size and mtime, to
+    # the second) then sees the change. A rewrite that keeps both is never sent again by the
+    # sender, and watch keeps reporting it (README, "Debian 12").
+    later = dump.stat().st_mtime + 60
     garbage = os.urandom(dump.stat().st_size)
     dump.write_bytes(garbage)
     lines = [
@@ -271,6 +275,8 @@ def rewrite_run(copy: Path) -> tuple[Path, Path]:
         for line in manifest.read_text().splitlines()
     ]
     manifest.write_text(''.join(lines))
+    for path in (dump, manifest):
+        os.utime(path, (later, later))
     return manifest, dump
 
 
@@ -438,30 +444,31 @@ def test_H5_symlinks_are_never_followed(
     kept = contents(host.kept / 'backups')
     above = base / 'canary-above.txt'
     evil = tmp_path / 'evil' / 'backups'
-    (evil / 'day6').mkdir(parents=True)
-    os.symlink(base, evil / 'day7')  # a slot that is a symlink
-    os.symlink(above, evil / 'day6' / 'assoc-psql-20270101-000000.sql.zst.gpg')
-    (evil / 'day6' / 'assoc-20270101-000000.sha256').write_text(
+    # Slots no real run uses (runs use day0-day7, wk1-wk53), whatever the weekday and week.
+    (evil / 'day8').mkdir(parents=True)
+    os.symlink(base, evil / 'day9')  # a slot that is a symlink
+    os.symlink(above, evil / 'day8' / 'assoc-psql-20270101-000000.sql.zst.gpg')
+    (evil / 'day8' / 'assoc-20270101-000000.sha256').write_text(
         manifest_line('assoc-psql-20270101-000000.sql.zst.gpg', above.read_bytes())
     )
     outside = canaries(base)
     attack = host.push('-rl', f'{evil}', f'{host.target}:.')
     assert attack.returncode == 0, attack.stderr
     first = watch(site, host.folder, code=1)
-    assert 'backups/day7 is a symlink; not followed' in first.stderr, first.stderr
+    assert 'backups/day9 is a symlink; not followed' in first.stderr, first.stderr
     assert 'assoc-psql-20270101-000000.sql.zst.gpg: a symlink; not followed' in first.stderr
     # Without -munge, a symlink arrives pointing where the sender says: watch still never follows.
     received = host.incoming / 'backups'
-    (received / 'day5').mkdir()
-    shutil.chown(received / 'day5', host.user, host.user)
-    os.symlink(above, received / 'day5' / 'assoc-20270102-000000.sha256')
-    os.symlink(host.folder, received / 'wk9')
-    for path in (received / 'day6' / 'assoc-psql-20270101-000000.sql.zst.gpg',):
+    (received / 'day97').mkdir()
+    shutil.chown(received / 'day97', host.user, host.user)
+    os.symlink(above, received / 'day97' / 'assoc-20270102-000000.sha256')
+    os.symlink(host.folder, received / 'wk99')
+    for path in (received / 'day8' / 'assoc-psql-20270101-000000.sql.zst.gpg',):
         path.unlink()
         os.symlink(above, path)
     second = watch(site, host.folder, code=1)
     for where in (
-        'backups/wk9 is a symlink',
+        'backups/wk99 is a symlink',
         'assoc-20270102-000000.sha256: a symlink',
         'assoc-psql-20270101-000000.sql.zst.gpg: a symlink',
     ):
