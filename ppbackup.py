@@ -379,7 +379,8 @@ KEYS: tuple[Key, ...] = (
         'int',
         '21600',
         False,
-        'Seconds one dump or archive may take, and then its encryption, before it is killed.',
+        'Seconds one dump (with its row counts) or archive may take, and then its encryption, before '
+        'it is killed.',
         maximum=MAX_TIMEOUT,
     ),
     Key(
@@ -1868,17 +1869,12 @@ def backtick(name: str) -> str:
     return '`' + name.replace('`', '``') + '`'
 
 
-def pg_row_counts(
-    db: str, timeout: float = 3600, env: Mapping[str, str] | None = None
-) -> dict[str, int]:
-    """Given a PostgreSQL database, return {schema.table: exact row count} (partitioned parents and
-    populated materialized views included). Raise BackupError if psql fails."""
+def pg_row_counts(db: str) -> dict[str, int]:
+    """Given a restored PostgreSQL database, return {schema.table: exact row count} (partitioned
+    parents and populated materialized views included), for the drill; a run counts in its dump's
+    snapshot (DumpSnapshot). Raise BackupError if psql fails."""
     _, out = run_command(
-        [*pg_client(db), '-c', PG_COUNT_SQL],
-        what=f'row counts of {db}',
-        step='dump',
-        timeout=timeout,
-        env=env,
+        [*pg_client(db), '-c', PG_COUNT_SQL], what=f'row counts of {db}', step='drill', timeout=3600
     )
     return parse_counts(out.splitlines())
 
@@ -1900,18 +1896,19 @@ def mysql_count_query(tables: Sequence[str]) -> str:
     )
 
 
-def mysql_row_counts(db: str, defaults: str | None = None, timeout: float = 3600) -> dict[str, int]:
-    """Given a MariaDB database, return {table: exact row count}. Raise BackupError on failure."""
+def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
+    """Given a restored MariaDB database, return {table: exact row count}, for the drill. Raise
+    BackupError on failure."""
     client = [*mysql_client(defaults), '--skip-column-names']
     _, out = run_command(
-        [*client, '-e', MYSQL_TABLES_SQL, '--', db], what=f'tables of {db}', step='dump'
+        [*client, '-e', MYSQL_TABLES_SQL, '--', db], what=f'tables of {db}', step='drill'
     )
     tables = [line for line in out.splitlines() if line]
     if not tables:
         return {}
     query = mysql_count_query(tables)
     _, out = run_command(
-        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='dump', timeout=timeout
+        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='drill', timeout=3600
     )
     return parse_counts(out.splitlines())
 
@@ -3657,6 +3654,14 @@ def print_plan(config: Config) -> int:
             ' | ' + shlex.join(compressor) if compressor else ''
         )
         print(f'  {mask_secrets(pipeline)} > {rundir.parent / "latest" / artifact.filename}')
+        if artifact.kind == 'psql':
+            print(
+                "    (plus --snapshot=ID: a psql session's, which counts each table's rows in it)"
+            )
+        elif artifact.kind == 'mysql':
+            print(
+                "    (a mysql session starts its snapshot just before, and counts each table's rows)"
+            )
         print(
             f'  gpg --encrypt --compress-algo none '
             f'{" ".join("-r " + spec for spec in config.recipients)} -> '
@@ -4830,9 +4835,7 @@ class WatchTree:
         the reading spreads over the week instead of the whole history every hour."""
         for key, run in sorted(self.runs.items()):
             if self.now - float(run.get('hashed', run['first_seen'])) < WATCH_SCRUB_EVERY:
-                continue
-            if key in self.report.kept_now:
-                continue  # hashed just now
+                continue  # a run kept just now was hashed just now
             expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
             tree, slot, _ = key.split('/')
             try:
@@ -5877,17 +5880,7 @@ def _demo_databases(work: Path) -> tuple[list[str], list[str], Callable[[], None
         )
         cleanups.append(['dropdb', '--no-password', '--if-exists', '--', name])
         run_command(
-            [
-                'psql',
-                '--no-password',
-                '-X',
-                '-q',
-                '-v',
-                'ON_ERROR_STOP=1',
-                '-c',
-                sql,
-                f'--dbname={name}',
-            ],
+            [*pg_client(name), '-v', 'ON_ERROR_STOP=1', '-c', sql],
             what='psql',
             step='demo',
             timeout=30,
