@@ -385,16 +385,23 @@ def test_R4_restore_refuses_a_database_with_tables_unless_replace_keeps_it_aside
     assert kept.strip() and checksums(fresh_mariadb, kept.strip()) == checksums(None, MY_DB)
 
 
-def drill(site: Site, pg: dict[str, str], cnf: Path) -> subprocess.CompletedProcess[str]:
-    return holder_run(
-        site, 'drill', str(site.backups), '--mail', 'keeper@example.org', pg=pg, cnf=cnf
-    )
+def drill(site: Site, *_servers: object) -> subprocess.CompletedProcess[str]:
+    """Run the README's drill as the key holder: it starts servers of its own, so the fresh
+    servers of this module are not named to it (and must not be touched by it)."""
+    return site.run(
+        'drill', str(site.backups), '--gnupghome', str(site.keys.holder),
+        '--mail', 'keeper@example.org',
+    )  # fmt: skip
 
 
 def scratch_left(pg: dict[str, str], cnf: Path) -> tuple[str, str, str]:
-    """Return what a drill left on the servers: databases, and MariaDB grants on them."""
+    """Return what a drill left: its temporary folders, and any database on the module's servers
+    that is not the module's own (the drill must reach no server but its own)."""
+    own = f"NOT IN ('postgres', 'template0', 'template1') AND datname NOT LIKE 'ppbt%'"
+    folders = sorted(str(p) for p in Path(tempfile.gettempdir()).glob('ppbackup-drill-*'))
     return (
-        on(pg, 'postgres', "SELECT datname FROM pg_database WHERE datname LIKE 'ppdrill%'"),
+        on(pg, 'postgres', f'SELECT datname FROM pg_database WHERE datname {own}')
+        + ''.join(folders),
         my_on(cnf, "SHOW DATABASES LIKE 'ppdrill%'"),
         my_on(cnf, "SELECT Db FROM mysql.db WHERE Db LIKE 'ppdrill%'"),
     )
@@ -612,7 +619,8 @@ def test_the_admin_rolls_back_a_bad_upgrade_in_place_from_latest(site: Site) -> 
     site.write_config(BACKUP_MYSQL_DB=None)
     assert site.run().returncode == 0
     psql(site.pg_db, 'DELETE FROM members')  # the upgrade that went wrong
-    result = site.run('restore', 'latest', '--replace')  # this machine's server, no key
+    # This machine's server, no key; --replace acts only on the database named.
+    result = site.run('restore', 'latest', '--replace', '--database', site.pg_db)
     aside = f"SELECT datname FROM pg_database WHERE datname LIKE '{site.pg_db}_before_restore_%'"
     try:
         assert result.returncode == 0, result.stderr
