@@ -375,3 +375,15 @@ def test_A3_a_genuine_run_restores_exactly(site: Site, tmp_path: Path) -> None:
     assert (out / 'crontab').is_file()  # the crontab travels with the files
     assert specials(out) == []
     assert os.path.samefile(out / 'site/uploads/photo.bin', out / 'site/uploads/same-photo.bin')
+
+
+def test_A3_a_plaintext_that_is_no_tar_archive_fails_with_a_sentence(
+    site: Site, tmp_path: Path
+) -> None:
+    good = forge.tar_bytes([(forge.member('www/index.html'), b'<h1>site</h1>\n')])
+    for junk in (b'', b'no archive at all\n' * 100, good[:700]):
+        out = tmp_path / f'out{len(junk)}'
+        result = restore(site, tmp_path, {'files': good, 'binaries': junk}, out)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert 'not a tar archive, or a truncated one' in result.stderr, result.stderr
+        assert 'Traceback' not in result.stderr and not out.exists()
