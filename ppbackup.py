@@ -40,6 +40,7 @@ import logging
 import logging.handlers
 import math
 import os
+import posixpath
 import pwd
 import re
 import secrets
@@ -50,6 +51,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tarfile
 import tempfile
 import threading
 import time
@@ -6020,26 +6022,350 @@ def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target:
         target.users += sorted(mysql_users_now(target) - before)
 
 
+class ArchiveUnreadable(BackupError):
+    """The plaintext is no tar archive, or it ends early: gpg or the decompressor may be why."""
+
+
+@dataclasses.dataclass
+class Extracted:
+    """What one restore's archives made so far: each name (relative to DIR) as 'folder', 'file' or
+    'symlink', and each folder's mode and mtime, applied once everything is in."""
+
+    kinds: dict[str, str] = dataclasses.field(default_factory=dict)
+    folders: dict[str, tuple[int, float | None]] = dataclasses.field(default_factory=dict)
+
+
+def tar_member_parts(name: str) -> list[str] | None:
+    """Given a member name (or a hard link's target), return its components without "" and ".";
+    None if it is absolute or has a ".." component."""
+    if name.startswith('/'):
+        return None
+    parts = [part for part in name.split('/') if part not in ('', '.')]
+    return None if '..' in parts else parts
+
+
+def tar_member_problem(info: tarfile.TarInfo, folder: str) -> str:
+    """Given a member and the name of its folder, return why it is refused, or '' if it is data:
+    a folder, a regular file, a symlink that stays inside DIR, or a hard link (checked later)."""
+    if info.ischr() or info.isblk():
+        return 'it is a device node'
+    if info.isfifo():
+        return 'it is a FIFO'
+    if info.mode & 0o7000:
+        return f'it has a setuid, setgid or sticky bit (mode {info.mode & 0o7777:04o})'
+    if info.type == tarfile.CONTTYPE:
+        return 'it is a contiguous file'
+    if not (info.isreg() or info.isdir() or info.issym() or info.islnk()):
+        return f'its type {shown(info.type.decode("latin-1"))} is not a folder, a file or a link'
+    if tar_member_parts(info.name) is None:
+        return 'its name is absolute or climbs out with ".."'
+    if not (isinstance(info.mtime, (int, float)) and math.isfinite(info.mtime)):
+        return 'its mtime is not a time'
+    if abs(info.mtime) >= 1 << 40:
+        return 'its mtime is out of range'
+    if info.issym():
+        target = posixpath.normpath(posixpath.join(folder, info.linkname))
+        if not info.linkname or info.linkname.startswith('/'):
+            return f'it is a symlink to {shown(info.linkname)}: empty or absolute'
+        if target == '..' or target.startswith('../'):
+            return f'it is a symlink to {shown(info.linkname)}, outside the restore folder'
+    return ''
+
+
+def _open_folder(root: int, parts: Sequence[str]) -> int:
+    """Given the restore folder's fd and a folder's components, return that folder's fd, each
+    component opened relative to its parent, never through a symlink."""
+    fd = os.dup(root)
+    for part in parts:
+        try:
+            child = os.open(part, _OPEN_DIR, dir_fd=fd)
+        finally:
+            os.close(fd)
+        fd = child
+    return fd
+
+
+def read_archive(
+    stream: IO[bytes], label: str, root: int | None, made: Extracted, step: str = 'restore'
+) -> int:
+    """Given the plaintext of a tar archive, check every member and, given the fd of the restore
+    folder, write it there as data; given None, write nothing (the drill) but read every byte.
+    ``made`` is what earlier archives of the same restore made. Return the bytes read.
+
+    Nothing is ever written through a symlink: each parent is a folder this restore made, opened
+    O_NOFOLLOW relative to its own parent, and files are created O_EXCL. Owners are never applied.
+    Raise BackupError naming the first member refused (tar_member_problem; a hard link to anything
+    but a regular file from earlier in this archive; a name through or over something else), or
+    ArchiveUnreadable if the stream is not a whole tar archive."""
+    progress = Progress(label)
+    count = 0
+    here: set[str] = set()  # the regular files of this archive: what its hard links may name
+    cached: tuple[str, int] | None = None  # the last parent folder's name and fd
+
+    def refuse(name: str, why: str) -> BackupError:
+        return BackupError(
+            f'{label}: member {shown(name)} refused: {why}; the whole archive is refused (a run '
+            'is data, never instructions)',
+            step=step,
+        )
+
+    def parent_of(info: tarfile.TarInfo, parts: list[str]) -> int:
+        # Every parent must be a folder this restore made; a missing one is made (0700) now.
+        nonlocal cached
+        key = '/'.join(parts[:-1])
+        if cached and cached[0] == key:
+            return cached[1]
+        for depth in range(1, len(parts)):
+            prefix = '/'.join(parts[:depth])
+            kind = made.kinds.get(prefix)
+            if kind is None:
+                if root is not None:
+                    fd = _open_folder(root, parts[: depth - 1])
+                    try:
+                        os.mkdir(parts[depth - 1], 0o700, dir_fd=fd)
+                    finally:
+                        os.close(fd)
+                made.kinds[prefix] = 'folder'
+                made.folders[prefix] = (0o700, None)
+            elif kind != 'folder':
+                raise refuse(info.name, f'its folder {shown(prefix)} is a {kind} of this restore')
+        if root is None:
+            return -1
+        if cached:
+            os.close(cached[1])
+            cached = None
+        fd = _open_folder(root, parts[:-1])
+        cached = (key, fd)
+        return fd
+
+    try:
+        with tarfile.open(fileobj=stream, mode='r|', bufsize=BLOCK) as archive:
+            for info in archive:
+                count += tarfile.BLOCKSIZE
+                parts = tar_member_parts(info.name) or []
+                name, folder = '/'.join(parts), '/'.join(parts[:-1])
+                why = tar_member_problem(info, folder)
+                if why:
+                    raise refuse(info.name, why)
+                if not parts:
+                    if info.isdir():  # "./": the restore folder stays as ppbackup made it
+                        continue
+                    raise refuse(info.name, 'it names the restore folder itself')
+                existing = made.kinds.get(name)
+                if existing == 'folder' and not info.isdir():
+                    raise refuse(info.name, 'a folder of that name was extracted before it')
+                if existing not in (None, 'folder') and info.isdir():
+                    raise refuse(info.name, f'a {existing} of that name was extracted before it')
+                link_parts: list[str] = []
+                if info.islnk():
+                    link_parts = tar_member_parts(info.linkname) or []
+                    if '/'.join(link_parts) not in here or link_parts == parts:
+                        raise refuse(
+                            info.name,
+                            f'it is a hard link to {shown(info.linkname)}, which is no regular '
+                            'file extracted before it from this archive',
+                        )
+                try:
+                    parent = parent_of(info, parts)
+                    last = parts[-1]
+                    if root is not None and existing in ('file', 'symlink'):
+                        os.unlink(last, dir_fd=parent)  # a later member replaces it, as in tar
+                    here.discard(name)
+                    if info.isdir():
+                        if root is not None and existing is None:
+                            os.mkdir(last, 0o700, dir_fd=parent)
+                        made.kinds[name] = 'folder'
+                        made.folders[name] = (info.mode & 0o777, info.mtime)
+                    elif info.issym():
+                        if root is not None:
+                            os.symlink(info.linkname, last, dir_fd=parent)
+                            os.utime(
+                                last,
+                                (info.mtime, info.mtime),
+                                dir_fd=parent,
+                                follow_symlinks=False,
+                            )
+                        made.kinds[name] = 'symlink'
+                    elif info.islnk():
+                        if root is not None:
+                            source = _open_folder(root, link_parts[:-1])
+                            try:
+                                os.link(
+                                    link_parts[-1],
+                                    last,
+                                    src_dir_fd=source,
+                                    dst_dir_fd=parent,
+                                    follow_symlinks=False,
+                                )
+                            finally:
+                                os.close(source)
+                        made.kinds[name] = 'file'
+                        here.add(name)
+                    else:
+                        count += _extract_file(
+                            archive, info, last, parent if root is not None else None
+                        )
+                        progress.update(count)
+                        made.kinds[name] = 'file'
+                        here.add(name)
+                except OSError as error:
+                    hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
+                    raise BackupError(
+                        f'{label}: member {shown(info.name)}: cannot extract it: '
+                        f'{error.strerror}{hint}',
+                        step=step,
+                    ) from error
+        while block := stream.read(BLOCK):  # what follows the end of the archive is read too
+            count += len(block)
+    except tarfile.TarError as error:
+        while stream.read(BLOCK):  # to its end: gpg's and the decompressor's verdicts come first
+            pass
+        raise ArchiveUnreadable(
+            f'{label}: not a tar archive, or a truncated one: {error}', step=step
+        ) from error
+    finally:
+        if cached:
+            os.close(cached[1])
+        progress.done(count)
+    return count
+
+
+def _extract_file(
+    archive: tarfile.TarFile, info: tarfile.TarInfo, name: str, parent: int | None
+) -> int:
+    """Given a regular file's member, create it new as ``name`` in ``parent`` (or, given None, only
+    read it), a MiB at a time; set its mode (0o777 bits) and mtime. Return the bytes read."""
+    source = archive.extractfile(info)
+    assert source is not None
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
+    fd = os.open(name, flags, 0o600, dir_fd=parent) if parent is not None else -1
+    count = 0
+    try:
+        while block := source.read(BLOCK):
+            count += len(block)
+            view = memoryview(block)
+            while fd >= 0 and view:
+                view = view[os.write(fd, view) :]
+        if fd >= 0:
+            os.fchmod(fd, info.mode & 0o777)
+            os.utime(fd, (info.mtime, info.mtime))
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return count
+
+
+def unpack_archive(
+    pipe: Pipeline,
+    path: Path,
+    gnupghome: str | None,
+    root: int | None,
+    made: Extracted,
+    step: str = 'restore',
+) -> None:
+    """Given a run's archive, decrypt it in ``pipe`` and read it with read_archive (into the
+    folder ``root``, or only checked); raise BackupError if gpg, the decompressor or a member
+    fails."""
+    stream, status = start_plaintext(pipe, path, gnupghome)
+    try:
+        read_archive(stream, path.name, root, made, step)
+    except ArchiveUnreadable:
+        check_decrypted(pipe, path, gnupghome, False, status)  # gpg's failure, if it is why
+        raise
+    except BaseException:
+        status.close()
+        raise
+    check_decrypted(pipe, path, gnupghome, False, status)
+
+
+def open_restore_folder(folder: Path) -> tuple[int, bool]:
+    """Given --files DIR, make it (0700), or take it if it is an empty folder of ours; return its fd
+    and whether ppbackup made it. Raise ConfigError for ``/``, a symlink, or a folder with content:
+    a restore never extracts into a tree that has content."""
+    if folder.resolve() == Path('/'):
+        raise ConfigError('--files /: refusing to extract over the root folder', step='restore')
+    made_it = True
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        os.mkdir(folder, 0o700)
+    except FileExistsError:
+        made_it = False
+    except OSError as error:
+        raise BackupError(f'cannot create {folder}: {error.strerror}', step='restore') from error
+    try:
+        fd = os.open(folder, _OPEN_DIR)
+    except OSError as error:
+        raise ConfigError(
+            f'--files {folder}: a symlink or not a folder ({error.strerror}); name a new folder',
+            step='restore',
+        ) from error
+    info = os.fstat(fd)
+    problem = ''
+    if not made_it and os.listdir(fd):
+        problem = 'holds files already; name a new or empty folder (files never land in a tree'
+        problem += ' that has content)'
+    elif info.st_uid != os.getuid():
+        problem = f'is owned by uid {info.st_uid}, not by this user'
+    if problem:
+        os.close(fd)
+        raise ConfigError(f'--files {folder}: this folder {problem}', step='restore')
+    os.fchmod(fd, 0o700)
+    return fd, made_it
+
+
+def finish_folders(root: int, made: Extracted) -> None:
+    """Given the restore folder and what was extracted, give each folder its mode (0o777 bits) and
+    mtime, deepest first, once its content is in."""
+    for name, (mode, mtime) in sorted(made.folders.items(), key=lambda item: -item[0].count('/')):
+        fd = _open_folder(root, name.split('/'))
+        try:
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fchmod(fd, mode)
+        finally:
+            os.close(fd)
+
+
+def remove_extracted(folder: Path, root: int, made_it: bool) -> None:
+    """Remove what a failed restore extracted: the restore folder's content (never following a
+    symlink), and the folder itself if ppbackup made it."""
+    for entry in os.listdir(root):
+        info = os.stat(entry, dir_fd=root, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            shutil.rmtree(entry, dir_fd=root)
+        else:
+            os.unlink(entry, dir_fd=root)
+    if made_it:
+        os.rmdir(folder)
+
+
 def extract_archives(
     run: RunFiles, index: Mapping[str, Any], gnupghome: str | None, folder: Path
 ) -> None:
-    """Given a folder, extract the run's file archives into it. Raise ConfigError for ``/``."""
-    if folder.resolve() == Path('/'):
-        raise ConfigError('--files /: refusing to extract over the root folder', step='restore')
-    ensure_private_dir(folder)
-    for name in index.get('archives', []):
-        path = check_digest(run, run.names[name])
-        log.info('extract %s into %s', path.name, folder)
-        with Pipeline(f'tar {path.name}', 'restore') as pipe:
-            source, status = start_plaintext(pipe, path, gnupghome)
-            tar = pipe.start(
-                ['tar', '--extract', '--file=-', '--no-overwrite-dir', '--directory', str(folder)],
-                stdin=subprocess.PIPE,
-            )
-            check_decrypted(
-                pipe, path, gnupghome, feed(pipe, source, tar, f'tar {path.name}'), status
-            )
-        print(f'files: {name} extracted into {folder}')
+    """Given a folder that does not exist or is empty, extract the run's file archives into it as
+    data (read_archive). Raise ConfigError for ``/`` or a folder with content, BackupError for an
+    archive refused or unreadable: what this restore extracted is removed then."""
+    root, made_it = open_restore_folder(folder)
+    made = Extracted()
+    try:
+        for name in index.get('archives', []):
+            path = check_digest(run, run.names[name])
+            log.info('extract %s into %s', path.name, folder)
+            with Pipeline(f'extract {path.name}', 'restore') as pipe:
+                unpack_archive(pipe, path, gnupghome, root, made)
+            print(f'files: {name} extracted into {folder}')
+        finish_folders(root, made)
+    except BaseException as error:
+        try:
+            remove_extracted(folder, root, made_it)
+        except OSError as failure:
+            log.error('could not remove what was extracted into %s: %s', folder, failure)
+        else:
+            if isinstance(error, BackupError):
+                error.args = (f'{error}; what this restore extracted was removed',)
+        raise
+    finally:
+        os.close(root)
 
 
 def run_lacks(
@@ -6443,18 +6769,11 @@ def command_drill(
                 restore_run(run, index, gnupghome, target, timings=timings)
                 for entry in index.get('databases', []):
                     problems += drill_checks(entry, target.name_for(entry['database']), target)
+            checked = Extracted()  # every member as a restore would take it, nothing written
             for name in index.get('archives', []):
                 path = check_digest(run, run.names[name])
                 with Pipeline(f'tar {path.name}', 'drill') as pipe:
-                    stream, status = start_plaintext(pipe, path, gnupghome)
-                    tar = pipe.start(
-                        ['tar', '--list', '--file=-'],
-                        stdin=subprocess.PIPE,
-                        stdout=subprocess.DEVNULL,
-                    )
-                    check_decrypted(
-                        pipe, path, gnupghome, feed(pipe, stream, tar, path.name), status
-                    )
+                    unpack_archive(pipe, path, gnupghome, None, checked, 'drill')
         except BackupError as error:
             problems.append(f'{error} {mask_secrets(error.detail)[-600:]}'.strip())
     except BackupError as error:
