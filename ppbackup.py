@@ -5185,9 +5185,8 @@ def _first_seen_problem(record: object) -> str:
     """Given a parsed first-seen record, return '' if it is one watch writes, else what is wrong."""
     if not isinstance(record, dict):
         return 'not a JSON object'
-    if record.get('format') != FIRST_SEEN_FORMAT or type(record.get('version')) is not int:
-        return f'not format "{FIRST_SEEN_FORMAT}", version 1'
-    if record['version'] != 1:
+    version = record.get('version')
+    if record.get('format') != FIRST_SEEN_FORMAT or type(version) is not int or version != 1:
         return f'not format "{FIRST_SEEN_FORMAT}", version 1'
     if not isinstance(record.get('host'), str) or not record['host']:
         return '"host" is not a name'
@@ -5290,10 +5289,11 @@ def _manifest_digest(slot: Path, name: str) -> str:
         os.close(fd)
 
 
-def _open_run(slot: Path, name: str, seen: str) -> RunFiles:
-    """Given a slot and a manifest's name in it, return the run. Raise BackupError if the manifest
-    is not a regular file or names anything but plain files of its slot: nothing it names is opened
-    then, and no file outside the slot ever is (every open is relative to it, never via a symlink)."""
+def _open_run(slot: Path, name: str, seen: str, digest: str = '') -> RunFiles:
+    """Given a slot and a manifest's name in it (and the SHA-256 it was chosen by), return the run.
+    Raise BackupError if the manifest is not a regular file, not that one, or names anything but
+    plain files of its slot: nothing it names is opened then, and no file outside the slot ever is
+    (every open is relative to it, never via a symlink)."""
     where = str(slot / name)
     try:
         slot_fd = os.open(slot, _OPEN_GIVEN_DIR)
@@ -5310,6 +5310,9 @@ def _open_run(slot: Path, name: str, seen: str) -> RunFiles:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BackupError(f'{where}: not a regular file; not a manifest', step='restore')
+            if digest and _sha256_fd(fd) != digest:
+                raise BackupError(f'{where}: changed while it was chosen', step='restore')
+            os.lseek(fd, 0, os.SEEK_SET)
             digests, problems = _read_manifest_fd(fd, where)
         finally:
             os.close(fd)
@@ -5349,22 +5352,22 @@ def _seen_explicit(record: FirstSeen | None, slot: Path, name: str) -> str:
     return f'first seen by the backup host {record.host} at {_utc(listed[0])}'
 
 
-def _best(chosen: Sequence[tuple[Any, Path, str]]) -> tuple[Any, Path, str]:
-    """Given (order, slot, manifest) runs, return the last, as its day slot's copy if there is one:
-    a week slot holds the same run without its binaries."""
-    order, slot, name = max(chosen, key=lambda run: (run[0], run[1].name.startswith('day')))
-    days = [run for run in chosen if run[2] == name and run[1].name.startswith('day')]
-    return days[0] if days else (order, slot, name)
+def _best(chosen: Sequence[tuple[Any, Path, str, str]]) -> tuple[Any, Path, str, str]:
+    """Given (order, slot, manifest, digest) runs, return the last, as its day slot's copy if there
+    is one: a week slot holds the same run without its binaries."""
+    best = max(chosen, key=lambda run: (run[0], run[1].name.startswith('day')))
+    days = [run for run in chosen if run[2] == best[2] and run[1].name.startswith('day')]
+    return days[0] if days else best
 
 
 def choose_run(
     slots: Sequence[Path], record: FirstSeen | None, arrived_before: dt.datetime | None
-) -> tuple[Path, str, str]:
-    """Given slots, return (slot, manifest name, how it was chosen) of the run to use: by the
-    backup host's first-seen record if there is one (only the runs it lists with that very
-    manifest), else by run id, never by mtime (both are the sender's). Raise BackupError if none
-    qualifies. What was passed over is said on stderr."""
-    chosen: list[tuple[Any, Path, str]] = []  # (order, slot, manifest)
+) -> tuple[Path, str, str, str]:
+    """Given slots, return (slot, manifest name, how it was chosen, its SHA-256 if by the record)
+    of the run to use: the last by the backup host's first-seen record if there is one (only the
+    runs it lists with that very manifest), else the last by run id (the sender's word); never by
+    mtime. Raise BackupError if none qualifies. What was passed over is said on stderr."""
+    chosen: list[tuple[Any, Path, str, str]] = []  # (order, slot, manifest, its SHA-256 or '')
     unlisted = mismatched = unnamed = 0
     for slot in slots:
         for name in _manifest_names(slot):
@@ -5375,7 +5378,7 @@ def choose_run(
                 elif _manifest_digest(slot, name) != listed[1]:
                     mismatched += 1
                 elif arrived_before is None or listed[0] < arrived_before.timestamp():
-                    chosen.append((listed[0], slot, name))
+                    chosen.append((listed[0], slot, name, listed[1]))
                 continue
             order = _run_order(name)
             if order is None:
@@ -5386,7 +5389,7 @@ def choose_run(
                 limit = f'{arrived_before.astimezone(dt.UTC):%Y%m%d-%H%M%S}'
                 if order[0] == 0 or order[1] >= limit:
                     continue  # an HHxx id has no date: not known to be before DATE
-            chosen.append((order, slot, name))
+            chosen.append((order, slot, name, ''))
     where = ', '.join(str(slot) for slot in slots[:3]) + (' ...' if len(slots) > 3 else '')
     if record is not None:
         if unlisted or mismatched:
@@ -5403,8 +5406,8 @@ def choose_run(
                 f'{record.host} lists with this manifest',
                 step='restore',
             )
-        seen, slot, name = _best(chosen)
-        return slot, name, f'first seen by the backup host {record.host} at {_utc(seen)}'
+        seen, slot, name, digest = _best(chosen)
+        return slot, name, f'first seen by the backup host {record.host} at {_utc(seen)}', digest
     if unnamed:
         print(
             f'ppbackup: skipped {unnamed} manifest(s) whose name holds no run id',
@@ -5413,10 +5416,10 @@ def choose_run(
     before = f' with a run id before {_utc(arrived_before.timestamp())}' if arrived_before else ''
     if not chosen:
         raise BackupError(f'{where}: no run{before}', step='restore')
-    _, slot, name = _best(chosen)
+    _, slot, name, _ = _best(chosen)
     chosen_as = f'the last run{before}' if arrived_before else 'the newest run by its run id'
     said = f'no first-seen record ({FIRST_SEEN_FILE}) beside the slots: {chosen_as}, which is '
-    return slot, name, said + "the sender's word"
+    return slot, name, said + "the sender's word", ''
 
 
 def find_run(
@@ -5445,8 +5448,7 @@ def find_run(
     slots = [folder] if _manifest_names(folder) else all_slots(folder)
     if any(_manifest_names(slot) for slot in slots):
         tree = folder.parent if slots == [folder] else folder
-        slot, name, seen = choose_run(slots, read_first_seen(tree), arrived_before)
-        return _open_run(slot, name, seen)
+        return _open_run(*choose_run(slots, read_first_seen(tree), arrived_before))
     if arrived_before is not None:
         raise ConfigError(
             f'{source}: --arrived-before chooses among encrypted runs; this is plaintext',
