@@ -5127,6 +5127,7 @@ class RunFiles:
     names: dict[str, str]  # plaintext name -> the file's name in the folder
     digests: dict[str, str]  # file name in the folder -> SHA-256 (empty for plaintext)
     label: str
+    seen: str = ''  # how it was chosen: the backup host's first-seen record, or the sender's word
 
 
 @dataclasses.dataclass
@@ -5160,51 +5161,357 @@ def _unquote_pg(raw: bytes) -> str:
     return text[1:-1].replace('""', '"') if text.startswith('"') else text
 
 
-def find_run(source: str, config_arg: str | None) -> RunFiles:
+FIRST_SEEN_FILE = 'first-seen.json'  # watch's record, beside the slots it keeps
+FIRST_SEEN_FORMAT = 'ppbackup-first-seen'
+FIRST_SEEN_MAX_BYTES = 64 << 20
+_OPEN_GIVEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a folder the key holder named
+
+
+@dataclasses.dataclass
+class FirstSeen:
+    """The backup host's own record of when each run it keeps first arrived (``watch`` writes it):
+    unlike a run's names, ids and mtimes, this is not the sender's word."""
+
+    host: str
+    runs: dict[str, tuple[float, str]]  # 'SLOT/MANIFEST' -> (first seen, SHA-256 of the manifest)
+
+
+def _utc(stamp: float) -> str:
+    return f'{dt.datetime.fromtimestamp(stamp, dt.UTC):%Y-%m-%d %H:%M:%S} UTC'
+
+
+def parse_arrived_before(text: str) -> dt.datetime:
+    """Given --arrived-before's ISO date or date-time, return it; UTC unless it names an offset."""
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f'{text!r} is not an ISO date or date-time (2026-12-01 or 2026-12-01T14:30)'
+        ) from error
+    return when if when.tzinfo else when.replace(tzinfo=dt.UTC)
+
+
+def _first_seen_problem(record: object) -> str:
+    """Given a parsed first-seen record, return '' if it is one watch writes, else what is wrong."""
+    if not isinstance(record, dict):
+        return 'not a JSON object'
+    version = record.get('version')
+    if record.get('format') != FIRST_SEEN_FORMAT or type(version) is not int or version != 1:
+        return f'not format "{FIRST_SEEN_FORMAT}", version 1'
+    if not isinstance(record.get('host'), str) or not record['host']:
+        return '"host" is not a name'
+    if not isinstance(record.get('runs'), dict):
+        return '"runs" is not an object'
+    for key, run in record['runs'].items():
+        slot, _, manifest = key.partition('/')
+        if not SLOT_RE.fullmatch(slot) or plain_name_problem(manifest):
+            return f'{shown(key)} is not SLOT/MANIFEST'
+        if not isinstance(run, dict):
+            return f'{shown(key)}: not an object'
+        seen, digest = run.get('first_seen'), run.get('sha256')
+        if isinstance(seen, bool) or not isinstance(seen, (int, float)) or not math.isfinite(seen):
+            return f'{shown(key)}: "first_seen" is not a time'
+        try:
+            _utc(seen)
+        except (OverflowError, ValueError, OSError):
+            return f'{shown(key)}: "first_seen" is not a time'
+        if not isinstance(digest, str) or not re.fullmatch(r'[0-9a-f]{64}', digest):
+            return f'{shown(key)}: "sha256" is not a SHA-256'
+    return ''
+
+
+def read_first_seen(tree: Path) -> FirstSeen | None:
+    """Given a folder of slots, return the backup host's first-seen record in it, or None if there
+    is none. Raise BackupError if it is there but is not one."""
+    where = tree / FIRST_SEEN_FILE
+    try:
+        tree_fd = os.open(tree, _OPEN_GIVEN_DIR)
+    except OSError:
+        return None
+    try:
+        fd = _open_in(tree_fd, FIRST_SEEN_FILE)
+    except FileNotFoundError:
+        return None
+    except OSError as error:
+        why = 'a symlink; not followed' if error.errno == errno.ELOOP else error.strerror
+        raise BackupError(f'{where}: cannot be read: {why}', step='restore') from error
+    finally:
+        os.close(tree_fd)
+    with os.fdopen(fd, 'rb') as handle:
+        regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        data = handle.read(FIRST_SEEN_MAX_BYTES + 1) if regular else b''
+    problem = 'not a regular file' if not regular else ''
+    if not problem and len(data) > FIRST_SEEN_MAX_BYTES:
+        problem = f'larger than {FIRST_SEEN_MAX_BYTES} bytes'
+    record: object = None
+    if not problem:
+        try:
+            record = json.loads(data)
+        except ValueError as error:
+            problem = f'not JSON ({error})'
+    problem = problem or _first_seen_problem(record)
+    if problem:
+        raise BackupError(
+            f"{where}: not the backup host's first-seen record: {problem}; fetch it again with "
+            "the slots, or move it away to choose by run id (the sender's word)",
+            step='restore',
+        )
+    assert isinstance(record, dict)
+    runs = {key: (float(run['first_seen']), run['sha256']) for key, run in record['runs'].items()}
+    return FirstSeen(record['host'], runs)
+
+
+def _run_order(manifest: str) -> tuple[int, str, int] | None:
+    """Given a manifest's name, return its run id as a sort key (old HHxx ids first), or None."""
+    match = RUN_NAME_RE.fullmatch(manifest)
+    if not match:
+        return None
+    run_id = manifest[len(match.group(1)) + 1 : -len(MANIFEST_SUFFIX)]
+    if run_id.endswith('xx'):
+        return 0, run_id, 0
+    return 1, run_id[:15], int(run_id[16:] or 0)
+
+
+def _manifest_names(slot: Path) -> list[str]:
+    """Given a slot, return the names of the manifests in it (not opened, whatever they are)."""
+    try:
+        names = os.listdir(slot)
+    except OSError:
+        return []
+    return sorted(n for n in names if n.endswith(MANIFEST_SUFFIX) and not n.startswith('.'))
+
+
+def _manifest_digest(slot: Path, name: str) -> str:
+    """Given a manifest in a slot, return its SHA-256, or '' if it is not a regular file."""
+    try:
+        slot_fd = os.open(slot, _OPEN_GIVEN_DIR)
+    except OSError:
+        return ''
+    try:
+        fd = _open_in(slot_fd, name)
+    except OSError:
+        return ''
+    finally:
+        os.close(slot_fd)
+    try:
+        return _sha256_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ''
+    finally:
+        os.close(fd)
+
+
+def _open_run(slot: Path, name: str, seen: str, digest: str = '') -> RunFiles:
+    """Given a slot and a manifest's name in it (and the SHA-256 it was chosen by), return the run.
+    Raise BackupError if the manifest is not a regular file, not that one, or names anything but
+    plain files of its slot: nothing it names is opened then, and no file outside the slot ever is
+    (every open is relative to it, never via a symlink)."""
+    where = str(slot / name)
+    try:
+        slot_fd = os.open(slot, _OPEN_GIVEN_DIR)
+    except OSError as error:
+        raise ConfigError(f'{slot}: no such slot: {error.strerror}', step='restore') from error
+    try:
+        try:
+            fd = _open_in(slot_fd, name)
+        except FileNotFoundError as error:
+            raise ConfigError(f'{where}: no such run', step='restore') from error
+        except OSError as error:
+            why = 'a symlink; not followed' if error.errno == errno.ELOOP else error.strerror
+            raise BackupError(f'{where}: refused as a manifest: {why}', step='restore') from error
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise BackupError(f'{where}: not a regular file; not a manifest', step='restore')
+            if digest and _sha256_fd(fd) != digest:
+                raise BackupError(f'{where}: changed while it was chosen', step='restore')
+            os.lseek(fd, 0, os.SEEK_SET)
+            digests, problems = _read_manifest_fd(fd, where)
+        finally:
+            os.close(fd)
+        if problems:
+            more = f' (and {len(problems) - 1} more)' if len(problems) > 1 else ''
+            raise BackupError(
+                f'{problems[0]}{more}: this run is refused, and nothing it names is opened',
+                step='restore',
+            )
+        # A file the manifest names but the slot lacks (or holds as a symlink) is missing from the
+        # run: said where it matters.
+        names = {}
+        for entry in digests:
+            with contextlib.suppress(OSError):
+                if stat.S_ISREG(os.stat(entry, dir_fd=slot_fd, follow_symlinks=False).st_mode):
+                    names[entry.removesuffix('.gpg')] = entry
+    finally:
+        os.close(slot_fd)
+    return RunFiles(slot, names, digests, where, seen)
+
+
+def _seen_explicit(record: FirstSeen | None, slot: Path, name: str) -> str:
+    """Given a manifest named on the command line, say what the first-seen record says of it."""
+    if record is None:
+        return (
+            f'no first-seen record ({FIRST_SEEN_FILE}) beside the slot: when this run arrived is '
+            "not known, its name and run id are the sender's word"
+        )
+    listed = record.runs.get(f'{slot.name}/{name}')
+    if listed is None:
+        return f'the first-seen record of the backup host {record.host} does not list this run'
+    if _manifest_digest(slot, name) != listed[1]:
+        return (
+            f'the first-seen record of the backup host {record.host} lists this run with another '
+            'manifest: this one is not what the backup host kept'
+        )
+    return f'first seen by the backup host {record.host} at {_utc(listed[0])}'
+
+
+def _best(chosen: Sequence[tuple[Any, Path, str, str]]) -> tuple[Any, Path, str, str]:
+    """Given (order, slot, manifest, digest) runs, return the last, as its day slot's copy if there
+    is one: a week slot holds the same run without its binaries."""
+    best = max(chosen, key=lambda run: (run[0], run[1].name.startswith('day')))
+    days = [run for run in chosen if run[2] == best[2] and run[1].name.startswith('day')]
+    return days[0] if days else best
+
+
+def choose_run(
+    slots: Sequence[Path], record: FirstSeen | None, arrived_before: dt.datetime | None
+) -> tuple[Path, str, str, str]:
+    """Given slots, return (slot, manifest name, how it was chosen, its SHA-256 if by the record)
+    of the run to use: the last by the backup host's first-seen record if there is one (only the
+    runs it lists with that very manifest), else the last by run id (the sender's word); never by
+    mtime. Raise BackupError if none qualifies. What was passed over is said on stderr."""
+    chosen: list[tuple[Any, Path, str, str]] = []  # (order, slot, manifest, its SHA-256 or '')
+    unlisted = mismatched = unnamed = 0
+    for slot in slots:
+        for name in _manifest_names(slot):
+            if record is not None:
+                listed = record.runs.get(f'{slot.name}/{name}')
+                if listed is None:
+                    unlisted += 1
+                elif _manifest_digest(slot, name) != listed[1]:
+                    mismatched += 1
+                elif arrived_before is None or listed[0] < arrived_before.timestamp():
+                    chosen.append((listed[0], slot, name, listed[1]))
+                continue
+            order = _run_order(name)
+            if order is None:
+                unnamed += 1
+                continue
+            if arrived_before is not None:
+                # A run id is the web host's wall clock: compared with DATE as written, in UTC.
+                limit = f'{arrived_before.astimezone(dt.UTC):%Y%m%d-%H%M%S}'
+                if order[0] == 0 or order[1] >= limit:
+                    continue  # an HHxx id has no date: not known to be before DATE
+            chosen.append((order, slot, name, ''))
+    where = ', '.join(str(slot) for slot in slots[:3]) + (' ...' if len(slots) > 3 else '')
+    if record is not None:
+        if unlisted or mismatched:
+            print(
+                f'ppbackup: skipped {unlisted + mismatched} run(s): {unlisted} not in the '
+                f'first-seen record of the backup host {record.host}, {mismatched} whose manifest '
+                'does not match it',
+                file=sys.stderr,
+            )
+        before = f' first seen before {_utc(arrived_before.timestamp())}' if arrived_before else ''
+        if not chosen:
+            raise BackupError(
+                f'{where}: no run{before} that the first-seen record of the backup host '
+                f'{record.host} lists with this manifest',
+                step='restore',
+            )
+        seen, slot, name, digest = _best(chosen)
+        return slot, name, f'first seen by the backup host {record.host} at {_utc(seen)}', digest
+    if unnamed:
+        print(
+            f'ppbackup: skipped {unnamed} manifest(s) whose name holds no run id',
+            file=sys.stderr,
+        )
+    before = f' with a run id before {_utc(arrived_before.timestamp())}' if arrived_before else ''
+    if not chosen:
+        raise BackupError(f'{where}: no run{before}', step='restore')
+    _, slot, name, _ = _best(chosen)
+    chosen_as = f'the last run{before}' if arrived_before else 'the newest run by its run id'
+    said = f'no first-seen record ({FIRST_SEEN_FILE}) beside the slots: {chosen_as}, which is '
+    return slot, name, said + "the sender's word", ''
+
+
+def find_run(
+    source: str, config_arg: str | None, arrived_before: dt.datetime | None = None
+) -> RunFiles:
     """Given a run as named on the command line (a manifest, a slot, a folder of slots, a copy of
-    ``latest``, or the word ``latest``), return its files. Raise ConfigError if there is none."""
+    ``latest``, or the word ``latest``), return its files; with ``arrived_before``, the last run
+    before it (see choose_run). Raise ConfigError if there is none, BackupError if it is refused."""
     if source == 'latest':
         folder = load_config(config_path_from(config_arg)).insecure_dir / 'latest'
     else:
         folder = Path(source)
-    manifest: Path | None = None
-    if folder.is_file() and folder.name.endswith(MANIFEST_SUFFIX):
-        manifest, folder = folder, folder.parent
-    elif folder.is_dir() and not folder.is_symlink():
-        runs = slot_runs(folder) or [run for slot in all_slots(folder) for run in slot_runs(slot)]
-        if runs:
-            newest = max(runs, key=lambda run: run.time)
-            manifest, folder = newest.manifest, newest.slot
-    else:
+    if folder.name.endswith(MANIFEST_SUFFIX) and (folder.is_file() or folder.is_symlink()):
+        if arrived_before is not None:
+            raise ConfigError(
+                '--arrived-before chooses among runs: give a slot or a folder of slots, '
+                'not a manifest',
+                step='restore',
+            )
+        record = read_first_seen(folder.parent.parent)
+        return _open_run(
+            folder.parent, folder.name, _seen_explicit(record, folder.parent, folder.name)
+        )
+    if not folder.is_dir() or folder.is_symlink():
         raise ConfigError(f'{source}: no such run (a manifest, a slot or a folder)', step='restore')
-    if manifest is None:  # a plaintext run: the latest/ folder or a copy of it
-        names = {
-            entry.name: entry.name
-            for entry in sorted(folder.iterdir())
-            if entry.is_file() and not entry.is_symlink() and not entry.name.startswith('.')
-        }
-        return RunFiles(folder, names, {}, str(folder))
-    digests = read_manifest(manifest)
-    # A file the manifest names but the folder lacks is missing from the run: said where it matters.
-    names = {name.removesuffix('.gpg'): name for name in digests if (folder / name).is_file()}
-    return RunFiles(folder, names, digests, str(manifest))
+    slots = [folder] if _manifest_names(folder) else all_slots(folder)
+    if any(_manifest_names(slot) for slot in slots):
+        tree = folder.parent if slots == [folder] else folder
+        return _open_run(*choose_run(slots, read_first_seen(tree), arrived_before))
+    if arrived_before is not None:
+        raise ConfigError(
+            f'{source}: --arrived-before chooses among encrypted runs; this is plaintext',
+            step='restore',
+        )
+    # A plaintext run: the latest/ folder or a copy of it.
+    names = {
+        entry.name: entry.name
+        for entry in sorted(folder.iterdir())
+        if entry.is_file() and not entry.is_symlink() and not entry.name.startswith('.')
+    }
+    return RunFiles(folder, names, {}, str(folder))
+
+
+def run_file(run: RunFiles, plain: str) -> Path:
+    """Given a file of the run by its plaintext name (as the index names it), return its path
+    once its SHA-256 matches the manifest. Raise BackupError if the run lacks it or it is altered."""
+    if plain not in run.names:
+        raise BackupError(f'{shown(plain)} is missing from {run.label}', step='restore')
+    return check_digest(run, run.names[plain])
 
 
 def check_digest(run: RunFiles, name: str) -> Path:
     """Given a file of a run, return its path once its SHA-256 matches the manifest. Raise
-    BackupError if it is missing or altered."""
-    path = run.folder / name
-    if not path.is_file() or path.is_symlink():
-        raise BackupError(f'{name} is missing from {run.folder}', step='restore')
-    if name in run.digests:
-        with open(path, 'rb') as handle:
-            if hashlib.file_digest(handle, 'sha256').hexdigest() != run.digests[name]:
-                raise BackupError(
-                    f'{name}: SHA-256 does not match the manifest (altered or truncated); '
-                    'fetch it again from the remote',
-                    step='restore',
-                )
-    return path
+    BackupError if it is missing, not a plain file of the run's folder, or altered."""
+    if plain_name_problem(name):
+        raise BackupError(f'{shown(name)} is not a file of {run.folder}', step='restore')
+    try:
+        folder_fd = os.open(run.folder, _OPEN_GIVEN_DIR)
+    except OSError as error:
+        raise BackupError(f'{run.folder}: cannot be read: {error.strerror}', step='restore')
+    try:
+        fd = _open_in(folder_fd, name)
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            raise BackupError(
+                f'{name} is a symlink in {run.folder}; not followed', step='restore'
+            ) from error
+        raise BackupError(f'{name} is missing from {run.folder}', step='restore') from error
+    finally:
+        os.close(folder_fd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise BackupError(f'{name} is missing from {run.folder}', step='restore')
+        if name in run.digests and _sha256_fd(fd) != run.digests[name]:
+            raise BackupError(
+                f'{name}: SHA-256 does not match the manifest (altered or truncated); '
+                'fetch it again from the remote',
+                step='restore',
+            )
+    finally:
+        os.close(fd)
+    return run.folder / name
 
 
 def start_plaintext(
@@ -5276,7 +5583,84 @@ def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
         raise BackupError(f'{path.name}: not a ppbackup index: {error}', step='restore') from error
     if not isinstance(index, dict) or index.get('format') != INDEX_FORMAT:
         raise BackupError(f'{path.name}: not an index this ppbackup knows', step='restore')
+    listed = {name.removesuffix('.gpg') for name in run.digests} if run.digests else None
+    problem = index_problem(index, listed)
+    if problem:
+        raise BackupError(
+            f'{path.name}: not a sound ppbackup index: {problem}; nothing of this run is restored',
+            step='restore',
+        )
+    if listed is not None:  # a week slot's run: its binaries stay in the day slot
+        absent = [name for name in index.get('archives', []) if name not in listed]
+        index['archives'] = [name for name in index.get('archives', []) if name in listed]
+        index['not_in_slot'] = absent  # said by restore and drill, not a failure
     return index
+
+
+def index_problem(index: object, listed: set[str] | None) -> str:
+    """Given a decrypted index and the plaintext names of the files its manifest lists (None for a
+    plaintext ``latest`` run), return '' if it is an index as ppbackup writes it, else what is
+    wrong, in words. A run is data: this is the only check between its index and the code that
+    reads it, so everything that code relies on is checked here.
+
+    - an object with ``format`` (INDEX_FORMAT), ``name`` (a str) and ``databases``: a list of
+      objects, each with ``kind`` (psql or mysql), ``database`` and ``file`` (str), ``rows`` (an
+      object of str -> int) and optionally ``owner`` (a str or null);
+    - optionally ``pg_roles`` and ``mariadb_users`` (a str or null), ``archives`` and ``lacks``
+      (lists of str);
+    - every file it names (``file``, ``pg_roles``, ``mariadb_users``, ``archives``) is a plain file
+      name, and one its manifest lists; only a binaries archive may be absent (a week slot keeps
+      none: the index is the run's, shared by its day and week slots).
+    """
+    if not isinstance(index, dict):
+        return 'not a JSON object'
+    for key in ('format', 'name', 'databases'):
+        if key not in index:
+            return f'it lacks "{key}"'
+    if type(index['format']) is not int or index['format'] != INDEX_FORMAT:
+        return f'"format" is not {INDEX_FORMAT}'
+    if not isinstance(index['name'], str):
+        return '"name" is not a string'
+    if not isinstance(index['databases'], list):
+        return '"databases" is not a list'
+    named: list[str] = []
+    for number, entry in enumerate(index['databases'], 1):
+        where = f'database {number} of "databases"'
+        if not isinstance(entry, dict):
+            return f'{where} is not an object'
+        for key in ('kind', 'database', 'file', 'rows'):
+            if key not in entry:
+                return f'{where} lacks "{key}"'
+        if not isinstance(entry['kind'], str) or entry['kind'] not in ('psql', 'mysql'):
+            return f'{where}: "kind" is neither "psql" nor "mysql"'
+        for key in ('database', 'file'):
+            if not isinstance(entry[key], str):
+                return f'{where}: "{key}" is not a string'
+        rows = entry['rows']
+        if not isinstance(rows, dict) or any(type(count) is not int for count in rows.values()):
+            return f'{where}: "rows" is not an object of table -> row count'
+        if entry.get('owner') is not None and not isinstance(entry['owner'], str):
+            return f'{where}: "owner" is neither a string nor null'
+        named.append(entry['file'])
+    for key in ('pg_roles', 'mariadb_users'):
+        value = index.get(key)
+        if value is not None and not isinstance(value, str):
+            return f'"{key}" is neither a string nor null'
+        if value:
+            named.append(value)
+    for key in ('archives', 'lacks'):
+        value = index.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f'"{key}" is not a list of strings'
+    named += index.get('archives', [])
+    binaries = re.compile(rf'.+-binaries-(?:{RUN_ID_PATTERN})\.tar(?:\.[a-z0-9]+)?')
+    for name in named:
+        why = plain_name_problem(name)
+        if why:
+            return f'it names {shown(name)}: {why}'
+        if listed is not None and name not in listed and not binaries.fullmatch(name):
+            return f'it names {shown(name)}, a file its manifest does not list'
+    return ''
 
 
 def feed(
@@ -5807,7 +6191,7 @@ def mysql_users_now(target: Target) -> set[str]:
 
 def pg_globals(run: RunFiles, name: str, gnupghome: str | None) -> list[RoleStatement]:
     """Given the run's roles artifact, return its statements, parsed and written again."""
-    path = check_digest(run, run.names[name])
+    path = run_file(run, name)
     data = read_small(path, gnupghome, name)
     return parse_pg_globals(data.decode('utf-8', 'replace'), path.name)
 
@@ -5993,7 +6377,7 @@ class MysqlUsersFilter:
 def mysql_accounts_named(run: RunFiles, name: str, gnupghome: str | None) -> list[str]:
     """Given the run's MariaDB users artifact, return the accounts it creates, as it spells them
     (for the plan a restore prints; what it made is asked of the server afterwards)."""
-    path = check_digest(run, run.names[name])
+    path = run_file(run, name)
     return [
         match.group(1).decode('utf-8', 'replace')
         for line in read_small(path, gnupghome, name).splitlines()
@@ -6007,7 +6391,7 @@ def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target:
     was created is recorded as the server says (mysql.user before and after), never from the
     file's text: its names may be spelt to collide with accounts that were there before."""
     check_loader('mysql')
-    path = check_digest(run, run.names[name])
+    path = run_file(run, name)
     before = mysql_users_now(target)
     log.info('restore MariaDB users from %s', path.name)
     try:
@@ -6349,7 +6733,7 @@ def extract_archives(
     made = Extracted()
     try:
         for name in index.get('archives', []):
-            path = check_digest(run, run.names[name])
+            path = run_file(run, name)
             log.info('extract %s into %s', path.name, folder)
             with Pipeline(f'extract {path.name}', 'restore') as pipe:
                 unpack_archive(pipe, path, gnupghome, root, made)
@@ -6506,12 +6890,17 @@ def command_restore(
     target: Target,
     only: Sequence[str],
     files: Path | None,
+    arrived_before: dt.datetime | None = None,
 ) -> int:
     """Restore a run (a manifest, a slot or ``latest``) onto the database servers the client
     settings name (PG* variables, ~/.my.cnf or --mysql-defaults), and its files with --files."""
-    run = find_run(source, config_arg)
+    run = find_run(source, config_arg, arrived_before)
     print(f'restoring {run.label}')
+    if run.seen:
+        print(run.seen)
     index = read_index(run, gnupghome)
+    if files is not None:  # refused before any database is touched, not after
+        os.close(open_restore_folder(files)[0])
     lacks = restore_run(run, index, gnupghome, target, only)
     for kind, name in target.databases:
         print(f'restored {"PostgreSQL" if kind == "psql" else "MariaDB"} database {name}')
@@ -6521,6 +6910,8 @@ def command_restore(
         print(f'created MariaDB user {user}')
     if files is not None:
         extract_archives(run, index, gnupghome, files)
+    for name in index.get('not_in_slot', []):
+        print(f'note: {name} is not in this slot: a week slot keeps no binaries (see the day slot)')
     for lack in lacks:
         print(f'WARNING: this backup lacks something: {lack}')
     return EXIT_OK
@@ -6740,7 +7131,12 @@ def drill_os_user() -> pwd.struct_passwd:
 
 
 def command_drill(
-    source: str, config_arg: str | None, gnupghome: str | None, target: Target, mail: Sequence[str]
+    source: str,
+    config_arg: str | None,
+    gnupghome: str | None,
+    target: Target,
+    mail: Sequence[str],
+    arrived_before: dt.datetime | None = None,
 ) -> int:
     """Restore the newest run onto throwaway servers of the drill's own, check that everything
     came back, remove the servers, and report by mail: exit 0 when it passed, 1 when it did not."""
@@ -6748,10 +7144,11 @@ def command_drill(
     problems: list[str] = []
     timings: dict[str, float] = {}
     target.drill = True
-    run = find_run(source, config_arg)
+    run = find_run(source, config_arg, arrived_before)
     label = run.label
+    index_seen: Mapping[str, Any] = {}
     try:
-        index = read_index(run, gnupghome)
+        index = index_seen = read_index(run, gnupghome)
         label = f'{index.get("name", "?")} ({run.label})'
         for name in run.digests:
             try:
@@ -6771,7 +7168,7 @@ def command_drill(
                     problems += drill_checks(entry, target.name_for(entry['database']), target)
             checked = Extracted()  # every member as a restore would take it, nothing written
             for name in index.get('archives', []):
-                path = check_digest(run, run.names[name])
+                path = run_file(run, name)
                 with Pipeline(f'tar {path.name}', 'drill') as pipe:
                     unpack_archive(pipe, path, gnupghome, None, checked, 'drill')
         except BackupError as error:
@@ -6782,12 +7179,16 @@ def command_drill(
     lines = [
         f'drill: {outcome}',
         f'run:   {label}',
+        *([f'seen:  {run.seen}'] if run.seen else []),
         f'host:  {os.uname().nodename}',
         f'time:  {time.monotonic() - started:.1f} s in all',
         '',
         'time to restore each database (your recovery time):',
         *(f'  {what}: {seconds:.1f} s' for what, seconds in timings.items()),
     ]
+    if index_seen and index_seen.get('not_in_slot'):
+        lines += ['', *(f'note: {name} is not in this slot (a week slot keeps no binaries)'
+                        for name in index_seen['not_in_slot'])]  # fmt: skip
     if problems:
         lines += ['', 'what did not come back:', *(f'  - {problem}' for problem in problems)]
     body = '\n'.join(lines) + '\n'
@@ -7011,7 +7412,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     restore.add_argument('--no-privileges', action='store_true', help='no grants')
     drill = commands.add_parser(
-        'drill', help='as a key holder: restore the newest run into scratch databases and check it'
+        'drill', help='as a key holder: restore the newest run onto servers of its own, check it'
     )
     drill.add_argument('run', help='a folder of slots, a slot, a manifest, or "latest"')
     drill.add_argument('--gnupghome', help='GnuPG home with the private key')
@@ -7019,6 +7420,14 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         '--mysql-defaults', help='MariaDB option file naming the target server and user'
     )
+    for sub in (restore, drill):
+        sub.add_argument(
+            '--arrived-before',
+            type=parse_arrived_before,
+            metavar='DATE',
+            help='the last run first seen before DATE (ISO date or date-time, UTC unless it names '
+            "an offset; without a first-seen record, by run id: the sender's word)",
+        )
     for sub in (run, status, verify, decrypt, watch, restore, drill):
         sub.add_argument('--config', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
@@ -7070,10 +7479,17 @@ def dispatch(args: argparse.Namespace) -> int:
         )
         if command == 'restore':
             return command_restore(
-                args.run, args.config, args.gnupghome, target, args.database, args.files
+                args.run,
+                args.config,
+                args.gnupghome,
+                target,
+                args.database,
+                args.files,
+                args.arrived_before,
             )
+        mail = parse_mail_list(args.mail, 'drill')
         return command_drill(
-            args.run, args.config, args.gnupghome, target, parse_mail_list(args.mail, 'drill')
+            args.run, args.config, args.gnupghome, target, mail, args.arrived_before
         )
     if command == 'watch':
         mail = parse_mail_list(args.mail, 'watch')
