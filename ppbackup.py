@@ -6899,8 +6899,8 @@ def command_restore(
     if run.seen:
         print(run.seen)
     index = read_index(run, gnupghome)
-    if files is not None:  # refused before any database is touched, not after
-        os.close(open_restore_folder(files)[0])
+    if files is not None and os.path.lexists(files):  # refused before any database is touched
+        os.close(open_restore_folder(files)[0])  # it exists: this checks it, and makes nothing
     lacks = restore_run(run, index, gnupghome, target, only)
     for kind, name in target.databases:
         print(f'restored {"PostgreSQL" if kind == "psql" else "MariaDB"} database {name}')

@@ -291,7 +291,8 @@ def test_A5_a_restore_says_what_it_will_create_and_add_before_it_starts(
             f'will create PostgreSQL database {db}',
             f'will add PostgreSQL role {role} (SUPERUSER)',
         ]
-        assert lines[1:3] == plan, restored.stdout
+        start = next(n for n, line in enumerate(lines) if line.startswith('will '))
+        assert lines[start : start + 2] == plan, restored.stdout
         assert lines.index(plan[1]) < lines.index(f'restored PostgreSQL database {db}')
     finally:
         on(fresh_pg, 'postgres', f'DROP DATABASE IF EXISTS {db}')
