@@ -4649,6 +4649,15 @@ class WatchTree:
             opened[manifest] = (fd, info, _sha256_fd(fd))
             os.lseek(fd, 0, os.SEEK_SET)
             entries, problems = _read_manifest_fd(fd, where)
+            claims = self._claims(tree, slot, [manifest, *entries])
+            if claims:
+                self.report.problems += [
+                    f'{shown(tree)}/{slot}/{shown(name)}: named by {shown(manifest)}, but kept '
+                    f'for the run {shown(owner)}: a name belongs to one run; {shown(manifest)} '
+                    'is not kept'
+                    for name, owner in claims
+                ]
+                return
             for name, digest in entries.items():
                 file_where = f'{shown(tree)}/{slot}/{name}'
                 try:
@@ -4690,6 +4699,24 @@ class WatchTree:
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
+
+    def _owners(self, tree: str, slot: str) -> dict[str, str]:
+        """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
+        owners = {}
+        for key, run in self.runs.items():
+            run_tree, run_slot, manifest = key.split('/')
+            if (run_tree, run_slot) == (tree, slot):
+                for name in [manifest, *run['files']]:
+                    owners.setdefault(name, manifest)
+        return owners
+
+    def _claims(self, tree: str, slot: str, names: Sequence[str]) -> list[tuple[str, str]]:
+        """Given a new run's manifest and file names, return [(name, the manifest of the other
+        run that already has it)]: a kept name belongs to exactly one run (H7). Without this, a
+        manifest of the sender's naming a kept run's files would be kept along with them, and its
+        expiry would take them away."""
+        owners = self._owners(tree, slot)
+        return [(name, owners[name]) for name in names if name in owners]
 
     def keep_run(
         self,
@@ -4894,11 +4921,25 @@ class WatchTree:
 
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
-        inodes (nothing else there is touched)."""
-        for key in self.expired():
+        inodes (nothing else there is touched); a name that a run staying names too stays."""
+        doomed = self.expired()
+        gone = set(doomed)
+        staying = {
+            self._kept_rel(key, name)
+            for key, run in self.runs.items()
+            if key not in gone
+            for name in [run['manifest_name'], *run['files']]
+        }
+        for key in doomed:
             run = self.runs[key]
             tree, slot, _ = key.split('/')
-            names = [run['manifest_name'], *run['files']]
+            # A name another run that stays names too stays (a state from before claims were
+            # refused may hold such a pair).
+            names = [
+                name
+                for name in [run['manifest_name'], *run['files']]
+                if self._kept_rel(key, name) not in staying
+            ]
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue

@@ -672,3 +672,52 @@ def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
     finally:
         sh('userdel', watcher, check=False)
         sh('groupdel', watcher, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# H7: a manifest of the attacker's claims a kept run's files (or its manifest), then expires.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_H7_a_manifest_claiming_a_kept_runs_names_is_refused_and_never_expires_them(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    base, host = sender_kept(site, backup_host)
+    week = next(path.name for path in (host.incoming / 'backups').iterdir() if path.name[0] == 'w')
+    genuine, _ = one_run(host.kept / 'backups' / week)
+    kept_week = contents(host.kept / 'backups' / week)
+    outside = canaries(base)
+    # The digests are in the web host's own ~/backups: the attacker copies the manifest's lines
+    # into one of their own, and names the genuine manifest in another. Another backup name
+    # ("evil"), so that neither becomes the newest week run of "assoc".
+    evil = tmp_path / 'evil' / 'backups' / week
+    evil.mkdir(parents=True)
+    files_claim = 'evil-20270101-000000.sha256'
+    manifest_claim = 'evil-20270101-000000-1.sha256'
+    (evil / files_claim).write_text(genuine.read_text())
+    (evil / manifest_claim).write_text(manifest_line(genuine.name, genuine.read_bytes()))
+    attack = host.push('-a', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    alarm = watch(site, host.folder, code=1)
+    assert 'FAILED' in alarm.stderr
+    claimed = {line.split('  ', 1)[1]: files_claim for line in genuine.read_text().splitlines()}
+    claimed[genuine.name] = manifest_claim
+    for name, claim in claimed.items():
+        said = f'{week}/{name}: named by {claim}, but kept for the run {genuine.name}'
+        assert said in alarm.stderr, alarm.stderr
+    assert not (host.kept / 'backups' / week / files_claim).exists()
+    assert not (host.kept / 'backups' / week / manifest_claim).exists()
+    # A later junk run of the same name makes any run of "evil" this week expire after 7 days.
+    junk = tmp_path / 'junk' / 'backups' / week
+    junk.mkdir(parents=True)
+    (junk / 'evil-x.bin').write_bytes(b'junk')
+    (junk / 'evil-20270102-000000.sha256').write_text(manifest_line('evil-x.bin', b'junk'))
+    assert host.push('-a', f'{tmp_path}/junk/backups', f'{host.target}:.').returncode == 0
+    days = ('--max-age', '9999')
+    watch(site, host.folder, faketime='+60s', code=1, args=days)  # the claims, again
+    for faked in ('+8d', '+10d'):
+        again = watch(site, host.folder, faketime=faked, code=1, args=days)
+        assert f'named by {files_claim}' in again.stderr
+        assert contents(host.kept / 'backups' / week).items() >= kept_week.items()
+    assert canaries(base) == outside
+    restore_newest(site, host, tmp_path, run=f'backups/{week}/{genuine.name}')
