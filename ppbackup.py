@@ -4702,7 +4702,7 @@ class WatchTree:
 
     def _owners(self, tree: str, slot: str) -> dict[str, str]:
         """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
-        owners = {}
+        owners: dict[str, str] = {}
         for key, run in self.runs.items():
             run_tree, run_slot, manifest = key.split('/')
             if (run_tree, run_slot) == (tree, slot):
