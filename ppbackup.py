@@ -4325,6 +4325,8 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
 WATCH_INCOMING = 'incoming'
 WATCH_KEPT = 'kept'
 WATCH_STATE = '.ppbackup-watch.json'
+WATCH_FIRST_SEEN = 'first-seen.json'  # kept/TREE/first-seen.json, for the key holder
+WATCH_FIRST_SEEN_FORMAT = 'ppbackup-first-seen'
 WATCH_DAY_KEEP = 7 * 86400  # a day run: at least 7 days after it arrived
 WATCH_WEEK_KEEP = 53 * 7 * 86400  # the newest week-slot run of an ISO week: 53 weeks
 WATCH_FUTURE_SLACK = 3600  # a clock this far ahead of ours is a lie, not drift
@@ -4375,6 +4377,20 @@ def _sha256_fd(fd: int) -> str:
     while block := os.read(fd, BLOCK):
         digest.update(block)
     return digest.hexdigest()
+
+
+def _write_replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Given a folder fd, put ``data`` under ``name`` there atomically with ``mode``: a temporary
+    name, fsync, rename over, fsync of the folder."""
+    tmp = f'{TMP_PREFIX}{os.getpid()}-{name}'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    with os.fdopen(fd, 'wb') as handle:
+        os.fchmod(fd, mode)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
@@ -4552,18 +4568,59 @@ class WatchTree:
         if self.dry_run or self.kept_fd < 0:
             return
         data = json.dumps({'version': 1, 'runs': self.runs}, indent=1, sort_keys=True).encode()
-        if data == self.saved:
-            return
-        tmp = f'{TMP_PREFIX}{os.getpid()}-{WATCH_STATE}'
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=self.kept_fd
-        )
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, WATCH_STATE, src_dir_fd=self.kept_fd, dst_dir_fd=self.kept_fd)
-        os.fsync(self.kept_fd)
+        if data != self.saved:
+            _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
+            self.saved = data
+        self.export_first_seen()
+
+    def export_first_seen(self) -> None:
+        """Write kept/TREE/first-seen.json for each tree in kept/: every run kept there, with when
+        watch first saw it and its manifest's SHA-256. The key holder fetches it with the runs:
+        restore and drill order runs by these times, not by the sender's word, and
+        ``--arrived-before DATE`` picks the last run that arrived before a break-in. Its format is
+        read on the key holder's side: keep it as it is."""
+        per_tree: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, run in self.runs.items():
+            tree, slot, manifest = key.split('/')
+            per_tree.setdefault(tree, {})[f'{slot}/{manifest}'] = run
+        for tree in os.listdir(self.kept_fd):
+            if not tree.startswith('.') and not plain_name_problem(tree):
+                per_tree.setdefault(tree, {})
+        for tree, runs in sorted(per_tree.items()):
+            try:
+                tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+            except OSError:
+                continue  # not a folder: not a tree of watch's
+            try:
+                self._export_tree(tree_fd, runs)
+            finally:
+                os.close(tree_fd)
+
+    @staticmethod
+    def _export_tree(tree_fd: int, runs: Mapping[str, Mapping[str, Any]]) -> None:
+        listed = {
+            rel: {'first_seen': float(run['first_seen']), 'sha256': run['manifest_sha256']}
+            for rel, run in sorted(runs.items())
+        }
+        document = {
+            'format': WATCH_FIRST_SEEN_FORMAT,
+            'version': 1,
+            'host': os.uname().nodename,
+            'runs': listed,
+        }
+        data = (json.dumps(document, indent=1) + '\n').encode()
+        mode = 0o600  # the kept runs' files' mode: that of the newest kept manifest here
+        if runs:
+            newest = max(runs, key=lambda rel: float(runs[rel]['first_seen']))
+            with contextlib.suppress(OSError):
+                info = os.stat(newest, dir_fd=tree_fd, follow_symlinks=False)
+                mode = stat.S_IMODE(info.st_mode) & ~0o7022
+        with contextlib.suppress(OSError):
+            fd = _open_in(tree_fd, WATCH_FIRST_SEEN)
+            with os.fdopen(fd, 'rb') as handle:
+                if stat.S_IMODE(os.fstat(fd).st_mode) == mode and handle.read() == data:
+                    return
+        _write_replace(tree_fd, WATCH_FIRST_SEEN, data, mode)
 
     @staticmethod
     def _kept_rel(key: str, name: str) -> str:

@@ -721,3 +721,55 @@ def test_H7_a_manifest_claiming_a_kept_runs_names_is_refused_and_never_expires_t
         assert contents(host.kept / 'backups' / week).items() >= kept_week.items()
     assert canaries(base) == outside
     restore_newest(site, host, tmp_path, run=f'backups/{week}/{genuine.name}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# The first-seen record, exported for the key holder beside the runs it kept.
+# ---------------------------------------------------------------------------------------------------
+
+
+def first_seen_export(host: Host) -> dict[str, float]:
+    """Return {run: its first_seen} from kept/backups/first-seen.json, checked against the runs
+    kept (each listed once, with its manifest's SHA-256) and watch's own state."""
+    export = host.kept / 'backups' / 'first-seen.json'
+    document = json.loads(export.read_text())
+    assert set(document) == {'format', 'version', 'host', 'runs'}
+    assert document['format'] == 'ppbackup-first-seen' and document['version'] == 1
+    assert document['host'] == os.uname().nodename
+    state = json.loads((host.kept / '.ppbackup-watch.json').read_text())['runs']
+    kept = sorted(host.kept.glob('backups/*/*.sha256'))
+    assert sorted(document['runs']) == sorted(
+        str(p.relative_to(host.kept / 'backups')) for p in kept
+    )
+    for manifest in kept:
+        rel = str(manifest.relative_to(host.kept / 'backups'))
+        entry = document['runs'][rel]
+        assert set(entry) == {'first_seen', 'sha256'}
+        assert entry['sha256'] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+        assert isinstance(entry['first_seen'], float)
+        assert entry['first_seen'] == state[f'backups/{rel}']['first_seen']
+        assert export.stat().st_mode & 0o7777 == manifest.stat().st_mode & 0o7777
+    assert not list(export.parent.glob('.ppbackup-tmp-*'))
+    return {rel: entry['first_seen'] for rel, entry in document['runs'].items()}
+
+
+def test_watch_exports_the_first_seen_record_of_the_runs_it_keeps(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    first = first_seen_export(host)
+    assert len(first) == 2  # the day run and its week twin
+    # A run that fails its check is not listed; a later good one is, with its own time.
+    junk = tmp_path / 'junk' / 'backups' / 'day8'
+    junk.mkdir(parents=True)
+    (junk / 'assoc-x.gpg').write_bytes(b'junk')
+    (junk / 'assoc-20270101-000000.sha256').write_text(manifest_line('assoc-x.gpg', b'other'))
+    assert host.push('-a', f'{tmp_path}/junk/backups', f'{host.target}:.').returncode == 0
+    watch(site, host.folder, code=1)
+    assert first_seen_export(host) == first
+    send(site, host, faketime='+2h')
+    watch(site, host.folder, faketime='+2h', code=1)  # the junk, again
+    later = first_seen_export(host)
+    assert len(later) == 4 and not any('day8' in rel for rel in later)
+    assert later.items() >= first.items()
+    assert min(later[rel] for rel in later if rel not in first) > max(first.values())
