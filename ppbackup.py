@@ -4331,13 +4331,31 @@ WATCH_DAY_KEEP = 7 * 86400  # a day run: at least 7 days after it arrived
 WATCH_WEEK_KEEP = 53 * 7 * 86400  # the newest week-slot run of an ISO week: 53 weeks
 WATCH_FUTURE_SLACK = 3600  # a clock this far ahead of ours is a lie, not drift
 WATCH_FLOOD_RUNS = 10  # more runs than this arriving within a day is reported
+WATCH_MAX_LINKS = 2  # names of one received inode in incoming/: a day run's file and its week twin
 WATCH_SCRUB_EVERY = 7 * 86400  # each kept run is read again and hashed this often (disk rot, T4)
+# The alert mail is bounded whatever arrived (H8): its subject names a few folders and a few backup
+# names in each, its body a few problems of each folder, each line cut short; stderr has them all.
+WATCH_MAIL_TREES = 3
+WATCH_MAIL_NAMES = 3
+WATCH_MAIL_NAME_WIDTH = 40
+WATCH_MAIL_PROBLEMS = 20
+WATCH_MAIL_LINE_WIDTH = 300
 MANIFEST_MAX_BYTES = 1 << 20
 SLOT_RE = re.compile(r'(day|wk)[0-9]+')
 MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')
 RUN_NAME_RE = re.compile(r'(.+?)-(?:[0-9]{2}xx|[0-9]{8}-[0-9]{6}(?:-[0-9]+)?)\.sha256')
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + '...'
+
+
+def _a_few(items: Sequence[str], limit: int, width: int) -> str:
+    """Given items, return the first ``limit`` of them, each cut to ``width``, then "and N more"."""
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return ', '.join(_cut(item, width) for item in items[:limit]) + more
 
 
 def shown(name: str) -> str:
@@ -4440,8 +4458,10 @@ class TreeReport:
     removed: list[str] = dataclasses.field(default_factory=list)
 
     def label(self) -> str:
-        names = ', '.join(sorted(self.names)) or 'no backup name seen'
-        return f'{self.folder} ({names})'
+        """The folder and a few of the backup names seen in it (the names are the sender's: a
+        flood of long ones must not make a subject too long for mailx's argv, H8)."""
+        names = _a_few(sorted(self.names), WATCH_MAIL_NAMES, WATCH_MAIL_NAME_WIDTH)
+        return f'{self.folder} ({names or "no backup name seen"})'
 
 
 class WatchTree:
@@ -4457,6 +4477,10 @@ class WatchTree:
         self.incoming_fd = -1
         self.receiver_uid = -1
         self.kept_inodes: set[tuple[int, int]] = set()
+        # Each inode is read once per watch run, however many names it has (H8): its SHA-256 by
+        # (device, inode, size, ctime); a write, chmod or link changes the ctime.
+        self.hashes: dict[tuple[int, int, int, int], str] = {}
+        self.links_reported: set[tuple[int, int]] = set()
         self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
         self.saved = b''  # the state as read: written again only when it changed
 
@@ -4627,6 +4651,22 @@ class WatchTree:
         tree, slot, _ = key.split('/')
         return f'{tree}/{slot}/{name}'
 
+    # -- hashing -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hash_key(info: os.stat_result) -> tuple[int, int, int, int]:
+        return (info.st_dev, info.st_ino, info.st_size, info.st_ctime_ns)
+
+    def _hash(self, fd: int) -> str:
+        """Given an open file, return its SHA-256, read at most once per watch run per inode."""
+        before = self._hash_key(os.fstat(fd))
+        if before in self.hashes:
+            return self.hashes[before]
+        digest = _sha256_fd(fd)
+        if self._hash_key(os.fstat(fd)) == before:  # not written to while it was read
+            self.hashes[before] = digest
+        return digest
+
     # -- arrivals ----------------------------------------------------------------------------------
 
     def scan_incoming(self) -> None:
@@ -4703,7 +4743,7 @@ class WatchTree:
             except ValueError as error:
                 self.report.problems.append(str(error))
                 return
-            opened[manifest] = (fd, info, _sha256_fd(fd))
+            opened[manifest] = (fd, info, self._hash(fd))
             os.lseek(fd, 0, os.SEEK_SET)
             entries, problems = _read_manifest_fd(fd, where)
             claims = self._claims(tree, slot, [manifest, *entries])
@@ -4726,7 +4766,7 @@ class WatchTree:
                 if stat.S_IMODE(info.st_mode) & (stat.S_ISUID | stat.S_ISGID):
                     problems.append(f'{file_where}: setuid or setgid; refused')
                     continue
-                actual = _sha256_fd(fd)
+                actual = self._hash(fd)
                 opened[name] = (fd, info, actual)
                 if actual != digest:
                     problems.append(
@@ -4740,6 +4780,7 @@ class WatchTree:
                         f'{_when(info.st_mtime)}, in the future '
                         "of this host's clock (retention here uses watch's own times)"
                     )
+                self._check_links(tree, slot, name, info)
                 mine = (info.st_dev, info.st_ino) in self.kept_inodes
                 if info.st_uid != self.receiver_uid and not mine:
                     problems.append(
@@ -4756,6 +4797,38 @@ class WatchTree:
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
+
+    def _check_links(self, tree: str, slot: str, name: str, info: os.stat_result) -> None:
+        """Report a received file with more names in incoming/ than a run needs (H8).
+
+        The sender's model of twins: a file of a day run that also goes into the week slot is one
+        inode under the same name in both (``rsync -H``), so it has at most 2 names in incoming/.
+        Its names in kept/ are watch's own links of it, under the same name in the tree's kept
+        slots; the link count less those is its names in incoming/. More than 2 are hard links
+        the sender made: reported once per inode per watch run (and still kept, if the bytes
+        match: only the names are too many; the inode is read once however many it has)."""
+        if info.st_nlink <= WATCH_MAX_LINKS:
+            return
+        kept_names = 0
+        with contextlib.suppress(OSError):
+            tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+            try:
+                for kept_slot in os.listdir(tree_fd):
+                    with contextlib.suppress(OSError):
+                        there = os.stat(
+                            f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False
+                        )
+                        kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
+            finally:
+                os.close(tree_fd)
+        received = info.st_nlink - kept_names
+        if received > WATCH_MAX_LINKS and (info.st_dev, info.st_ino) not in self.links_reported:
+            self.links_reported.add((info.st_dev, info.st_ino))
+            self.report.problems.append(
+                f'{shown(tree)}/{slot}/{shown(name)}: one file under {received} names in '
+                f'{WATCH_INCOMING}/ (a day run and its week twin need {WATCH_MAX_LINKS}): hard '
+                'links the sender made; read once, and kept if it matches'
+            )
 
     def _owners(self, tree: str, slot: str) -> dict[str, str]:
         """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
@@ -4847,6 +4920,8 @@ class WatchTree:
                 self._copy_file(fd, name, digest, kept_slot_fd)
         kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
         self.kept_inodes.add((kept.st_dev, kept.st_ino))
+        if kept.st_size == info.st_size:  # the chown, chmod and link above changed its ctime
+            self.hashes[self._hash_key(kept)] = digest
 
     @staticmethod
     def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
@@ -4902,7 +4977,7 @@ class WatchTree:
                     )
                     continue
                 try:
-                    same = _sha256_fd(fd) == digest
+                    same = self._hash(fd) == digest
                 finally:
                     os.close(fd)
                 if not same:
@@ -4936,7 +5011,7 @@ class WatchTree:
                         damaged.append(f'{name} ({error.strerror})')
                         continue
                     try:
-                        if _sha256_fd(fd) != digest:
+                        if self._hash(fd) != digest:
                             damaged.append(f'{name} (SHA-256 differs from the manifest)')
                     finally:
                         os.close(fd)
@@ -5157,10 +5232,20 @@ def command_watch(
         text += f'{r.label()}: {len(found)} problem(s)\n' + ''.join(f'- {p}\n' for p in found)
     print(f'ppbackup watch: {kind}\n{text}', file=sys.stderr, end='')
     if mail:
-        body = f'ppbackup watch on {os.uname().nodename}: {kind}\n\n{text}'
+        body = f'ppbackup watch on {os.uname().nodename}: {kind}\n\n'
+        for r in troubled:
+            found = [*r.problems, *r.stale]
+            body += f'{r.label()}: {len(found)} problem(s)\n' + ''.join(
+                f'- {_cut(p, WATCH_MAIL_LINE_WIDTH)}\n' for p in found[:WATCH_MAIL_PROBLEMS]
+            )
+            if len(found) > WATCH_MAIL_PROBLEMS:
+                body += (
+                    f'- and {len(found) - WATCH_MAIL_PROBLEMS} more: '
+                    f'ppbackup watch --dry-run {r.folder} lists them all\n'
+                )
         body += '\nWhat passed the check before stays in each kept/ folder; see README, "watch".\n'
-        subject = f'[ppbackup] watch on {os.uname().nodename}: {kind}: ' + ', '.join(
-            r.label() for r in troubled
+        subject = f'[ppbackup] watch on {os.uname().nodename}: {kind}: ' + _a_few(
+            [r.label() for r in troubled], WATCH_MAIL_TREES, 1000
         )
         try:
             send_mail(mail, subject, body)

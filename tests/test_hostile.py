@@ -775,3 +775,75 @@ def test_watch_exports_the_first_seen_record_of_the_runs_it_keeps(
     assert len(later) == 4 and not any('day8' in rel for rel in later)
     assert later.items() >= first.items()
     assert min(later[rel] for rel in later if rel not in first) > max(first.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# H8: thousands of long names, hundreds of hard links to one big file.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_H8_a_flood_of_long_names_still_sends_a_bounded_alert_mail(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    kept = contents(host.kept / 'backups')
+    evil = tmp_path / 'evil' / 'backups' / 'day8'
+    evil.mkdir(parents=True)
+    for number in range(700):  # 253 bytes, a backup name of 230 each: 161 kB of names
+        name = f'{number:03d}{"n" * 227}-20270101-000000.sha256'
+        (evil / name).write_text(manifest_line(f'{number:03d}-missing.gpg', b''))
+    attack = host.push('-a', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    mails_before = len(site.mails())
+    alarm = watch(site, host.folder, code=1, args=('--mail', 'a@example.org'))
+    assert 'the alert mail could not be sent' not in alarm.stderr, alarm.stderr[-2000:]
+    assert alarm.stderr.count('named by the manifest but missing') == 700  # stderr has them all
+    mails = site.mails()[mails_before:]
+    assert len(mails) == 1
+    subject = mails[0]['argv'][mails[0]['argv'].index('-s') + 1]
+    assert 'FAILED' in subject and str(host.folder) in subject and 'and 698 more' in subject
+    assert len(subject) < 400, subject
+    body = mails[0]['body']
+    assert len(body) < 20000 and max(map(len, body.splitlines())) < 400
+    assert (
+        ': 700 problem(s)' in body
+        and 'and 680 more' in body
+        and f'ppbackup watch --dry-run {host.folder}' in body
+    )
+    assert contents(host.kept / 'backups') == kept
+
+
+def test_H8_hundreds_of_hard_links_to_one_file_are_read_once_and_reported(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    kept = contents(host.kept / 'backups')
+    evil = tmp_path / 'evil' / 'backups' / 'day8'
+    evil.mkdir(parents=True)
+    big = os.urandom(4 << 20)
+    (evil / 'big.gpg').write_bytes(big)
+    names = ['big.gpg', *(f'b{number}.gpg' for number in range(1, 500))]
+    for name in names[1:]:
+        os.link(evil / 'big.gpg', evil / name)
+    (evil / 'evil-20270101-000000.sha256').write_text(
+        ''.join(manifest_line(name, big) for name in names)
+    )
+    attack = host.push('-aH', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    assert (host.incoming / 'backups' / 'day8' / 'b499.gpg').stat().st_nlink == 500
+    # Every read(2) of the watch process, with the name of what it read (strace -y).
+    trace = tmp_path / 'strace.txt'
+    python = [sys.executable, str(REPO / 'ppbackup.py'), 'watch', str(host.folder)]
+    ran = sh('strace', '-f', '-y', '-e', 'trace=read', '-o', str(trace), *python, check=False)
+    read = re.findall(
+        r'read\(\d+<[^>]*/day8/b?[0-9]*(?:big)?\.gpg>, .*\) = (\d+)', trace.read_text()
+    )
+    assert read and sum(map(int, read)) == len(big)  # the inode is read once, whole
+    assert ran.returncode == 1, ran.stderr
+    said = re.findall(r'(day8/\S+\.gpg): one file under (\d+) names in incoming/', ran.stderr)
+    assert len(said) == 1 and said[0][1] == '500', ran.stderr[-2000:]
+    # The bytes match: kept all the same (links, no copies), and not reported again.
+    assert (host.kept / 'backups' / 'day8' / 'b17.gpg').read_bytes() == big
+    assert contents(host.kept / 'backups').items() >= kept.items()
+    again = watch(site, host.folder)
+    assert again.stderr == ''
