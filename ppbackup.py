@@ -4481,6 +4481,7 @@ class WatchTree:
         # (device, inode, size, ctime); a write, chmod or link changes the ctime.
         self.hashes: dict[tuple[int, int, int, int], str] = {}
         self.links_reported: set[tuple[int, int]] = set()
+        self.copies: dict[tuple[int, int, int, int], str] = {}  # copied inode -> its kept name
         self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
         self.saved = b''  # the state as read: written again only when it changed
 
@@ -4875,7 +4876,7 @@ class WatchTree:
                 ]
                 return
             for name, (fd, info, digest) in opened.items():
-                self._keep_file(fd, info, name, digest, kept_slot_fd)
+                self._keep_file(fd, info, name, digest, kept_slot_fd, f'{tree}/{slot}')
             os.fsync(kept_slot_fd)
         finally:
             os.close(kept_slot_fd)
@@ -4899,7 +4900,7 @@ class WatchTree:
         self.report.kept_now.append(key)
 
     def _keep_file(
-        self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int
+        self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int, rel: str
     ) -> None:
         with contextlib.suppress(FileExistsError):  # the week slot's twin was linked already
             if not self.copy_instead:
@@ -4916,8 +4917,13 @@ class WatchTree:
                     self.copy_instead = True  # a watch user without CAP_CHOWN: one extra copy
             if not self.copy_instead and os.fstat(kept_slot_fd).st_dev == info.st_dev:
                 os.link(f'/proc/self/fd/{fd}', name, dst_dir_fd=kept_slot_fd, follow_symlinks=True)
+            elif (copied := self.copies.get(self._hash_key(info))) is not None:
+                # Another name of an inode copied in this run (a week twin, or the sender's
+                # hard links): a link of that copy, not one more copy (H8).
+                os.link(copied, name, src_dir_fd=self.kept_fd, dst_dir_fd=kept_slot_fd)
             else:
                 self._copy_file(fd, name, digest, kept_slot_fd)
+                self.copies[self._hash_key(info)] = f'{rel}/{name}'
         kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
         self.kept_inodes.add((kept.st_dev, kept.st_ino))
         if kept.st_size == info.st_size:  # the chown, chmod and link above changed its ctime

@@ -671,6 +671,14 @@ def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
             assert path.stat().st_ino != twin.stat().st_ino
             assert path.stat().st_uid == pwd.getpwnam(watcher).pw_uid
             assert path.read_bytes() == twin.read_bytes()
+        # One copy per inode, however many names it has: a week twin links the day's copy.
+        slots = sorted((plain.kept / 'backups').iterdir())
+        day = next(slot for slot in slots if slot.name.startswith('day'))
+        week = next(slot for slot in slots if slot.name.startswith('wk'))
+        twins = [
+            (path, week / path.name) for path in day.glob('*.gpg') if (week / path.name).exists()
+        ]
+        assert twins and all(a.stat().st_ino == b.stat().st_ino for a, b in twins)
     finally:
         sh('userdel', watcher, check=False)
         sh('groupdel', watcher, check=False)
