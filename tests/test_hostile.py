@@ -1,4 +1,4 @@
-"""A hostile sender, seen from the backup host (FAULTS.md H1-H6).
+"""A hostile sender, seen from the backup host (FAULTS.md H1-H8).
 
 The web host is taken over: the attacker has root there and its ssh key to the backup host. Each test
 builds the README's backup host for real: an unprivileged receiving account made here (a unique
