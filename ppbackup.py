@@ -4333,17 +4333,37 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
 WATCH_INCOMING = 'incoming'
 WATCH_KEPT = 'kept'
 WATCH_STATE = '.ppbackup-watch.json'
+WATCH_FIRST_SEEN = 'first-seen.json'  # kept/TREE/first-seen.json, for the key holder
+WATCH_FIRST_SEEN_FORMAT = 'ppbackup-first-seen'
 WATCH_DAY_KEEP = 7 * 86400  # a day run: at least 7 days after it arrived
 WATCH_WEEK_KEEP = 53 * 7 * 86400  # the newest week-slot run of an ISO week: 53 weeks
 WATCH_FUTURE_SLACK = 3600  # a clock this far ahead of ours is a lie, not drift
 WATCH_FLOOD_RUNS = 10  # more runs than this arriving within a day is reported
+WATCH_MAX_LINKS = 2  # names of one received inode in incoming/: a day run's file and its week twin
 WATCH_SCRUB_EVERY = 7 * 86400  # each kept run is read again and hashed this often (disk rot, T4)
+# The alert mail is bounded whatever arrived (H8): its subject names a few folders and a few backup
+# names in each, its body a few problems of each folder, each line cut short; stderr has them all.
+WATCH_MAIL_TREES = 3
+WATCH_MAIL_NAMES = 3
+WATCH_MAIL_NAME_WIDTH = 40
+WATCH_MAIL_PROBLEMS = 20
+WATCH_MAIL_LINE_WIDTH = 300
 MANIFEST_MAX_BYTES = 1 << 20
 SLOT_RE = re.compile(r'(day|wk)[0-9]+')
 MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')
 RUN_NAME_RE = re.compile(r'(.+?)-(?:[0-9]{2}xx|[0-9]{8}-[0-9]{6}(?:-[0-9]+)?)\.sha256')
 _OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
 _OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[: width - 3] + '...'
+
+
+def _a_few(items: Sequence[str], limit: int, width: int) -> str:
+    """Given items, return the first ``limit`` of them, each cut to ``width``, then "and N more"."""
+    more = f' and {len(items) - limit} more' if len(items) > limit else ''
+    return ', '.join(_cut(item, width) for item in items[:limit]) + more
 
 
 def shown(name: str) -> str:
@@ -4383,6 +4403,20 @@ def _sha256_fd(fd: int) -> str:
     while block := os.read(fd, BLOCK):
         digest.update(block)
     return digest.hexdigest()
+
+
+def _write_replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:
+    """Given a folder fd, put ``data`` under ``name`` there atomically with ``mode``: a temporary
+    name, fsync, rename over, fsync of the folder."""
+    tmp = f'{TMP_PREFIX}{os.getpid()}-{name}'
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
+    with os.fdopen(fd, 'wb') as handle:
+        os.fchmod(fd, mode)
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+    os.fsync(dir_fd)
 
 
 def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
@@ -4432,8 +4466,10 @@ class TreeReport:
     removed: list[str] = dataclasses.field(default_factory=list)
 
     def label(self) -> str:
-        names = ', '.join(sorted(self.names)) or 'no backup name seen'
-        return f'{self.folder} ({names})'
+        """The folder and a few of the backup names seen in it (the names are the sender's: a
+        flood of long ones must not make a subject too long for mailx's argv, H8)."""
+        names = _a_few(sorted(self.names), WATCH_MAIL_NAMES, WATCH_MAIL_NAME_WIDTH)
+        return f'{self.folder} ({names or "no backup name seen"})'
 
 
 class WatchTree:
@@ -4449,6 +4485,11 @@ class WatchTree:
         self.incoming_fd = -1
         self.receiver_uid = -1
         self.kept_inodes: set[tuple[int, int]] = set()
+        # Each inode is read once per watch run, however many names it has (H8): its SHA-256 by
+        # (device, inode, size, ctime); a write, chmod or link changes the ctime.
+        self.hashes: dict[tuple[int, int, int, int], str] = {}
+        self.links_reported: set[tuple[int, int]] = set()
+        self.copies: dict[tuple[int, int, int, int], str] = {}  # copied inode -> its kept name
         self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
         self.saved = b''  # the state as read: written again only when it changed
 
@@ -4560,23 +4601,80 @@ class WatchTree:
         if self.dry_run or self.kept_fd < 0:
             return
         data = json.dumps({'version': 1, 'runs': self.runs}, indent=1, sort_keys=True).encode()
-        if data == self.saved:
-            return
-        tmp = f'{TMP_PREFIX}{os.getpid()}-{WATCH_STATE}'
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=self.kept_fd
-        )
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, WATCH_STATE, src_dir_fd=self.kept_fd, dst_dir_fd=self.kept_fd)
-        os.fsync(self.kept_fd)
+        if data != self.saved:
+            _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
+            self.saved = data
+        self.export_first_seen()
+
+    def export_first_seen(self) -> None:
+        """Write kept/TREE/first-seen.json for each tree in kept/: every run kept there, with when
+        watch first saw it and its manifest's SHA-256. The key holder fetches it with the runs:
+        restore and drill order runs by these times, not by the sender's word, and
+        ``--arrived-before DATE`` picks the last run that arrived before a break-in. Its format is
+        read on the key holder's side: keep it as it is."""
+        per_tree: dict[str, dict[str, dict[str, Any]]] = {}
+        for key, run in self.runs.items():
+            tree, slot, manifest = key.split('/')
+            per_tree.setdefault(tree, {})[f'{slot}/{manifest}'] = run
+        for tree in os.listdir(self.kept_fd):
+            if not tree.startswith('.') and not plain_name_problem(tree):
+                per_tree.setdefault(tree, {})
+        for tree, runs in sorted(per_tree.items()):
+            try:
+                tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+            except OSError:
+                continue  # not a folder: not a tree of watch's
+            try:
+                self._export_tree(tree_fd, runs)
+            finally:
+                os.close(tree_fd)
+
+    @staticmethod
+    def _export_tree(tree_fd: int, runs: Mapping[str, Mapping[str, Any]]) -> None:
+        listed = {
+            rel: {'first_seen': float(run['first_seen']), 'sha256': run['manifest_sha256']}
+            for rel, run in sorted(runs.items())
+        }
+        document = {
+            'format': WATCH_FIRST_SEEN_FORMAT,
+            'version': 1,
+            'host': os.uname().nodename,
+            'runs': listed,
+        }
+        data = (json.dumps(document, indent=1) + '\n').encode()
+        mode = 0o600  # the kept runs' files' mode: that of the newest kept manifest here
+        if runs:
+            newest = max(runs, key=lambda rel: float(runs[rel]['first_seen']))
+            with contextlib.suppress(OSError):
+                info = os.stat(newest, dir_fd=tree_fd, follow_symlinks=False)
+                mode = stat.S_IMODE(info.st_mode) & ~0o7022
+        with contextlib.suppress(OSError):
+            fd = _open_in(tree_fd, WATCH_FIRST_SEEN)
+            with os.fdopen(fd, 'rb') as handle:
+                if stat.S_IMODE(os.fstat(fd).st_mode) == mode and handle.read() == data:
+                    return
+        _write_replace(tree_fd, WATCH_FIRST_SEEN, data, mode)
 
     @staticmethod
     def _kept_rel(key: str, name: str) -> str:
         tree, slot, _ = key.split('/')
         return f'{tree}/{slot}/{name}'
+
+    # -- hashing -----------------------------------------------------------------------------------
+
+    @staticmethod
+    def _hash_key(info: os.stat_result) -> tuple[int, int, int, int]:
+        return (info.st_dev, info.st_ino, info.st_size, info.st_ctime_ns)
+
+    def _hash(self, fd: int) -> str:
+        """Given an open file, return its SHA-256, read at most once per watch run per inode."""
+        before = self._hash_key(os.fstat(fd))
+        if before in self.hashes:
+            return self.hashes[before]
+        digest = _sha256_fd(fd)
+        if self._hash_key(os.fstat(fd)) == before:  # not written to while it was read
+            self.hashes[before] = digest
+        return digest
 
     # -- arrivals ----------------------------------------------------------------------------------
 
@@ -4654,9 +4752,18 @@ class WatchTree:
             except ValueError as error:
                 self.report.problems.append(str(error))
                 return
-            opened[manifest] = (fd, info, _sha256_fd(fd))
+            opened[manifest] = (fd, info, self._hash(fd))
             os.lseek(fd, 0, os.SEEK_SET)
             entries, problems = _read_manifest_fd(fd, where)
+            claims = self._claims(tree, slot, [manifest, *entries])
+            if claims:
+                self.report.problems += [
+                    f'{shown(tree)}/{slot}/{shown(name)}: named by {shown(manifest)}, but kept '
+                    f'for the run {shown(owner)}: a name belongs to one run; {shown(manifest)} '
+                    'is not kept'
+                    for name, owner in claims
+                ]
+                return
             for name, digest in entries.items():
                 file_where = f'{shown(tree)}/{slot}/{name}'
                 try:
@@ -4668,7 +4775,7 @@ class WatchTree:
                 if stat.S_IMODE(info.st_mode) & (stat.S_ISUID | stat.S_ISGID):
                     problems.append(f'{file_where}: setuid or setgid; refused')
                     continue
-                actual = _sha256_fd(fd)
+                actual = self._hash(fd)
                 opened[name] = (fd, info, actual)
                 if actual != digest:
                     problems.append(
@@ -4682,6 +4789,7 @@ class WatchTree:
                         f'{_when(info.st_mtime)}, in the future '
                         "of this host's clock (retention here uses watch's own times)"
                     )
+                self._check_links(tree, slot, name, info)
                 mine = (info.st_dev, info.st_ino) in self.kept_inodes
                 if info.st_uid != self.receiver_uid and not mine:
                     problems.append(
@@ -4698,6 +4806,56 @@ class WatchTree:
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
+
+    def _check_links(self, tree: str, slot: str, name: str, info: os.stat_result) -> None:
+        """Report a received file with more names in incoming/ than a run needs (H8).
+
+        The sender's model of twins: a file of a day run that also goes into the week slot is one
+        inode under the same name in both (``rsync -H``), so it has at most 2 names in incoming/.
+        Its names in kept/ are watch's own links of it, under the same name in the tree's kept
+        slots; the link count less those is its names in incoming/. More than 2 are hard links
+        the sender made: reported once per inode per watch run (and still kept, if the bytes
+        match: only the names are too many; the inode is read once however many it has)."""
+        if info.st_nlink <= WATCH_MAX_LINKS:
+            return
+        kept_names = 0
+        with contextlib.suppress(OSError):
+            tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+            try:
+                for kept_slot in os.listdir(tree_fd):
+                    with contextlib.suppress(OSError):
+                        there = os.stat(
+                            f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False
+                        )
+                        kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
+            finally:
+                os.close(tree_fd)
+        received = info.st_nlink - kept_names
+        if received > WATCH_MAX_LINKS and (info.st_dev, info.st_ino) not in self.links_reported:
+            self.links_reported.add((info.st_dev, info.st_ino))
+            self.report.problems.append(
+                f'{shown(tree)}/{slot}/{shown(name)}: one file under {received} names in '
+                f'{WATCH_INCOMING}/ (a day run and its week twin need {WATCH_MAX_LINKS}): hard '
+                'links the sender made; read once, and kept if it matches'
+            )
+
+    def _owners(self, tree: str, slot: str) -> dict[str, str]:
+        """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
+        owners: dict[str, str] = {}
+        for key, run in self.runs.items():
+            run_tree, run_slot, manifest = key.split('/')
+            if (run_tree, run_slot) == (tree, slot):
+                for name in [manifest, *run['files']]:
+                    owners.setdefault(name, manifest)
+        return owners
+
+    def _claims(self, tree: str, slot: str, names: Sequence[str]) -> list[tuple[str, str]]:
+        """Given a new run's manifest and file names, return [(name, the manifest of the other
+        run that already has it)]: a kept name belongs to exactly one run (H7). Without this, a
+        manifest of the sender's naming a kept run's files would be kept along with them, and its
+        expiry would take them away."""
+        owners = self._owners(tree, slot)
+        return [(name, owners[name]) for name in names if name in owners]
 
     def keep_run(
         self,
@@ -4726,7 +4884,7 @@ class WatchTree:
                 ]
                 return
             for name, (fd, info, digest) in opened.items():
-                self._keep_file(fd, info, name, digest, kept_slot_fd)
+                self._keep_file(fd, info, name, digest, kept_slot_fd, f'{tree}/{slot}')
             os.fsync(kept_slot_fd)
         finally:
             os.close(kept_slot_fd)
@@ -4750,7 +4908,7 @@ class WatchTree:
         self.report.kept_now.append(key)
 
     def _keep_file(
-        self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int
+        self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int, rel: str
     ) -> None:
         with contextlib.suppress(FileExistsError):  # the week slot's twin was linked already
             if not self.copy_instead:
@@ -4767,10 +4925,17 @@ class WatchTree:
                     self.copy_instead = True  # a watch user without CAP_CHOWN: one extra copy
             if not self.copy_instead and os.fstat(kept_slot_fd).st_dev == info.st_dev:
                 os.link(f'/proc/self/fd/{fd}', name, dst_dir_fd=kept_slot_fd, follow_symlinks=True)
+            elif (copied := self.copies.get(self._hash_key(info))) is not None:
+                # Another name of an inode copied in this run (a week twin, or the sender's
+                # hard links): a link of that copy, not one more copy (H8).
+                os.link(copied, name, src_dir_fd=self.kept_fd, dst_dir_fd=kept_slot_fd)
             else:
                 self._copy_file(fd, name, digest, kept_slot_fd)
+                self.copies[self._hash_key(info)] = f'{rel}/{name}'
         kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
         self.kept_inodes.add((kept.st_dev, kept.st_ino))
+        if kept.st_size == info.st_size:  # the chown, chmod and link above changed its ctime
+            self.hashes[self._hash_key(kept)] = digest
 
     @staticmethod
     def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
@@ -4826,7 +4991,7 @@ class WatchTree:
                     )
                     continue
                 try:
-                    same = _sha256_fd(fd) == digest
+                    same = self._hash(fd) == digest
                 finally:
                     os.close(fd)
                 if not same:
@@ -4860,7 +5025,7 @@ class WatchTree:
                         damaged.append(f'{name} ({error.strerror})')
                         continue
                     try:
-                        if _sha256_fd(fd) != digest:
+                        if self._hash(fd) != digest:
                             damaged.append(f'{name} (SHA-256 differs from the manifest)')
                     finally:
                         os.close(fd)
@@ -4902,11 +5067,25 @@ class WatchTree:
 
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
-        inodes (nothing else there is touched)."""
-        for key in self.expired():
+        inodes (nothing else there is touched); a name that a run staying names too stays."""
+        doomed = self.expired()
+        gone = set(doomed)
+        staying = {
+            self._kept_rel(key, name)
+            for key, run in self.runs.items()
+            if key not in gone
+            for name in [run['manifest_name'], *run['files']]
+        }
+        for key in doomed:
             run = self.runs[key]
             tree, slot, _ = key.split('/')
-            names = [run['manifest_name'], *run['files']]
+            # A name another run that stays names too stays (a state from before claims were
+            # refused may hold such a pair).
+            names = [
+                name
+                for name in [run['manifest_name'], *run['files']]
+                if self._kept_rel(key, name) not in staying
+            ]
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue
@@ -5067,10 +5246,20 @@ def command_watch(
         text += f'{r.label()}: {len(found)} problem(s)\n' + ''.join(f'- {p}\n' for p in found)
     print(f'ppbackup watch: {kind}\n{text}', file=sys.stderr, end='')
     if mail:
-        body = f'ppbackup watch on {os.uname().nodename}: {kind}\n\n{text}'
+        body = f'ppbackup watch on {os.uname().nodename}: {kind}\n\n'
+        for r in troubled:
+            found = [*r.problems, *r.stale]
+            body += f'{r.label()}: {len(found)} problem(s)\n' + ''.join(
+                f'- {_cut(p, WATCH_MAIL_LINE_WIDTH)}\n' for p in found[:WATCH_MAIL_PROBLEMS]
+            )
+            if len(found) > WATCH_MAIL_PROBLEMS:
+                body += (
+                    f'- and {len(found) - WATCH_MAIL_PROBLEMS} more: '
+                    f'ppbackup watch --dry-run {r.folder} lists them all\n'
+                )
         body += '\nWhat passed the check before stays in each kept/ folder; see README, "watch".\n'
-        subject = f'[ppbackup] watch on {os.uname().nodename}: {kind}: ' + ', '.join(
-            r.label() for r in troubled
+        subject = f'[ppbackup] watch on {os.uname().nodename}: {kind}: ' + _a_few(
+            [r.label() for r in troubled], WATCH_MAIL_TREES, 1000
         )
         try:
             send_mail(mail, subject, body)

@@ -1,4 +1,4 @@
-"""A hostile sender, seen from the backup host (FAULTS.md H1-H6).
+"""A hostile sender, seen from the backup host (FAULTS.md H1-H8).
 
 The web host is taken over: the attacker has root there and its ssh key to the backup host. Each test
 builds the README's backup host for real: an unprivileged receiving account made here (a unique
@@ -130,10 +130,12 @@ def canaries(base: Path) -> dict[str, tuple[int, int, int, bytes]]:
 
 
 def contents(root: Path) -> dict[str, bytes]:
+    """Return every file under ``root`` and its bytes, but watch's first-seen export (it changes
+    as runs come and go; test_watch_exports_the_first_seen_record... checks it)."""
     return {
         str(path.relative_to(root)): path.read_bytes()
         for path in sorted(root.rglob('*'))
-        if path.is_file() and not path.is_symlink()
+        if path.is_file() and not path.is_symlink() and path.name != 'first-seen.json'
     }
 
 
@@ -669,6 +671,187 @@ def test_watch_as_a_dedicated_user_that_is_not_the_receiving_account(
             assert path.stat().st_ino != twin.stat().st_ino
             assert path.stat().st_uid == pwd.getpwnam(watcher).pw_uid
             assert path.read_bytes() == twin.read_bytes()
+        # One copy per inode, however many names it has: a week twin links the day's copy.
+        slots = sorted((plain.kept / 'backups').iterdir())
+        day = next(slot for slot in slots if slot.name.startswith('day'))
+        week = next(slot for slot in slots if slot.name.startswith('wk'))
+        twins = [
+            (path, week / path.name) for path in day.glob('*.gpg') if (week / path.name).exists()
+        ]
+        assert twins and all(a.stat().st_ino == b.stat().st_ino for a, b in twins)
     finally:
         sh('userdel', watcher, check=False)
         sh('groupdel', watcher, check=False)
+
+
+# ---------------------------------------------------------------------------------------------------
+# H7: a manifest of the attacker's claims a kept run's files (or its manifest), then expires.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_H7_a_manifest_claiming_a_kept_runs_names_is_refused_and_never_expires_them(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    base, host = sender_kept(site, backup_host)
+    week = next(path.name for path in (host.incoming / 'backups').iterdir() if path.name[0] == 'w')
+    genuine, _ = one_run(host.kept / 'backups' / week)
+    kept_week = contents(host.kept / 'backups' / week)
+    outside = canaries(base)
+    # The digests are in the web host's own ~/backups: the attacker copies the manifest's lines
+    # into one of their own, and names the genuine manifest in another. Another backup name
+    # ("evil"), so that neither becomes the newest week run of "assoc".
+    evil = tmp_path / 'evil' / 'backups' / week
+    evil.mkdir(parents=True)
+    files_claim = 'evil-20270101-000000.sha256'
+    manifest_claim = 'evil-20270101-000000-1.sha256'
+    (evil / files_claim).write_text(genuine.read_text())
+    (evil / manifest_claim).write_text(manifest_line(genuine.name, genuine.read_bytes()))
+    attack = host.push('-a', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    alarm = watch(site, host.folder, code=1)
+    assert 'FAILED' in alarm.stderr
+    claimed = {line.split('  ', 1)[1]: files_claim for line in genuine.read_text().splitlines()}
+    claimed[genuine.name] = manifest_claim
+    for name, claim in claimed.items():
+        said = f'{week}/{name}: named by {claim}, but kept for the run {genuine.name}'
+        assert said in alarm.stderr, alarm.stderr
+    assert not (host.kept / 'backups' / week / files_claim).exists()
+    assert not (host.kept / 'backups' / week / manifest_claim).exists()
+    # A later junk run of the same name makes any run of "evil" this week expire after 7 days.
+    junk = tmp_path / 'junk' / 'backups' / week
+    junk.mkdir(parents=True)
+    (junk / 'evil-x.bin').write_bytes(b'junk')
+    (junk / 'evil-20270102-000000.sha256').write_text(manifest_line('evil-x.bin', b'junk'))
+    assert host.push('-a', f'{tmp_path}/junk/backups', f'{host.target}:.').returncode == 0
+    days = ('--max-age', '9999')
+    watch(site, host.folder, faketime='+60s', code=1, args=days)  # the claims, again
+    for faked in ('+8d', '+10d'):
+        again = watch(site, host.folder, faketime=faked, code=1, args=days)
+        assert f'named by {files_claim}' in again.stderr
+        assert contents(host.kept / 'backups' / week).items() >= kept_week.items()
+    assert canaries(base) == outside
+    restore_newest(site, host, tmp_path, run=f'backups/{week}/{genuine.name}')
+
+
+# ---------------------------------------------------------------------------------------------------
+# The first-seen record, exported for the key holder beside the runs it kept.
+# ---------------------------------------------------------------------------------------------------
+
+
+def first_seen_export(host: Host) -> dict[str, float]:
+    """Return {run: its first_seen} from kept/backups/first-seen.json, checked against the runs
+    kept (each listed once, with its manifest's SHA-256) and watch's own state."""
+    export = host.kept / 'backups' / 'first-seen.json'
+    document = json.loads(export.read_text())
+    assert set(document) == {'format', 'version', 'host', 'runs'}
+    assert document['format'] == 'ppbackup-first-seen' and document['version'] == 1
+    assert document['host'] == os.uname().nodename
+    state = json.loads((host.kept / '.ppbackup-watch.json').read_text())['runs']
+    kept = sorted(host.kept.glob('backups/*/*.sha256'))
+    assert sorted(document['runs']) == sorted(
+        str(p.relative_to(host.kept / 'backups')) for p in kept
+    )
+    for manifest in kept:
+        rel = str(manifest.relative_to(host.kept / 'backups'))
+        entry = document['runs'][rel]
+        assert set(entry) == {'first_seen', 'sha256'}
+        assert entry['sha256'] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+        assert isinstance(entry['first_seen'], float)
+        assert entry['first_seen'] == state[f'backups/{rel}']['first_seen']
+        assert export.stat().st_mode & 0o7777 == manifest.stat().st_mode & 0o7777
+    assert not list(export.parent.glob('.ppbackup-tmp-*'))
+    return {rel: entry['first_seen'] for rel, entry in document['runs'].items()}
+
+
+def test_watch_exports_the_first_seen_record_of_the_runs_it_keeps(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    first = first_seen_export(host)
+    assert len(first) == 2  # the day run and its week twin
+    # A run that fails its check is not listed; a later good one is, with its own time.
+    junk = tmp_path / 'junk' / 'backups' / 'day8'
+    junk.mkdir(parents=True)
+    (junk / 'assoc-x.gpg').write_bytes(b'junk')
+    (junk / 'assoc-20270101-000000.sha256').write_text(manifest_line('assoc-x.gpg', b'other'))
+    assert host.push('-a', f'{tmp_path}/junk/backups', f'{host.target}:.').returncode == 0
+    watch(site, host.folder, code=1)
+    assert first_seen_export(host) == first
+    send(site, host, faketime='+2h')
+    watch(site, host.folder, faketime='+2h', code=1)  # the junk, again
+    later = first_seen_export(host)
+    assert len(later) == 4 and not any('day8' in rel for rel in later)
+    assert later.items() >= first.items()
+    assert min(later[rel] for rel in later if rel not in first) > max(first.values())
+
+
+# ---------------------------------------------------------------------------------------------------
+# H8: thousands of long names, hundreds of hard links to one big file.
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_H8_a_flood_of_long_names_still_sends_a_bounded_alert_mail(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    kept = contents(host.kept / 'backups')
+    evil = tmp_path / 'evil' / 'backups' / 'day8'
+    evil.mkdir(parents=True)
+    for number in range(700):  # 253 bytes, a backup name of 230 each: 161 kB of names
+        name = f'{number:03d}{"n" * 227}-20270101-000000.sha256'
+        (evil / name).write_text(manifest_line(f'{number:03d}-missing.gpg', b''))
+    attack = host.push('-a', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    mails_before = len(site.mails())
+    alarm = watch(site, host.folder, code=1, args=('--mail', 'a@example.org'))
+    assert 'the alert mail could not be sent' not in alarm.stderr, alarm.stderr[-2000:]
+    assert alarm.stderr.count('named by the manifest but missing') == 700  # stderr has them all
+    mails = site.mails()[mails_before:]
+    assert len(mails) == 1
+    subject = mails[0]['argv'][mails[0]['argv'].index('-s') + 1]
+    assert 'FAILED' in subject and str(host.folder) in subject and 'and 698 more' in subject
+    assert len(subject) < 400, subject
+    body = mails[0]['body']
+    assert len(body) < 20000 and max(map(len, body.splitlines())) < 400
+    assert (
+        ': 700 problem(s)' in body
+        and 'and 680 more' in body
+        and f'ppbackup watch --dry-run {host.folder}' in body
+    )
+    assert contents(host.kept / 'backups') == kept
+
+
+def test_H8_hundreds_of_hard_links_to_one_file_are_read_once_and_reported(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    _, host = sender_kept(site, backup_host)
+    kept = contents(host.kept / 'backups')
+    evil = tmp_path / 'evil' / 'backups' / 'day8'
+    evil.mkdir(parents=True)
+    big = os.urandom(4 << 20)
+    (evil / 'big.gpg').write_bytes(big)
+    names = ['big.gpg', *(f'b{number}.gpg' for number in range(1, 500))]
+    for name in names[1:]:
+        os.link(evil / 'big.gpg', evil / name)
+    (evil / 'evil-20270101-000000.sha256').write_text(
+        ''.join(manifest_line(name, big) for name in names)
+    )
+    attack = host.push('-aH', f'{tmp_path}/evil/backups', f'{host.target}:.')
+    assert attack.returncode == 0, attack.stderr
+    assert (host.incoming / 'backups' / 'day8' / 'b499.gpg').stat().st_nlink == 500
+    # Every read(2) of the watch process, with the name of what it read (strace -y).
+    trace = tmp_path / 'strace.txt'
+    python = [sys.executable, str(REPO / 'ppbackup.py'), 'watch', str(host.folder)]
+    ran = sh('strace', '-f', '-y', '-e', 'trace=read', '-o', str(trace), *python, check=False)
+    read = re.findall(
+        r'read\(\d+<[^>]*/day8/b?[0-9]*(?:big)?\.gpg>, .*\) = (\d+)', trace.read_text()
+    )
+    assert read and sum(map(int, read)) == len(big)  # the inode is read once, whole
+    assert ran.returncode == 1, ran.stderr
+    said = re.findall(r'(day8/\S+\.gpg): one file under (\d+) names in incoming/', ran.stderr)
+    assert len(said) == 1 and said[0][1] == '500', ran.stderr[-2000:]
+    # The bytes match: kept all the same (links, no copies), and not reported again.
+    assert (host.kept / 'backups' / 'day8' / 'b17.gpg').read_bytes() == big
+    assert contents(host.kept / 'backups').items() >= kept.items()
+    again = watch(site, host.folder)
+    assert again.stderr == ''
