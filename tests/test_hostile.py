@@ -12,6 +12,7 @@ from ``kept/``; nothing outside the received tree changes (a canary beside it an
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import json
 import os
@@ -855,3 +856,32 @@ def test_H8_hundreds_of_hard_links_to_one_file_are_read_once_and_reported(
     assert contents(host.kept / 'backups').items() >= kept.items()
     again = watch(site, host.folder)
     assert again.stderr == ''
+
+
+def test_A7_the_key_holder_restores_by_what_watch_recorded_not_by_the_senders_dates(
+    site: Site, backup_host: tuple[Path, Callable[[str], Host]], tmp_path: Path
+) -> None:
+    """After a break-in the attacker sends runs of its own with later run ids; watch keeps them (they
+    pass its check) but records when each arrived: --arrived-before gives the key holder the last
+    run from before the break-in, and the restore names when the backup host first saw it."""
+    _, host = sender_kept(site, backup_host)
+    genuine = first_seen_export(host)
+    break_in = max(genuine.values()) + 1800
+    # The attacker's run: from the web host's own keyring (public keys only), a later run id.
+    send(site, host, faketime='+2h')
+    watch(site, host.folder, faketime='+2h')
+    assert len(first_seen_export(host)) == 4
+    out = tmp_path / 'files'
+    when = dt.datetime.fromtimestamp(break_in, dt.timezone.utc).isoformat()
+    restored = site.run(
+        'restore', str(host.kept / 'backups'), '--arrived-before', when, '--files', str(out),
+        '--database', site.pg_db, '--as', f'ppbt_before_{secrets.token_hex(3)}',
+        '--gnupghome', str(site.keys.holder),
+    )  # fmt: skip
+    assert restored.returncode == 0, restored.stdout + restored.stderr
+    chosen = restored.stdout.splitlines()[0].removeprefix('restoring ')
+    assert Path(chosen).relative_to(host.kept / 'backups').as_posix() in genuine, restored.stdout
+    assert 'first seen by the backup host' in restored.stdout
+    for line in restored.stdout.splitlines():
+        if line.startswith('restored PostgreSQL database '):
+            sh('dropdb', '--if-exists', '--force', line.rsplit(' ', 1)[1], check=False)
