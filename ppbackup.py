@@ -5985,6 +5985,7 @@ class RoleStatement:
     name: str  # the role or tablespace it is about
     sql: str
     line: int
+    roles: tuple[str, ...] = ()  # a membership: (the role granted, its member)
 
 
 class _Tokens:
@@ -6132,7 +6133,7 @@ def _role_statement(tokens: _Tokens) -> RoleStatement | None:
         sql = f'GRANT {pg_ident(role)} TO {pg_ident(member)}'
         sql += f' WITH {", ".join(options)}' if options else ''
         sql += f' GRANTED BY {grantor};' if grantor else ';'
-        return RoleStatement('membership', member, sql, line)
+        return RoleStatement('membership', member, sql, line, (role, member))
     if tokens.take('CREATE', 'TABLESPACE'):
         name = tokens.name()
         tokens.need('OWNER')
@@ -6398,10 +6399,20 @@ def restore_pg_roles(statements: Sequence[RoleStatement], target: Target) -> Non
     the server says. Raise BackupError if that fails."""
     before = pg_roles_now()
     tablespaces = set(pg_query('SELECT spcname FROM pg_tablespace').splitlines())
+    new_roles = {s.name for s in statements if s.kind == 'role' and s.name not in before}
     script = []
     for statement in statements:
         existing = tablespaces if statement.kind.startswith('tablespace') else before
         if statement.kind != 'membership' and statement.name in existing:
+            continue
+        if (
+            target.drill
+            and statement.kind == 'membership'
+            and not set(statement.roles) <= new_roles
+        ):
+            # Never a way up on the drill's server: no membership in its superuser, its loader,
+            # or a predefined role (pg_execute_server_program); only among the site's own roles.
+            log.warning('drill: not applied: %s', statement.sql)
             continue
         sql = statement.sql
         if target.drill and statement.kind == 'role attributes':
@@ -6518,10 +6529,10 @@ def restore_database(
         if dump_filter.role_settings:  # the drill: its loader may not; ppbackup's own statements
             text = b''.join(dump_filter.role_settings).decode('utf-8', 'replace')
             settings = parse_pg_globals(text, path.name)
-            script = [
+            script = [  # for the roles this restore made: never the drill's own
                 re.sub(r' IN DATABASE ("(?:[^"]|"")*")', f' IN DATABASE {pg_ident(name)}', s.sql)
                 for s in settings
-                if s.kind == 'role setting'
+                if s.kind == 'role setting' and s.name in target.roles
             ]
             argv, head = restricted_psql(PG_MAINTENANCE_DB)
             data = head + '\n'.join(script).encode() + b'\n'
@@ -7020,6 +7031,9 @@ def restore_plan(
         for role in missing:
             extra = f' ({", ".join(powers[role])})' if powers.get(role) and not target.drill else ''
             print(f'will add PostgreSQL role {role}{extra}')
+        for s in statements:  # a way up into a role that was there: said, and kept from a drill
+            if s.kind == 'membership' and s.roles[0] not in missing and not target.drill:
+                print(f'will grant the existing PostgreSQL role {s.roles[0]} to {s.roles[1]}')
     if has_mysql and users in run.names:
         existing = {account.lower() for account in mysql_users_now(target)}
         for account in mysql_accounts_named(run, users, gnupghome):

@@ -337,3 +337,26 @@ def test_A6_an_account_spelt_to_collide_is_never_counted_as_made(
         )
     finally:
         my_on(fresh_mariadb, f'DROP DATABASE IF EXISTS `{db}`')
+
+
+def test_A4_a_roles_file_granting_a_way_up_gives_the_drill_none(
+    site: Site, tmp_path: Path, canary_dir: Path
+) -> None:
+    """The drill's loader is no superuser; a roles file that grants it (or a role of the run) the
+    server's superuser or pg_execute_server_program is not applied there, so SET ROLE and COPY ...
+    TO PROGRAM stay refused."""
+    canary = canary_dir / 'pwned'
+    db, role = f'ppbt_evil_{secrets.token_hex(3)}', f'ppbt_up_{secrets.token_hex(3)}'
+    roles = (
+        f'CREATE ROLE {role};\nGRANT postgres TO ppdrill;\nGRANT postgres TO {role};\n'
+        f'GRANT pg_execute_server_program TO {role};\nGRANT {role} TO ppdrill;\n'
+    )
+    body = (
+        f"SET ROLE {role};\nCOPY (SELECT 1) TO PROGRAM 'touch {canary}';\n"
+        f"RESET ROLE;\nSET ROLE postgres;\nCOPY (SELECT 1) TO PROGRAM 'touch {canary}';\n"
+    )
+    files = {'psql': forge.pg_dump_text(db, body), 'pg-roles': roles.encode()}
+    drilled = drill(site, forged(site, tmp_path, files, databases=[pg_db_entry(db)]))
+    assert drilled.returncode == 1 and 'drill: FAILED' in drilled.stdout, drilled.stdout
+    assert 'permission denied' in drilled.stdout or 'must be superuser' in drilled.stdout
+    assert not canary.exists()
