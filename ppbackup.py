@@ -6617,6 +6617,27 @@ class Extracted:
 
     kinds: dict[str, str] = dataclasses.field(default_factory=dict)
     folders: dict[str, tuple[int, float | None]] = dataclasses.field(default_factory=dict)
+    walked: set[str] = dataclasses.field(
+        default_factory=set
+    )  # every name a symlink's target passes
+
+
+def symlink_walk(folder: str, target: str) -> list[str] | None:
+    """Given a symlink's folder (relative to DIR) and its target, return every name (relative to
+    DIR) its target passes through, read lexically; None if it climbs out of DIR."""
+    place = [part for part in folder.split('/') if part]
+    walked = []
+    for part in target.split('/'):
+        if part in ('', '.'):
+            continue
+        if part == '..':
+            if not place:
+                return None
+            place.pop()
+        else:
+            place.append(part)
+        walked.append('/'.join(place))
+    return walked
 
 
 def tar_member_parts(name: str) -> list[str] | None:
@@ -6761,6 +6782,16 @@ def read_archive(
                         made.kinds[name] = 'folder'
                         made.folders[name] = (info.mode & 0o777, info.mtime)
                     elif info.issym():
+                        # A target read through another symlink of this restore could lead out
+                        # of DIR however each one reads alone: no symlink stands on another's way.
+                        walked = symlink_walk(folder, info.linkname) or []
+                        through = [n for n in walked[:-1] if made.kinds.get(n) == 'symlink']
+                        if through or name in made.walked:
+                            raise refuse(
+                                info.name,
+                                'a symlink on the way of another symlink of this restore',
+                            )
+                        made.walked.update(walked)
                         if root is not None:
                             os.symlink(info.linkname, last, dir_fd=parent)
                             os.utime(

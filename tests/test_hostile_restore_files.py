@@ -154,6 +154,21 @@ def test_A3_a_symlink_then_a_file_through_it_in_one_archive(
     assert 'www/evil is a symlink' in result.stderr
 
 
+@pytest.mark.parametrize('order', ['link first', 'link last'])
+def test_A3_symlinks_chained_to_lead_out_are_refused(
+    site: Site, tmp_path: Path, canary: Path, order: str
+) -> None:
+    """Each link stays inside alone; read through each other, ``t`` is DIR's parent."""
+    before = snapshot(canary)
+    deep = (forge.member('a/b/c/s', tarfile.SYMTYPE, linkname='../../..'), None)
+    chained = (forge.member('t', tarfile.SYMTYPE, linkname='a/b/c/s/..'), None)
+    folders = [(forge.member(n, tarfile.DIRTYPE, mode=0o755), None) for n in ('a', 'a/b', 'a/b/c')]
+    members = [*folders, deep, chained] if order == 'link first' else [*folders, chained, deep]
+    result = restore(site, tmp_path, {'files': forge.tar_bytes(members)})
+    refused = 't' if order == 'link first' else 'a/b/c/s'
+    assert_refused(result, refused, tmp_path / 'out', canary, before)
+
+
 @pytest.mark.parametrize(
     'name',
     ['/ABS/authorized_keys', '../canary/authorized_keys', 'www/../../canary/authorized_keys'],
