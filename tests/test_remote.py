@@ -46,11 +46,12 @@ def write_only_remote(sshd: Sshd, site: Site) -> Iterator[tuple[Sshd, Path]]:
 
 
 def files_under(root: Path) -> dict[str, bytes]:
-    """Return {relative path: bytes} of every regular file under ``root``."""
+    """Return {relative path: bytes} of every regular file under ``root``, but watch's first-seen
+    record beside the kept runs (the backup host's own, not something the sender sent)."""
     return {
         str(path.relative_to(root)): path.read_bytes()
         for path in sorted(root.rglob('*'))
-        if path.is_file() and not path.is_symlink()
+        if path.is_file() and not path.is_symlink() and path.name != 'first-seen.json'
     }
 
 
