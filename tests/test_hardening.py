@@ -13,8 +13,10 @@ import errno
 import os
 import pwd
 import secrets
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -134,19 +136,49 @@ def gnupghome(site: Site) -> Path:
     return Path(site.env['GNUPGHOME'])
 
 
+@pytest.fixture
+def open_tree() -> Iterator[Path]:
+    """A folder under /tmp that every user can reach (the site fixture's own tree is 0700, where
+    nobody else could change anything): for faults that need others to reach what they write."""
+    root = Path(tempfile.mkdtemp(prefix='ppbt-open-'))
+    root.chmod(0o755)
+    yield root
+    subprocess.run(['chmod', '-R', 'u+rwX', str(root)], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as ``user``, with the user's own groups."""
+    return sh('runuser', '-u', user.pw_name, '--', *argv, check=False)
+
+
 @pytest.mark.parametrize('how', ['home 777', 'keyring of another user', 'parent 777'])
-def test_S4_a_gnupg_home_others_can_change_is_refused(site: Site, how: str) -> None:
+def test_S4_a_gnupg_home_others_can_change_is_refused(
+    site: Site, open_tree: Path, how: str
+) -> None:
     only_files(site)
-    home = gnupghome(site)
-    with other_user() as intruder:
-        if how == 'home 777':
-            home.chmod(0o777)
-        elif how == 'keyring of another user':
-            os.chown(home / 'pubring.kbx', intruder.pw_uid, intruder.pw_gid)
-        else:
-            site.home.chmod(0o777)  # whoever writes here can put another .gnupg in its place
-        check = site.run('check')
-        result = site.run()
+    parent = open_tree / 'home'
+    parent.mkdir(mode=0o755)
+    home = parent / '.gnupg'
+    home.mkdir(mode=0o700)
+    for fpr in (site.keys.alice, site.keys.bob):
+        sh('gpg', '--homedir', str(home), '--batch', '--import', input=site.keys.public[fpr])
+    site.write_config(BACKUP_GNUPGHOME=str(home))
+    try:
+        with other_user() as intruder:
+            if how == 'home 777':
+                home.chmod(0o777)
+            elif how == 'keyring of another user':
+                os.chown(home / 'pubring.kbx', intruder.pw_uid, intruder.pw_gid)
+            else:
+                parent.chmod(0o777)  # whoever writes here can put another .gnupg in its place
+            if how != 'keyring of another user':  # the intruder really can change it
+                target = home if how == 'home 777' else parent
+                assert as_user(intruder, 'test', '-w', str(target)).returncode == 0
+            check = site.run('check')
+            result = site.run()
+    finally:
+        sh('gpgconf', '--homedir', str(home), '--kill', 'all', check=False)
     assert check.returncode == 1
     assert 'FAIL  recipients:' in check.stdout and 'could be changed by others' in check.stdout
     assert result.returncode == 1, result.stderr
