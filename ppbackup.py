@@ -3370,8 +3370,25 @@ def check_private_folders(config: Config) -> None:
             )
 
 
+def missing_remote_parent(config: Config) -> Path | None:
+    """Given the config, return the parent of a local-folder remote if it does not exist (rsync
+    makes the remote folder itself, not the folders above it), else None."""
+    if ':' in config.remote.split('/', 1)[0]:
+        return None  # host:path or rclone:
+    parent = (config.home / config.remote).parent
+    return None if os.path.isdir(parent) else parent
+
+
 def check_remote_shell(config: Config) -> None:
-    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it)."""
+    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it), or if the remote is
+    a local folder whose parent does not exist (rsync would fail with a bare change_dir#3)."""
+    parent = missing_remote_parent(config)
+    if parent is not None:
+        raise BackupError(
+            f'BACKUP_REMOTE {config.remote} is a local folder whose parent {parent} does not '
+            f'exist: make it with mkdir -p {shlex.quote(str(parent))}',
+            step='prepare',
+        )
     if not is_rclone(config):
         rsync_base(config)
 
@@ -3383,7 +3400,7 @@ RUN_CHECKS: tuple[tuple[str, Callable[[Config], None]], ...] = (
     ('folders', check_private_folders),
     ('paths', check_paths),
     ('credentials', check_credential_files),
-    ('remote shell', check_remote_shell),
+    ('remote', check_remote_shell),
 )
 
 
@@ -3931,6 +3948,8 @@ def command_check(config: Config) -> int:
             )
     if is_rclone(config):
         check_rclone_remote(config, mark)
+    elif missing_remote_parent(config) is not None:
+        pass  # the run's own check above named it, with the mkdir that mends it
     else:
         try:
             with tempfile.TemporaryDirectory() as empty:

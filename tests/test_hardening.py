@@ -693,3 +693,31 @@ def test_S11_a_huge_manifest_is_read_in_bounded_memory(site: Site) -> None:
     verify = site.run('verify')
     assert verify.returncode == 1
     assert 'not a manifest ppbackup wrote' in verify.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# A local-folder remote whose parent is missing: a sentence with the mkdir, not rsync's change_dir#3
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_local_remote_without_its_parent_is_named_with_the_mkdir(site: Site) -> None:
+    only_files(site)
+    parent = site.root / 'mnt' / 'usb'
+    site.write_config(BACKUP_REMOTE=str(parent / 'backups'))
+    expected = (
+        f'BACKUP_REMOTE {parent / "backups"} is a local folder whose parent {parent} does not '
+        f'exist: make it with mkdir -p {parent}'
+    )
+    check = site.run('check')
+    assert check.returncode == 1 and f'FAIL  remote: {expected}' in check.stdout, check.stdout
+    assert 'change_dir' not in check.stdout
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 1 and expected in result.stderr, result.stderr
+    assert 'change_dir' not in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert expected in site.mails()[0]['body']
+    parent.mkdir(parents=True)  # as the sentence says: then check and the run pass
+    assert site.run('check').returncode == 0
+    assert site.run().returncode == 0
+    assert list((parent / 'backups').rglob('*.gpg'))
