@@ -19,7 +19,7 @@ import subprocess
 from conftest import REPO
 
 CRON_PATH = '/usr/bin:/bin'
-FENCE_RE = re.compile(r'^\s*```[^\n]*\n(.*?)^\s*```', re.S | re.M)
+FENCE_RE = re.compile(r'^\s*```[^\n]*\n(.*?)^\s*```', re.DOTALL | re.MULTILINE)
 SCHEDULE_RE = re.compile(
     r'^\s*(?:(?:[0-9*][0-9*/,-]*\s+){5}|@(?:reboot|yearly|annually|monthly|weekly|daily|hourly)\s+)'
     r'(\S.*)$'
@@ -108,9 +108,8 @@ def test_every_cron_line_resolves_under_crons_path() -> None:
                 wrong.append(f'{program!r} in: {line}')
         # The command itself, wherever in the line (after setpriv, after &&): the install path.
         for word in shlex.split(line):
-            if word == 'ppbackup' or word.endswith('/ppbackup'):
-                if word != installed:
-                    wrong.append(f'{word!r} is not {installed} in: {line}')
+            if (word == 'ppbackup' or word.endswith('/ppbackup')) and word != installed:
+                wrong.append(f'{word!r} is not {installed} in: {line}')
     assert not wrong, '\n'.join(wrong)
 
 
