@@ -1277,9 +1277,9 @@ def changers_of(path: Path, owners: Sequence[int]) -> list[str]:
     or can write (and reach) a folder on the way, without the sticky bit, and so swap what is below;
     every folder on the way must be owned by an owner or root. Folders are those of the path as
     written and as resolved (a symlink on the way is replaced by whoever writes its folder); reach
-    is judged on the resolved path. Whose groups hold whom is not looked up (it changes): members
-    of a folder's group are taken to be anyone who might be in it. A file with more than one name
-    (hard link) is taken as reachable."""
+    is judged on the resolved path. Group memberships are not looked up (they change): a writer
+    may be in any group but the one whose bits say otherwise (see _can_search), and anyone may
+    be named by an ACL. A file with more than one name (hard link) is taken as reachable."""
     trusted = {*owners, 0}
     written = Path(os.path.abspath(path))
     real = Path(os.path.realpath(path))
@@ -1291,8 +1291,11 @@ def changers_of(path: Path, owners: Sequence[int]) -> list[str]:
         return [f'{path}: {error.strerror}']
     if info.st_uid not in owners:
         return [f'{path} is owned by uid {info.st_uid}, not by this user']
-    chain = [Path(os.path.realpath(folder)) for folder in written.parents] + list(real.parents)
-    folders = sorted(set(chain), key=lambda folder: (len(folder.parts), str(folder)))
+    chain = set(real.parents)
+    for folder in written.parents:  # a symlink on the way: its folder, and where it leads
+        resolved = Path(os.path.realpath(folder))
+        chain |= {resolved, *resolved.parents}
+    folders = sorted(chain, key=lambda folder: (len(folder.parts), str(folder)))
     problems: list[str] = []
     try:
         for folder in folders:

@@ -488,6 +488,39 @@ def test_S8_check_fails_where_the_run_fails_on_a_pgpass_others_can_read(site: Si
     assert result.returncode == 1 and '.pgpass' in result.stderr
 
 
+def test_S8_check_and_the_run_refuse_a_pgpass_another_user_owns(site: Site) -> None:
+    pgpass = site.home / '.pgpass'
+    pgpass.write_text('*:*:*:*:not-used\n')
+    pgpass.chmod(0o600)
+    with other_user() as owner:
+        os.chown(pgpass, owner.pw_uid, owner.pw_gid)
+        check = site.run('check')
+        result = site.run()
+        os.chown(pgpass, 0, 0)
+    said = f'{pgpass} is owned by uid {owner.pw_uid}, not by this user'
+    assert check.returncode == 1 and f'FAIL  credentials: {said}' in check.stdout, check.stdout
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+
+
+def test_S8_a_folder_others_can_write_above_the_backups_is_refused(
+    site: Site, open_tree: Path
+) -> None:
+    only_files(site)
+    shared = open_tree / 'shared'
+    shared.mkdir()
+    shared.chmod(0o777)  # reachable from /: whoever writes here can swap backups/ for their own
+    (shared / 'backups').mkdir(mode=0o700)
+    site.write_config(BACKUP_DIR=str(shared / 'backups'))
+    check = site.run('check')
+    result = site.run()
+    said = f'{shared} is writable by group or others (group root, mode 777) and'
+    assert check.returncode == 1 and 'FAIL  folders: ' + said in check.stdout, check.stdout
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+    assert 'FAILED at prepare' in site.subjects()[0]
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
+    assert site.run('check').returncode == 0
+
+
 # ---------------------------------------------------------------------------------------------------
 # S9: every failure after the config is read is mailed
 # ---------------------------------------------------------------------------------------------------
