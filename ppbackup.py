@@ -31,6 +31,7 @@ import difflib
 import errno
 import fcntl
 import functools
+import grp
 import hashlib
 import http.client
 import io
@@ -643,7 +644,6 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
     home = Path(environ.get('HOME') or os.path.expanduser('~'))
     env = {'HOME': str(home), 'USER': environ.get('USER') or pwd.getpwuid(os.getuid()).pw_name}
     try:
-        info = path.stat()
         text = path.read_text(encoding='utf-8-sig')  # an editor's byte-order mark is not a key
     except (OSError, UnicodeDecodeError) as error:
         raise ConfigError(
@@ -651,14 +651,10 @@ def load_config(path: Path, environ: Mapping[str, str] | None = None) -> Config:
             'or name another file with --config.',
             step='config',
         ) from error
-    problems: list[str] = []
-    if info.st_mode & 0o022:
-        problems.append(
-            f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o});'
-            f' whoever can write it can redirect the backups: chmod 600 {path}'
-        )
-    if info.st_uid != os.getuid():
-        problems.append(f'{path} is owned by uid {info.st_uid}, not by this user; refusing it')
+    problems = [
+        f'{problem} (whoever can change the config can redirect the backups; refusing it)'
+        for problem in changers_of(path, (os.getuid(),))
+    ]
     for number, line_text in enumerate(text.split('\n'), 1):
         # A NUL cannot reach an argv (ValueError), and other control bytes are never meant.
         if re.search(r'[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]', line_text):
@@ -1185,36 +1181,148 @@ def open_gnupg(gnupghome: Path) -> GnuPG:
     return gpg
 
 
-def unsafe_to_trust(path: Path, owners: Sequence[int]) -> str:
-    """Given a path and the uids that may own it, return why others could change what it holds
-    (owned by someone else, writable by group or others without the sticky bit), or ''."""
+@dataclasses.dataclass(frozen=True)
+class _Writers:
+    """Who but a path's owner and root its mode lets write it: one of its mode's classes."""
+
+    text: str  # 'members of group site', 'others', ...
+    kind: str  # 'group' (members of gid), 'others' (everyone outside gid), 'anyone'
+    gid: int
+
+
+def _group_name(gid: int) -> str:
     try:
-        info = path.stat()
-    except FileNotFoundError:
-        return ''
-    except OSError as error:
-        return f'{path}: {error.strerror}'
-    if info.st_uid not in owners:
-        return f'{path} is owned by uid {info.st_uid}, not by this user'
-    sticky = stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_ISVTX
-    if info.st_mode & 0o022 and not sticky:
-        return (
-            f'{path} is writable by group or others (mode {stat.S_IMODE(info.st_mode):o}): '
-            f'chmod go-w {path}'
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _has_acl(path: Path) -> bool:
+    """Whether ``path`` has a POSIX access ACL: then its group bits bound named users too."""
+    try:
+        return 'system.posix_acl_access' in os.listxattr(path)
+    except OSError:
+        return False
+
+
+def _can_search(writers: _Writers, folder: os.stat_result, trusted: set[int], acl: bool) -> bool:
+    """Whether ``writers`` may search (enter) a folder. Conservative where a person's groups are
+    not known: someone outside the folder's group uses its other bits, someone in it its group
+    bits, and a writer might be either unless the folder's group is the very group they are (or
+    are not) in. The folder's owner (if not trusted) might be one of them."""
+    if folder.st_uid not in trusted:
+        return True
+    mode = folder.st_mode
+    if acl or writers.kind == 'anyone' or folder.st_gid != writers.gid:
+        return bool(mode & 0o011)
+    return bool(mode & (0o010 if writers.kind == 'group' else 0o001))
+
+
+def _changers(path: Path, info: os.stat_result, trusted: set[int], what: str) -> str:
+    """Given a real path and its stat, return the sentence naming who but its owner and root can
+    write it and reach it (search every folder from / down to it), or ''."""
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o022 or (stat.S_ISDIR(info.st_mode) and mode & stat.S_ISVTX):
+        return ''  # in a sticky folder others may add names, not replace ours
+    group = _group_name(info.st_gid)
+    writers = []
+    if mode & 0o020:
+        if _has_acl(path):
+            writers.append(_Writers('the users and groups its ACL names', 'anyone', info.st_gid))
+        else:
+            writers.append(_Writers(f'members of group {group}', 'group', info.st_gid))
+    if mode & 0o002:
+        writers.append(_Writers('others', 'others', info.st_gid))
+    if mode & 0o022 == 0o022:
+        written = f'group or others (group {group}, mode {mode:o})'
+    else:
+        written = f'group {group} (mode {mode:o})' if mode & 0o020 else f'others (mode {mode:o})'
+    fix = f'chmod {"go" if mode & 0o022 == 0o022 else "g" if mode & 0o020 else "o"}-w {path}'
+    parents = list(reversed(path.parents))  # from / down
+    folders = [(parent, parent.stat()) for parent in parents]
+    reached = [
+        who
+        for who in writers
+        if all(
+            _can_search(who, folder, trusted, _has_acl(name) and bool(folder.st_mode & 0o010))
+            for name, folder in folders
         )
-    return ''
+    ]
+    if stat.S_ISREG(info.st_mode) and info.st_nlink > 1:
+        reach = f'it has {info.st_nlink} names (hard links), which others may reach elsewhere'
+    elif not reached:
+        return ''
+    else:
+        through = (
+            f' through {folders[-1][0]} (mode {stat.S_IMODE(folders[-1][1].st_mode):o})'
+            if folders
+            else ''
+        )
+        reach = f'{" and ".join(who.text for who in reached)} can reach it{through}'
+    return f'{path} is writable by {written} and {reach}{what}: {fix}'
+
+
+def who_else_can_change(path: Path, owners: Sequence[int]) -> str:
+    """Given a path and the uids that may own it, return a sentence saying who but its owner and
+    root could change it, and how, or '' if nobody can (or it is not there). See changers_of."""
+    return '; '.join(changers_of(path, owners))
+
+
+def changers_of(path: Path, owners: Sequence[int]) -> list[str]:
+    """Given a path and the uids that may own it, return one sentence for each way that someone
+    but its owner and root could change it (each says who, and the chmod that ends it).
+
+    Access, not bits: a path is changed by whoever owns it, or can write it AND reach it (search
+    every folder from / down to it: a group-writable keyring inside a 0700 ~/.gnupg is no way in),
+    or can write (and reach) a folder on the way, without the sticky bit, and so swap what is below;
+    every folder on the way must be owned by an owner or root. Folders are those of the path as
+    written and as resolved (a symlink on the way is replaced by whoever writes its folder); reach
+    is judged on the resolved path. Group memberships are not looked up (they change): a writer
+    may be in any group but the one whose bits say otherwise (see _can_search), and anyone may
+    be named by an ACL. A file with more than one name (hard link) is taken as reachable."""
+    trusted = {*owners, 0}
+    written = Path(os.path.abspath(path))
+    real = Path(os.path.realpath(path))
+    try:
+        info = real.stat()
+    except FileNotFoundError:
+        return []
+    except OSError as error:
+        return [f'{path}: {error.strerror}']
+    if info.st_uid not in owners:
+        return [f'{path} is owned by uid {info.st_uid}, not by this user']
+    chain = set(real.parents)
+    for folder in written.parents:  # a symlink on the way: its folder, and where it leads
+        resolved = Path(os.path.realpath(folder))
+        chain |= {resolved, *resolved.parents}
+    folders = sorted(chain, key=lambda folder: (len(folder.parts), str(folder)))
+    problems: list[str] = []
+    try:
+        for folder in folders:
+            folder_info = folder.stat()
+            if folder_info.st_uid not in trusted:
+                problems.append(
+                    f'{folder} is owned by uid {folder_info.st_uid}, who can replace what is in it'
+                )
+                continue
+            problems.append(
+                _changers(folder, folder_info, trusted, ', so they can replace what is in it')
+            )
+        problems.append(_changers(real, info, trusted, ''))
+    except OSError as error:
+        return [f'{path}: a folder on the way cannot be looked at: {error}']
+    return [problem for problem in problems if problem]
 
 
 def check_gnupg_home(gnupghome: Path) -> None:
     """Given the GnuPG home, raise BackupError if anyone but us can change its keyrings, trust or
     options: like a config others can write, they could swap the recipients for their own keys.
     The home, its keyrings and options, and its parents (which root may own) are looked at."""
-    real = Path(os.path.realpath(gnupghome))
     ours = (os.getuid(),)
-    problems = [unsafe_to_trust(real, ours)]
-    problems += [unsafe_to_trust(real / name, ours) for name in GNUPG_TRUSTED_FILES]
-    problems += [unsafe_to_trust(parent, (os.getuid(), 0)) for parent in real.parents]
-    problems = [problem for problem in problems if problem]
+    problems = changers_of(gnupghome, ours)
+    for name in GNUPG_TRUSTED_FILES:
+        problems += changers_of(gnupghome / name, ours)
+    problems = list(dict.fromkeys(problems))  # a folder above them all is named once
     if problems:
         raise BackupError(
             f'the GnuPG home {gnupghome} could be changed by others, who could then make the '
@@ -1814,9 +1922,18 @@ def check_credential_files(config: Config) -> None:
             if name == '.pgpass'
             else config.home / name
         )
-        if used and path.exists() and path.stat().st_mode & 0o077:
+        if not used or not path.exists():
+            continue
+        # By its bits: libpq ignores a .pgpass that group or others could read, wherever it is.
+        if path.stat().st_mode & 0o077:
             raise BackupError(
                 f'{path} is readable by group or others: chmod 600 {path}', step='dump'
+            )
+        changers = changers_of(path, (os.getuid(),))
+        if changers:  # it chooses the server the dump reads, and the client's options
+            raise BackupError(
+                '; '.join(changers) + ' (whoever can change it chooses what the dump reads)',
+                step='dump',
             )
 
 
@@ -3246,10 +3363,35 @@ def check_private_folders(config: Config) -> None:
             raise BackupError(
                 f'{folder} is owned by uid {info.st_uid}, not by this user', step='prepare'
             )
+        # The run makes the folder itself 0700; who can write (and reach) a folder above it could
+        # put another one in its place.
+        changers = changers_of(folder.parent, (os.getuid(), 0))
+        if changers:
+            raise BackupError(
+                '; '.join(changers) + f' (whoever can change it can swap {folder})',
+                step='prepare',
+            )
+
+
+def missing_remote_parent(config: Config) -> Path | None:
+    """Given the config, return the parent of a local-folder remote if it does not exist (rsync
+    makes the remote folder itself, not the folders above it), else None."""
+    if ':' in config.remote.split('/', 1)[0]:
+        return None  # host:path or rclone:
+    parent = (config.home / config.remote).parent
+    return None if os.path.isdir(parent) else parent
 
 
 def check_remote_shell(config: Config) -> None:
-    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it)."""
+    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it), or if the remote is
+    a local folder whose parent does not exist (rsync would fail with a bare change_dir#3)."""
+    parent = missing_remote_parent(config)
+    if parent is not None:
+        raise BackupError(
+            f'BACKUP_REMOTE {config.remote} is a local folder whose parent {parent} does not '
+            f'exist: make it with mkdir -p {shlex.quote(str(parent))}',
+            step='prepare',
+        )
     if not is_rclone(config):
         rsync_base(config)
 
@@ -3261,7 +3403,7 @@ RUN_CHECKS: tuple[tuple[str, Callable[[Config], None]], ...] = (
     ('folders', check_private_folders),
     ('paths', check_paths),
     ('credentials', check_credential_files),
-    ('remote shell', check_remote_shell),
+    ('remote', check_remote_shell),
 )
 
 
@@ -3809,6 +3951,8 @@ def command_check(config: Config) -> int:
             )
     if is_rclone(config):
         check_rclone_remote(config, mark)
+    elif missing_remote_parent(config) is not None:
+        pass  # the run's own check above named it, with the mkdir that mends it
     else:
         try:
             with tempfile.TemporaryDirectory() as empty:

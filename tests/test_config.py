@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -120,10 +122,24 @@ def test_B3_option_lookalikes_are_refused_or_kept_as_names(site: Site) -> None:
 
 
 def test_B4_a_config_others_can_write_is_refused(site: Site) -> None:
-    site.cfg.chmod(0o666)
-    result = site.run()
+    # In a folder that others can reach (the fixture's tree is 0700: nobody else could write there).
+    with tempfile.TemporaryDirectory(prefix='ppbt-open-') as folder:
+        os.chmod(folder, 0o755)
+        config = Path(folder) / 'ppbackup.cfg'
+        config.write_text(site.cfg.read_text())
+        config.chmod(0o666)
+        result = site.run('--config', str(config))
     assert result.returncode == 2
     assert 'writable by group or others' in result.stderr
+    assert 'can redirect the backups' in result.stderr
+    assert not (site.home / 'backups').exists()
+
+
+def test_B4_a_config_owned_by_someone_else_is_refused(site: Site) -> None:
+    os.chown(site.cfg, 65534, 65534)
+    result = site.run()
+    assert result.returncode == 2
+    assert 'owned by uid 65534, not by this user' in result.stderr
     assert not (site.home / 'backups').exists()
 
 

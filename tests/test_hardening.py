@@ -1,4 +1,4 @@
-"""The sending host, reviewed (FAULTS.md S2-S4, S6, S8-S11; issue 14).
+"""The sending host, reviewed (FAULTS.md S2-S4, S6, S8-S12; issue 14).
 
 Each test causes its finding for real with the real command: a symlinked folder, a GnuPG home others
 can write, a .my.cnf typo that mysqldump echoes back, a closed pipe, a tmpfs without inodes. Where a
@@ -9,18 +9,23 @@ failure.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
+import json
 import os
 import pwd
 import secrets
+import shutil
+import stat
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Site, sh
+from conftest import MAILX_SHIM, REPO, Site, make_key, sh
 
 import ppbackup
 
@@ -134,19 +139,49 @@ def gnupghome(site: Site) -> Path:
     return Path(site.env['GNUPGHOME'])
 
 
+@pytest.fixture
+def open_tree() -> Iterator[Path]:
+    """A folder under /tmp that every user can reach (the site fixture's own tree is 0700, where
+    nobody else could change anything): for faults that need others to reach what they write."""
+    root = Path(tempfile.mkdtemp(prefix='ppbt-open-'))
+    root.chmod(0o755)
+    yield root
+    subprocess.run(['chmod', '-R', 'u+rwX', str(root)], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+def as_user(user: pwd.struct_passwd, *argv: str) -> subprocess.CompletedProcess[str]:
+    """Run a command as ``user``, with the user's own groups."""
+    return sh('runuser', '-u', user.pw_name, '--', *argv, check=False)
+
+
 @pytest.mark.parametrize('how', ['home 777', 'keyring of another user', 'parent 777'])
-def test_S4_a_gnupg_home_others_can_change_is_refused(site: Site, how: str) -> None:
+def test_S4_a_gnupg_home_others_can_change_is_refused(
+    site: Site, open_tree: Path, how: str
+) -> None:
     only_files(site)
-    home = gnupghome(site)
-    with other_user() as intruder:
-        if how == 'home 777':
-            home.chmod(0o777)
-        elif how == 'keyring of another user':
-            os.chown(home / 'pubring.kbx', intruder.pw_uid, intruder.pw_gid)
-        else:
-            site.home.chmod(0o777)  # whoever writes here can put another .gnupg in its place
-        check = site.run('check')
-        result = site.run()
+    parent = open_tree / 'home'
+    parent.mkdir(mode=0o755)
+    home = parent / '.gnupg'
+    home.mkdir(mode=0o700)
+    for fpr in (site.keys.alice, site.keys.bob):
+        sh('gpg', '--homedir', str(home), '--batch', '--import', input=site.keys.public[fpr])
+    site.write_config(BACKUP_GNUPGHOME=str(home))
+    try:
+        with other_user() as intruder:
+            if how == 'home 777':
+                home.chmod(0o777)
+            elif how == 'keyring of another user':
+                os.chown(home / 'pubring.kbx', intruder.pw_uid, intruder.pw_gid)
+            else:
+                parent.chmod(0o777)  # whoever writes here can put another .gnupg in its place
+            if how != 'keyring of another user':  # the intruder really can change it
+                target = home if how == 'home 777' else parent
+                assert as_user(intruder, 'test', '-w', str(target)).returncode == 0
+            check = site.run('check')
+            result = site.run()
+    finally:
+        sh('gpgconf', '--homedir', str(home), '--kill', 'all', check=False)
     assert check.returncode == 1
     assert 'FAIL  recipients:' in check.stdout and 'could be changed by others' in check.stdout
     assert result.returncode == 1, result.stderr
@@ -160,6 +195,203 @@ def test_S4_the_example_config_pins_recipients_by_fingerprint() -> None:
     line = next(line for line in example.splitlines() if line.startswith('BACKUP_GPG_RECIPIENT='))
     words = line.split('=', 1)[1].strip('"').split()
     assert words and all(ppbackup.FINGERPRINT_RE.match(word) for word in words), line
+
+
+# ---------------------------------------------------------------------------------------------------
+# S12: umask 0002 (Debian 13's new users): a group-writable keyring inside a 0700 ~/.gnupg
+# ---------------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class UnixSite:
+    """A real site user (umask 0002, its own group) and a real member of that group."""
+
+    user: pwd.struct_passwd
+    member: pwd.struct_passwd
+    home: Path
+    mails: Path
+    env: list[str]
+
+    def run(self, *argv: str) -> subprocess.CompletedProcess[str]:
+        """Run a command as the site user under umask 0002, as its login shell would."""
+        wrapped = ['/bin/sh', '-c', 'umask 0002 && exec "$@"', 'sh', *argv]
+        return sh(
+            'runuser', '-u', self.user.pw_name, '--', 'env', '-i', *self.env, *wrapped, check=False
+        )
+
+    def ppbackup(self, *args: str) -> subprocess.CompletedProcess[str]:
+        return self.run('/usr/bin/python3', str(REPO / 'ppbackup.py'), *args)
+
+    def gpg_import(self, armored: str) -> subprocess.CompletedProcess[str]:
+        wrapped = ['/bin/sh', '-c', 'umask 0002 && exec gpg --batch --import']
+        return sh(
+            'runuser',
+            '-u',
+            self.user.pw_name,
+            '--',
+            'env',
+            '-i',
+            *self.env,
+            *wrapped,
+            input=armored,
+            check=False,
+        )
+
+    def member_opens_for_writing(self, path: Path) -> str:
+        """As the group member, open ``path`` for writing (nothing is written); return the
+        errno's name, or 'opened'."""
+        probe = (
+            'import errno, os, sys\n'
+            'try:\n'
+            '    os.close(os.open(sys.argv[1], os.O_WRONLY | os.O_APPEND))\n'
+            '    print("opened")\n'
+            'except OSError as error:\n'
+            '    print(errno.errorcode[error.errno])\n'
+        )
+        ran = as_user(self.member, '/usr/bin/python3', '-c', probe, str(path))
+        assert ran.returncode == 0, ran.stderr
+        return ran.stdout.strip()
+
+
+@pytest.fixture
+def unix_site(site: Site, open_tree: Path) -> Iterator[UnixSite]:
+    """The site fixture's config and files, for a real user with a home in /tmp (0751, as on a
+    web host), its own group (useradd's USERGROUPS_ENAB) and a second user in that group."""
+    only_files(site)  # no databases: the site user is not a database user here
+    name, member_name = f'ppbs{secrets.token_hex(3)}', f'ppbm{secrets.token_hex(3)}'
+    (open_tree / 'home').mkdir(mode=0o755)
+    home = open_tree / 'home' / name
+    sh(
+        'useradd',
+        '--create-home',
+        '--home-dir',
+        str(home),
+        '--user-group',
+        '--shell',
+        '/bin/sh',
+        name,
+    )
+    try:
+        user = pwd.getpwnam(name)
+        sh(
+            'useradd',
+            '--no-create-home',
+            '--shell',
+            '/usr/sbin/nologin',
+            '--groups',
+            name,
+            member_name,
+        )
+        member = pwd.getpwnam(member_name)
+        home.chmod(0o751)
+        shims, mails = open_tree / 'shims', open_tree / 'mails'
+        shims.mkdir(mode=0o755)
+        mails.mkdir(mode=0o700)
+        os.chown(mails, user.pw_uid, user.pw_gid)
+        (shims / 'mailx').write_text(MAILX_SHIM.replace('PYTHON', '/usr/bin/python3'))
+        (shims / 'mailx').chmod(0o755)
+        shutil.copytree(site.home / 'site', home / 'site')
+        config = site.cfg.read_text().replace(str(site.remote), str(home / 'remote'))
+        (home / 'ppbackup.cfg').write_text(config)
+        (home / 'ppbackup.cfg').chmod(0o600)  # as the README says
+        sh('chown', '-R', f'{name}:{name}', str(home))
+        env = [
+            f'HOME={home}',
+            f'USER={name}',
+            f'LOGNAME={name}',
+            f'MAILX_DIR={mails}',
+            f'PATH={shims}:/usr/bin:/bin',
+            'LANG=C.UTF-8',
+        ]
+        yield UnixSite(user, member, home, mails, env)
+    finally:
+        sh('runuser', '-u', name, '--', 'gpgconf', '--kill', 'all', check=False)
+        for _ in range(3):  # what the user left running, by process id
+            pids = sh('pgrep', '-u', name, check=False).stdout.split()
+            if pids:
+                sh('kill', '-KILL', *pids, check=False)
+            if sh('userdel', member_name, check=False).returncode in (0, 6) and sh(
+                'userdel', name, check=False
+            ).returncode in (0, 6):
+                break
+            time.sleep(1)
+
+
+def extended(key_home: Path, fingerprint: str) -> str:
+    """A routine key refresh: the key holder extends the key (and its subkey); return it."""
+    sh('gpg', '--homedir', str(key_home), '--batch', '--quick-set-expire', fingerprint, '2y')
+    sh('gpg', '--homedir', str(key_home), '--batch', '--quick-set-expire', fingerprint, '2y', '*')
+    return sh('gpg', '--homedir', str(key_home), '--armor', '--export', fingerprint).stdout
+
+
+def test_S12_a_keyring_imported_under_umask_0002_passes_check_and_runs(
+    site: Site, unix_site: UnixSite, tmp_path: Path
+) -> None:
+    key_home = tmp_path / 'holder-s12'
+    key_home.mkdir(mode=0o700)
+    fingerprint = make_key(key_home, 'S12 <s12@example.org>', expire='1y')
+    armored = sh('gpg', '--homedir', str(key_home), '--armor', '--export', fingerprint).stdout
+    config = unix_site.home / 'ppbackup.cfg'
+    text = site.cfg.read_text().replace(str(site.remote), str(unix_site.home / 'remote'))
+    config.write_text(text.replace(f'"{site.keys.alice} {site.keys.bob}"', fingerprint))
+    os.chown(config, unix_site.user.pw_uid, unix_site.user.pw_gid)
+    imported = unix_site.gpg_import(armored)
+    assert imported.returncode == 0, imported.stderr
+    gnupg, keyring = unix_site.home / '.gnupg', unix_site.home / '.gnupg' / 'pubring.kbx'
+    assert stat.S_IMODE(gnupg.stat().st_mode) == 0o700
+    assert stat.S_IMODE(keyring.stat().st_mode) == 0o664  # the fault, for real
+    # The member of the site's group cannot change it: ~/.gnupg lets no group in.
+    assert unix_site.member_opens_for_writing(keyring) == 'EACCES'
+    check = unix_site.ppbackup('check')
+    assert check.returncode == 0, check.stdout + check.stderr
+    first = unix_site.ppbackup()
+    assert first.returncode == 0, first.stderr
+    refreshed = unix_site.gpg_import(extended(key_home, fingerprint))
+    assert refreshed.returncode == 0 and 'new signatures: 2' in refreshed.stderr, refreshed.stderr
+    assert stat.S_IMODE(keyring.stat().st_mode) == 0o664
+    assert unix_site.member_opens_for_writing(keyring) == 'EACCES'
+    time.sleep(1)  # the next run in another second
+    again = unix_site.ppbackup()
+    assert again.returncode == 0, again.stderr
+    mails = sorted(unix_site.mails.glob('mail-*.json'))
+    assert len(mails) == 2 and all('succeeded' in path.read_text() for path in mails)
+    (archive,) = unix_site.home.glob('backups/day*/assoc-files-*.gpg')  # one a day
+    decrypted = subprocess.run(
+        ['gpg', '--homedir', str(key_home), '--batch', '--decrypt', str(archive)],
+        capture_output=True,
+        check=False,
+    )
+    assert decrypted.returncode == 0 and decrypted.stdout, decrypted.stderr  # to the refreshed key
+    sh('gpgconf', '--homedir', str(key_home), '--kill', 'all', check=False)
+
+
+@pytest.mark.parametrize('mode', [0o750, 0o770], ids=['gnupg 750', 'gnupg 770'])
+def test_S12_a_keyring_a_group_member_can_reach_is_refused_naming_the_group(
+    site: Site, unix_site: UnixSite, mode: int
+) -> None:
+    for fingerprint in (site.keys.alice, site.keys.bob):
+        imported = unix_site.gpg_import(site.keys.public[fingerprint])
+        assert imported.returncode == 0, imported.stderr
+    gnupg, keyring = unix_site.home / '.gnupg', unix_site.home / '.gnupg' / 'pubring.kbx'
+    assert unix_site.ppbackup('check').returncode == 0  # safe while ~/.gnupg is 0700
+    gnupg.chmod(mode)
+    assert stat.S_IMODE(keyring.stat().st_mode) == 0o664
+    assert unix_site.member_opens_for_writing(keyring) == 'opened'  # the member really can
+    group = unix_site.user.pw_name
+    check = unix_site.ppbackup('check')
+    assert check.returncode == 1, check.stdout
+    said = (
+        f'{keyring} is writable by group {group} (mode 664) and members of group {group} can '
+        f'reach it through {gnupg} (mode {mode:o}): chmod g-w {keyring}'
+    )
+    assert 'FAIL  recipients:' in check.stdout and said in check.stdout, check.stdout
+    if mode == 0o770:  # the folder itself: a member could put another keyring in its place
+        assert f'{gnupg} is writable by group {group} (mode 770)' in check.stdout
+    result = unix_site.ppbackup()
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+    mails = [json.loads(path.read_text()) for path in unix_site.mails.glob('mail-*.json')]
+    assert len(mails) == 1 and 'FAILED at keys' in ' '.join(mails[0]['argv'])
+    assert not list(unix_site.home.glob('backups/day*/*.gpg'))  # nothing was encrypted
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -254,6 +486,39 @@ def test_S8_check_fails_where_the_run_fails_on_a_pgpass_others_can_read(site: Si
     assert f'FAIL  credentials: {pgpass} is readable by group or others' in check.stdout
     result = site.run()
     assert result.returncode == 1 and '.pgpass' in result.stderr
+
+
+def test_S8_check_and_the_run_refuse_a_pgpass_another_user_owns(site: Site) -> None:
+    pgpass = site.home / '.pgpass'
+    pgpass.write_text('*:*:*:*:not-used\n')
+    pgpass.chmod(0o600)
+    with other_user() as owner:
+        os.chown(pgpass, owner.pw_uid, owner.pw_gid)
+        check = site.run('check')
+        result = site.run()
+        os.chown(pgpass, 0, 0)
+    said = f'{pgpass} is owned by uid {owner.pw_uid}, not by this user'
+    assert check.returncode == 1 and f'FAIL  credentials: {said}' in check.stdout, check.stdout
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+
+
+def test_S8_a_folder_others_can_write_above_the_backups_is_refused(
+    site: Site, open_tree: Path
+) -> None:
+    only_files(site)
+    shared = open_tree / 'shared'
+    shared.mkdir()
+    shared.chmod(0o777)  # reachable from /: whoever writes here can swap backups/ for their own
+    (shared / 'backups').mkdir(mode=0o700)
+    site.write_config(BACKUP_DIR=str(shared / 'backups'))
+    check = site.run('check')
+    result = site.run()
+    said = f'{shared} is writable by group or others (group root, mode 777) and'
+    assert check.returncode == 1 and 'FAIL  folders: ' + said in check.stdout, check.stdout
+    assert result.returncode == 1 and said in result.stderr, result.stderr
+    assert 'FAILED at prepare' in site.subjects()[0]
+    shared.chmod(0o1777)  # sticky, as /tmp: others cannot rename or remove what is ours
+    assert site.run('check').returncode == 0
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -461,3 +726,31 @@ def test_S11_a_huge_manifest_is_read_in_bounded_memory(site: Site) -> None:
     verify = site.run('verify')
     assert verify.returncode == 1
     assert 'not a manifest ppbackup wrote' in verify.stdout
+
+
+# ---------------------------------------------------------------------------------------------------
+# A local-folder remote whose parent is missing: a sentence with the mkdir, not rsync's change_dir#3
+# ---------------------------------------------------------------------------------------------------
+
+
+def test_a_local_remote_without_its_parent_is_named_with_the_mkdir(site: Site) -> None:
+    only_files(site)
+    parent = site.root / 'mnt' / 'usb'
+    site.write_config(BACKUP_REMOTE=str(parent / 'backups'))
+    expected = (
+        f'BACKUP_REMOTE {parent / "backups"} is a local folder whose parent {parent} does not '
+        f'exist: make it with mkdir -p {parent}'
+    )
+    check = site.run('check')
+    assert check.returncode == 1 and f'FAIL  remote: {expected}' in check.stdout, check.stdout
+    assert 'change_dir' not in check.stdout
+    result = site.run()
+    assert_no_traceback(result)
+    assert result.returncode == 1 and expected in result.stderr, result.stderr
+    assert 'change_dir' not in result.stderr
+    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert expected in site.mails()[0]['body']
+    parent.mkdir(parents=True)  # as the sentence says: then check and the run pass
+    assert site.run('check').returncode == 0
+    assert site.run().returncode == 0
+    assert list((parent / 'backups').rglob('*.gpg'))
