@@ -6491,16 +6491,10 @@ def read_small(path: Path, gnupghome: str | None, what: str, limit: int = INDEX_
     return data
 
 
-def pg_query(
-    sql: str,
-    db: str = PG_MAINTENANCE_DB,
-    step: str = 'restore',
-    env: Mapping[str, str] | None = None,
-) -> str:
+def pg_query(sql: str, db: str = PG_MAINTENANCE_DB, step: str = 'restore') -> str:
     """Given SQL of ppbackup's own, run it with psql against the target server; return its
     unaligned output."""
-    argv = [*pg_client(db), '-c', sql]
-    return run_command(argv, what=f'psql {db}', step=step, timeout=600, env=env)[1]
+    return run_command([*pg_client(db), '-c', sql], what=f'psql {db}', step=step, timeout=600)[1]
 
 
 def mysql_query(sql: str, target: Target, db: str = '', step: str = 'restore') -> str:
