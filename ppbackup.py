@@ -1975,8 +1975,21 @@ def mysql_client(defaults: str | None, *, reads_backup: bool = False) -> list[st
     ``reads_backup``: the client is fed a backup's text, which after a break-in is the attacker's
     (a run is data, never instructions): its sandbox mode refuses ``\\!``, ``system``, ``source``
     and ``tee``, and ``--local-infile=0`` keeps LOAD DATA LOCAL from sending a file of ours."""
-    argv = ['mysql', *([f'--defaults-extra-file={defaults}'] if defaults else []), '--batch']
+    argv = ['mysql', *mysql_defaults_args(defaults), '--batch']
     return [*argv, '--sandbox', '--local-infile=0'] if reads_backup else argv
+
+
+DRILL_MYSQL_DEFAULTS = 'ppbackup-drill-client.cnf'  # the drill's option file for its own server
+
+
+def mysql_defaults_args(defaults: str | None) -> list[str]:
+    """Given an optional option file naming the server, return the client options that read it:
+    the key holder's own (``--mysql-defaults``) on top of their usual ones, the drill's alone (a
+    ~/.my.cnf, perhaps the site's backup user, must not send the drill's clients elsewhere)."""
+    if not defaults:
+        return []
+    alone = os.path.basename(defaults) == DRILL_MYSQL_DEFAULTS
+    return [f'--defaults-{"file" if alone else "extra-file"}={defaults}']
 
 
 def sql_literal(text: str) -> str:
@@ -6626,9 +6639,7 @@ def make_room_mysql(db: str, target: Target) -> None:
         # MariaDB cannot rename a database: copy it aside with its routines, then start afresh.
         aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
         mysql_query(f'CREATE DATABASE {backtick(aside)}', target)
-        defaults = (
-            [f'--defaults-extra-file={target.mysql_defaults}'] if target.mysql_defaults else []
-        )
+        defaults = mysql_defaults_args(target.mysql_defaults)
         dump = [
             'mysqldump',
             *defaults,
@@ -7111,7 +7122,9 @@ def backup_user_lacks(index: Mapping[str, Any], entries: Sequence[Mapping[str, A
     """Given a run's index and the databases to restore, return what the backup user could not
     read at dump time (so the backup never held it): for the drill, warnings, not failures."""
     lacks = list(index.get('lacks', []))
-    if any(entry['kind'] == 'mysql' for entry in entries) and not index.get('mariadb_users'):
+    has_mysql = any(entry['kind'] == 'mysql' for entry in entries)
+    said = any('MariaDB' in lack for lack in lacks)  # the run's own words for it
+    if has_mysql and not index.get('mariadb_users') and not said:
         lacks.append('this run has no MariaDB users: the backup user could not read them')
     return lacks
 
@@ -7346,12 +7359,16 @@ def grant_differences(
         if before == after:
             continue
         if after is None:
-            problems.append(f'{where}: grants on {what} did not come back ({before} at dump time)')
+            problems.append(
+                f'{where}: grants on {what} did not come back (at dump time "{before}")'
+            )
         elif before is None:
-            problems.append(f'{where}: grants on {what} are new: {after} (none at dump time)')
+            problems.append(
+                f'{where}: grants on {what} are new (restored "{after}", none at dump time)'
+            )
         else:
             problems.append(
-                f'{where}: grants on {what} differ: {after} restored, {before} at dump time'
+                f'{where}: grants on {what} differ: at dump time "{before}", restored "{after}"'
             )
     return problems
 
@@ -7502,10 +7519,10 @@ class DrillServers:
              f'--pid-file={self.folder / "my.pid"}', f'--log-error={self.folder / "my.log"}',
              '--skip-log-bin', '--event-scheduler=OFF'],
         )  # fmt: skip
-        defaults = self.folder / 'my.cnf'
+        defaults = self.folder / DRILL_MYSQL_DEFAULTS
         defaults.write_text(f'[client]\nsocket={socket_path}\nuser=root\n')
         self.mysql_defaults = str(defaults)
-        probe = ['mysqladmin', f'--defaults-extra-file={defaults}', 'ping']
+        probe = ['mysqladmin', *mysql_defaults_args(str(defaults)), 'ping']
         self.wait_ready('MariaDB server', probe)
 
     def __exit__(self, *exc: object) -> None:
