@@ -1929,14 +1929,28 @@ UNION ALL SELECT CONCAT(LOWER(Routine_type), ' ', Routine_name, ' to `', User, '
 """.replace('{where}', "Db IN (DATABASE(), REPLACE(REPLACE(DATABASE(), '_', '\\_'), '%', '\\%'))")
 
 
+PG_RELATION_KINDS = ('table ', 'view ', 'materialized view ', 'foreign table ')
+PG_ACL_PRIVILEGES_RE = re.compile(r'=([A-Za-z*]*)/')
+
+
 def parse_pg_grants(lines: Sequence[str]) -> dict[str, str]:
-    """Given PG_GRANTS_SQL's output, return {object: owner and grants}."""
+    """Given PG_GRANTS_SQL's output, return {object: owner and grants}. A relation's MAINTAIN
+    (PostgreSQL 17's "m", in its owner's defaults and in GRANT ALL there) is left out: a drill on a
+    newer server than the site's then reads what an older one did, for the same grants."""
     text = ''.join(lines).strip()
     try:
         grants = json.loads(text or '{}')
     except ValueError as error:
         raise BackupError(f'the grants query gave no JSON: {text[:200]!r}', step='dump') from error
-    return {str(what): str(value) for what, value in grants.items()}
+    found = {}
+    for what, value in grants.items():
+        what, value = str(what), str(value)
+        if what.startswith(PG_RELATION_KINDS) or what.endswith(' on tables'):
+            value = PG_ACL_PRIVILEGES_RE.sub(
+                lambda match: '=' + re.sub(r'm\*?', '', match[1]) + '/', value
+            )
+        found[what] = value
+    return found
 
 
 def pg_grants(db: str) -> dict[str, str]:
@@ -1961,7 +1975,18 @@ def mysql_grants(ask: Callable[[str], Sequence[str]]) -> dict[str, str]:
     )
     lines = ask(MYSQL_GRANTS_SQL.replace('{privs}', privs or "''"))
     pairs = [line.partition('\t') for line in lines]
-    return {what: privileges for what, tab, privileges in pairs if tab}
+    # Every privilege of the database written ALL, as GRANT ALL gives it: a drill on a newer server
+    # (with privileges the site's does not know) then reads the same for the same grant.
+    every = {column.removesuffix('_priv') for column in columns} - {'Grant'}
+    found = {}
+    for what, tab, privileges in pairs:
+        if not tab:
+            continue
+        given = set(privileges.split(','))
+        if what.startswith('database to ') and every and every <= given:
+            privileges = ','.join(['ALL', *sorted(given - every)])
+        found[what] = privileges
+    return found
 
 
 def pg_client(db: str) -> list[str]:
