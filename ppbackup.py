@@ -1968,6 +1968,143 @@ MYSQL_TABLES_SQL = (
     "AND table_type = 'BASE TABLE' ORDER BY 1"
 )
 
+# Each object's owner and grants, as {object: "owner R; grants A B ..."} in one JSON line: the
+# database, schemas, tables, views, sequences, columns, functions, types, default privileges and
+# large objects (what an extension made is the extension's). A NULL ACL is written as the default
+# it stands for and the items are sorted, so that a restore that brought the same grants back
+# reads the same. Names are not quoted: search_path is pg_catalog's (PG_GRANTS_SET).
+PG_GRANTS_SET = 'SET search_path = pg_catalog'
+PG_GRANTS_SQL = r"""
+SELECT coalesce(json_object_agg(o.what, 'owner ' || coalesce(pg_get_userbyid(o.owner), '-')
+    || '; grants ' || coalesce((SELECT string_agg(a::text, ' ' ORDER BY a::text)
+      FROM unnest(coalesce(o.acl, acldefault(o.def, o.owner))) AS a), '')
+    ORDER BY o.what), '{}')
+FROM (
+  SELECT 'database' AS what, datdba AS owner, datacl AS acl, 'd'::"char" AS def
+    FROM pg_database WHERE datname = current_database()
+  UNION ALL SELECT 'schema ' || n.nspname, n.nspowner, n.nspacl, 'n' FROM pg_namespace n
+    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_namespace'::regclass
+        AND e.objid = n.oid AND e.deptype = 'e')
+  UNION ALL SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
+      WHEN 'S' THEN 'sequence ' WHEN 'f' THEN 'foreign table ' ELSE 'table ' END
+      || n.nspname || '.' || c.relname, c.relowner, c.relacl,
+      (CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::"char"
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.relpersistence <> 't'
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
+        AND e.objid = c.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname, c.relowner,
+      a.attacl, 'c'
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND cardinality(a.attacl) > 0
+      AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relpersistence <> 't'
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
+        AND e.objid = c.oid AND e.deptype = 'e')
+  UNION ALL SELECT CASE p.prokind WHEN 'p' THEN 'procedure ' WHEN 'a' THEN 'aggregate '
+      ELSE 'function ' END || n.nspname || '.' || p.proname || '('
+      || pg_get_function_identity_arguments(p.oid) || ')', p.proowner, p.proacl, 'f'
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass
+        AND e.objid = p.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'type ' || n.nspname || '.' || t.typname, t.typowner, t.typacl, 'T'
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE (t.typtype IN ('d', 'e', 'r', 'm')
+        OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_type'::regclass
+        AND e.objid = t.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'default privileges of ' || pg_get_userbyid(d.defaclrole)
+      || coalesce(' in schema ' || n.nspname, '') || ' on ' || CASE d.defaclobjtype
+      WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences' WHEN 'f' THEN 'functions'
+      WHEN 'T' THEN 'types' WHEN 'n' THEN 'schemas' ELSE d.defaclobjtype::text END,
+      d.defaclrole, d.defaclacl, 'r'
+    FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+  UNION ALL SELECT 'large object ' || l.oid, l.lomowner, l.lomacl, 'L'
+    FROM pg_largeobject_metadata l
+) AS o
+"""
+MYSQL_DB_PRIVS_SQL = (
+    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = 'mysql' "
+    "AND TABLE_NAME = 'db' AND COLUMN_NAME LIKE '%\\_priv' ORDER BY ORDINAL_POSITION"
+)
+# The grants on the database's objects, as "object to `user`@`host`<TAB>privileges" lines (a grant
+# on a wildcard-escaped name of the database too); {privs} lists mysql.db's privilege columns.
+MYSQL_GRANTS_SQL = r"""
+SELECT CONCAT('database to `', User, '`@`', Host, '`'), CONCAT_WS(',', {privs})
+  FROM mysql.db WHERE {where}
+UNION ALL SELECT CONCAT('table ', Table_name, ' to `', User, '`@`', Host, '`'),
+  CONCAT('table ', Table_priv, '; columns ', Column_priv) FROM mysql.tables_priv WHERE {where}
+UNION ALL SELECT CONCAT('column ', Table_name, '.', Column_name, ' to `', User, '`@`', Host, '`'),
+  Column_priv FROM mysql.columns_priv WHERE {where}
+UNION ALL SELECT CONCAT(LOWER(Routine_type), ' ', Routine_name, ' to `', User, '`@`', Host, '`'),
+  Proc_priv FROM mysql.procs_priv WHERE {where}
+""".replace('{where}', "Db IN (DATABASE(), REPLACE(REPLACE(DATABASE(), '_', '\\_'), '%', '\\%'))")
+
+
+PG_RELATION_KINDS = ('table ', 'view ', 'materialized view ', 'foreign table ')
+PG_ACL_PRIVILEGES_RE = re.compile(r'=([A-Za-z*]*)/')
+
+
+def parse_pg_grants(lines: Sequence[str]) -> dict[str, str]:
+    """Given PG_GRANTS_SQL's output, return {object: owner and grants}. A relation's MAINTAIN
+    (PostgreSQL 17's "m", in its owner's defaults and in GRANT ALL there) is left out: a drill on a
+    newer server than the site's then reads what an older one did, for the same grants."""
+    text = ''.join(lines).strip()
+    try:
+        grants = json.loads(text or '{}')
+    except ValueError as error:
+        raise BackupError(f'the grants query gave no JSON: {text[:200]!r}', step='dump') from error
+    found = {}
+    for what, value in grants.items():
+        what, value = str(what), str(value)
+        if what.startswith(PG_RELATION_KINDS) or what.endswith(' on tables'):
+            value = PG_ACL_PRIVILEGES_RE.sub(
+                lambda match: '=' + re.sub(r'm\*?', '', match[1]) + '/', value
+            )
+        found[what] = value
+    return found
+
+
+def pg_grants(db: str) -> dict[str, str]:
+    """Given a restored PostgreSQL database, return its objects' owners and grants, for the drill
+    (a run takes them in its dump's snapshot: DumpSnapshot)."""
+    _, out = run_command(
+        [*pg_client(db), '-c', PG_GRANTS_SET, '-c', PG_GRANTS_SQL],
+        what=f'grants of {db}',
+        step='drill',
+        timeout=600,
+    )
+    return parse_pg_grants(out.splitlines())
+
+
+def mysql_grants(ask: Callable[[str], Sequence[str]]) -> dict[str, str]:
+    """Given a way to run a query in a MariaDB database (returning its batch lines), return
+    {object to user: privileges} from the grant tables (MYSQL_GRANTS_SQL)."""
+    columns = [line for line in ask(MYSQL_DB_PRIVS_SQL) if line]
+    privs = ', '.join(
+        f"IF({backtick(column)} = 'Y', {sql_literal(column.removesuffix('_priv'))}, NULL)"
+        for column in columns
+    )
+    lines = ask(MYSQL_GRANTS_SQL.replace('{privs}', privs or "''"))
+    pairs = [line.partition('\t') for line in lines]
+    # Every privilege of the database written ALL, as GRANT ALL gives it: a drill on a newer server
+    # (with privileges the site's does not know) then reads the same for the same grant.
+    every = {column.removesuffix('_priv') for column in columns} - {'Grant'}
+    found = {}
+    for what, tab, privileges in pairs:
+        if not tab:
+            continue
+        given = set(privileges.split(','))
+        if what.startswith('database to ') and every and every <= given:
+            privileges = ','.join(['ALL', *sorted(given - every)])
+        found[what] = privileges
+    return found
+
 
 def pg_client(db: str) -> list[str]:
     """Given a database, return psql's argv: no prompt, no psqlrc, unaligned tab-separated."""
@@ -1980,8 +2117,21 @@ def mysql_client(defaults: str | None, *, reads_backup: bool = False) -> list[st
     ``reads_backup``: the client is fed a backup's text, which after a break-in is the attacker's
     (a run is data, never instructions): its sandbox mode refuses ``\\!``, ``system``, ``source``
     and ``tee``, and ``--local-infile=0`` keeps LOAD DATA LOCAL from sending a file of ours."""
-    argv = ['mysql', *([f'--defaults-extra-file={defaults}'] if defaults else []), '--batch']
+    argv = ['mysql', *mysql_defaults_args(defaults), '--batch']
     return [*argv, '--sandbox', '--local-infile=0'] if reads_backup else argv
+
+
+DRILL_MYSQL_DEFAULTS = 'ppbackup-drill-client.cnf'  # the drill's option file for its own server
+
+
+def mysql_defaults_args(defaults: str | None) -> list[str]:
+    """Given an optional option file naming the server, return the client options that read it:
+    the key holder's own (``--mysql-defaults``) on top of their usual ones, the drill's alone (a
+    ~/.my.cnf, perhaps the site's backup user, must not send the drill's clients elsewhere)."""
+    if not defaults:
+        return []
+    alone = os.path.basename(defaults) == DRILL_MYSQL_DEFAULTS
+    return [f'--defaults-{"file" if alone else "extra-file"}={defaults}']
 
 
 def sql_literal(text: str) -> str:
@@ -2040,8 +2190,8 @@ def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
 
 class DumpSnapshot:
     """A client session of the database, kept open on pipes while its dump runs, whose transaction
-    the row counts are taken in: a drill compares a restore with these counts, so they must be of
-    the rows the dump holds, however busy the site is.
+    the row counts and the objects' owners and grants are taken in: a drill compares a restore with
+    them, so they must be of what the dump holds, however busy the site is.
 
     PostgreSQL: the session exports its snapshot and pg_dump imports it (``--snapshot``): the dump
     and the counts see exactly the same rows. MariaDB cannot share a snapshot between sessions: the
@@ -2104,6 +2254,14 @@ class DumpSnapshot:
             return parse_counts(self.ask(PG_COUNT_SQL.strip() + ';'))
         tables = [line for line in self.ask(MYSQL_TABLES_SQL + ';') if line]
         return parse_counts(self.ask(mysql_count_query(tables) + ';') if tables else [])
+
+    def grants(self) -> dict[str, str]:
+        """Return each object's owner and grants in the session's snapshot (PG_GRANTS_SQL), or
+        MariaDB's grants on the database's objects (MYSQL_GRANTS_SQL: the grant tables must be
+        readable)."""
+        if self.kind == 'psql':
+            return parse_pg_grants(self.ask(f'{PG_GRANTS_SET}; {PG_GRANTS_SQL.strip()};'))
+        return mysql_grants(lambda sql: self.ask(sql.strip() + ';'))
 
     def __enter__(self) -> DumpSnapshot:
         return self
@@ -2174,7 +2332,10 @@ def database_limits(config: Config) -> tuple[bool, bool, list[str]]:
 
 MYSQL_GRANT_AUTH_RE = re.compile(r' IDENTIFIED (?:BY|VIA|WITH) .*?(?= WITH |$)')
 PG_SUPERUSER_SQL = 'SELECT rolsuper FROM pg_roles WHERE rolname = current_user'
-MYSQL_USERS_PROBE = 'SELECT 1 FROM mysql.global_priv, mysql.db, mysql.tables_priv LIMIT 1'
+MYSQL_USERS_PROBE = (
+    'SELECT 1 FROM mysql.global_priv, mysql.db, mysql.tables_priv, mysql.columns_priv, '
+    'mysql.procs_priv LIMIT 1'
+)
 MYSQL_USERS_SQL = """
 SELECT DISTINCT User, Host FROM (
   SELECT User, Host FROM mysql.db WHERE Db IN ({dbs})
@@ -2231,6 +2392,7 @@ def dump_generated(
     rundir: Path,
     lacks: Sequence[str],
     counts: Mapping[str, Mapping[str, int]],
+    grants: Mapping[str, Mapping[str, str]] | None = None,
 ) -> tuple[Path, int, list[str]]:
     """Given the MariaDB users or the index artifact, write its source from the databases, then
     compress it like any dump. Return as dump_artifact does."""
@@ -2239,7 +2401,7 @@ def dump_generated(
         with os.fdopen(create_private_file(rundir / MYSQL_USERS_SOURCE), 'w') as handle:
             handle.write(script)
     else:
-        write_run_index(config, artifacts, rundir, lacks, counts)
+        write_run_index(config, artifacts, rundir, lacks, counts, grants or {})
     try:
         return dump_artifact(artifact, config, rundir)
     finally:  # latest/ keeps the compressed copy only
@@ -2253,10 +2415,14 @@ def write_run_index(
     rundir: Path,
     lacks: Sequence[str],
     counts: Mapping[str, Mapping[str, int]],
+    grants: Mapping[str, Mapping[str, str]] | None = None,
 ) -> None:
     """Write the run's index into the run folder, to be encrypted as an artifact of its own: what
-    each file holds, each table's row count in the dump's snapshot (``counts``, by label; see
-    DumpSnapshot), and what a restore will lack. A drill compares the counts with a restore."""
+    each file holds, each table's row count and each object's owner and grants in the dump's
+    snapshot (``counts`` and ``grants``, by label; see DumpSnapshot; no grants for MariaDB when the
+    backup user cannot read its grant tables), and what a restore will lack. A drill compares the
+    counts and grants with a restore."""
+    grants = grants or {}
     databases = []
     for artifact in artifacts:
         if artifact.kind == 'psql':
@@ -2270,6 +2436,9 @@ def write_run_index(
                     'file': artifact.filename,
                     'owner': owner,
                     'rows': dict(counts[artifact.label]),
+                    **(
+                        {'grants': dict(grants[artifact.label])} if artifact.label in grants else {}
+                    ),
                 }
             )
         elif artifact.kind == 'mysql':
@@ -2280,6 +2449,9 @@ def write_run_index(
                     'database': db,
                     'file': artifact.filename,
                     'rows': dict(counts[artifact.label]),
+                    **(
+                        {'grants': dict(grants[artifact.label])} if artifact.label in grants else {}
+                    ),
                 }
             )
     by_kind = {artifact.kind: artifact.filename for artifact in artifacts}
@@ -2301,9 +2473,11 @@ def dump_artifact(
     config: Config,
     rundir: Path,
     counts: dict[str, dict[str, int]] | None = None,
+    grants: dict[str, dict[str, str]] | None = None,
 ) -> tuple[Path, int, list[str]]:
     """Given an artifact, stream it through the compressor into the run folder; a database's row
-    counts go into ``counts`` (by label), taken in the dump's own snapshot.
+    counts go into ``counts`` (by label), and its objects' owners and grants into ``grants`` if
+    given, taken in the dump's own snapshot.
 
     Return (plaintext path, uncompressed bytes, warnings). Raise BackupError if any process fails,
     or a dump lacks its end-of-dump trailer.
@@ -2313,6 +2487,8 @@ def dump_artifact(
             argv = snapshot.dump_argv(artifact.argv)
             dumped = dump_artifact(dataclasses.replace(artifact, argv=argv), config, rundir)
             counts[artifact.label] = snapshot.row_counts()
+            if grants is not None:
+                grants[artifact.label] = snapshot.grants()
         return dumped
     log.info('dump %s', artifact.label)
     path = rundir / artifact.filename
@@ -3440,6 +3616,9 @@ def make_all(
     # counted in its dump's own snapshot (DumpSnapshot), right after the dump, so that a drill
     # compares a restore with what the dump really held, and a dump that lost rows shows.
     counts: dict[str, dict[str, int]] = {}
+    # Grants likewise: PostgreSQL's catalogs are readable by any user, MariaDB's grant tables only
+    # if the backup user was given them (else a warning said so, and the index has none).
+    grants: dict[str, dict[str, str]] = {}
     generated = (MYSQL_USERS, ROWCOUNTS)
     main = [artifact for artifact in artifacts if artifact.kind not in generated]
     late = [artifact for artifact in artifacts if artifact.kind in generated]
@@ -3448,7 +3627,15 @@ def make_all(
         concurrent.futures.ThreadPoolExecutor(1) as encryptions,
     ):
         dumping = [
-            dumps.submit(dump_artifact, artifact, config, rundir, counts) for artifact in main
+            dumps.submit(
+                dump_artifact,
+                artifact,
+                config,
+                rundir,
+                counts,
+                grants if artifact.kind == 'psql' or mysql_users else None,
+            )
+            for artifact in main
         ]
 
         def encrypt_next(artifact: Artifact, future: concurrent.futures.Future[Any]) -> None:
@@ -3477,7 +3664,9 @@ def make_all(
                 encrypt_next(artifact, future)
             for artifact in late if not errors else []:
                 dumping.append(
-                    dumps.submit(dump_generated, artifact, artifacts, config, rundir, lacks, counts)
+                    dumps.submit(
+                        dump_generated, artifact, artifacts, config, rundir, lacks, counts, grants
+                    )
                 )
                 encrypt_next(artifact, dumping[-1])
             for encrypted in encrypting:
@@ -3917,6 +4106,9 @@ def command_check(config: Config) -> int:
             mark(True, f'MySQL database {db}: reachable')
         except BackupError as error:
             mark(False, f'MySQL database {db}: {error} {error.detail.strip()[-200:]}')
+    # The run's own prediction of what a restore will lack: its mail warns of the same.
+    for warning in database_limits(config)[2]:
+        mark(None, f'a run will warn: {warning}')
     try:
         gpg = open_gnupg(config.gnupghome)
         recipients, warnings = resolve_recipients(gpg, config.recipients)
@@ -5938,7 +6130,8 @@ def index_problem(index: object, listed: set[str] | None) -> str:
 
     - an object with ``format`` (INDEX_FORMAT), ``name`` (a str) and ``databases``: a list of
       objects, each with ``kind`` (psql or mysql), ``database`` and ``file`` (str), ``rows`` (an
-      object of str -> int) and optionally ``owner`` (a str or null);
+      object of str -> int) and optionally ``owner`` (a str or null) and ``grants`` (an object of
+      str -> str: each object's owner and grants; older runs have none);
     - optionally ``pg_roles`` and ``mariadb_users`` (a str or null), ``archives`` and ``lacks``
       (lists of str);
     - every file it names (``file``, ``pg_roles``, ``mariadb_users``, ``archives``) is a plain file
@@ -5974,6 +6167,9 @@ def index_problem(index: object, listed: set[str] | None) -> str:
             return f'{where}: "rows" is not an object of table -> row count'
         if entry.get('owner') is not None and not isinstance(entry['owner'], str):
             return f'{where}: "owner" is neither a string nor null'
+        grants = entry.get('grants', {})
+        if not isinstance(grants, dict) or any(not isinstance(v, str) for v in grants.values()):
+            return f'{where}: "grants" is not an object of object -> grants'
         named.append(entry['file'])
     for key in ('pg_roles', 'mariadb_users'):
         value = index.get(key)
@@ -6617,9 +6813,7 @@ def make_room_mysql(db: str, target: Target) -> None:
         # MariaDB cannot rename a database: copy it aside with its routines, then start afresh.
         aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
         mysql_query(f'CREATE DATABASE {backtick(aside)}', target)
-        defaults = (
-            [f'--defaults-extra-file={target.mysql_defaults}'] if target.mysql_defaults else []
-        )
+        defaults = mysql_defaults_args(target.mysql_defaults)
         dump = [
             'mysqldump',
             *defaults,
@@ -7126,17 +7320,32 @@ def run_lacks(
 ) -> list[str]:
     """Given a run, its index and the databases to restore, return what a restore of them will lack:
     what the backup user could not read at dump time, and the roles or users file if it is gone."""
+    return backup_user_lacks(index, entries) + missing_files(run, index, entries)
+
+
+def backup_user_lacks(index: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Given a run's index and the databases to restore, return what the backup user could not
+    read at dump time (so the backup never held it): for the drill, warnings, not failures."""
     lacks = list(index.get('lacks', []))
-    pg_roles, users = index.get('pg_roles'), index.get('mariadb_users')
-    has_pg = any(entry['kind'] == 'psql' for entry in entries)
     has_mysql = any(entry['kind'] == 'mysql' for entry in entries)
-    if has_pg and pg_roles and pg_roles not in run.names:
-        lacks.append(f'the PostgreSQL roles file {pg_roles} is missing from this run')
-    if has_mysql and users and users not in run.names:
-        lacks.append(f'the MariaDB users file {users} is missing from this run')
-    if has_mysql and not users:
+    said = any('MariaDB' in lack for lack in lacks)  # the run's own words for it
+    if has_mysql and not index.get('mariadb_users') and not said:
         lacks.append('this run has no MariaDB users: the backup user could not read them')
     return lacks
+
+
+def missing_files(
+    run: RunFiles, index: Mapping[str, Any], entries: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Given a run, its index and the databases to restore, return the roles or users file the
+    run made that is gone from it: what the backup held and a restore will lack."""
+    missing = []
+    pg_roles, users = index.get('pg_roles'), index.get('mariadb_users')
+    if any(entry['kind'] == 'psql' for entry in entries) and pg_roles and pg_roles not in run.names:
+        missing.append(f'the PostgreSQL roles file {pg_roles} is missing from this run')
+    if any(entry['kind'] == 'mysql' for entry in entries) and users and users not in run.names:
+        missing.append(f'the MariaDB users file {users} is missing from this run')
+    return missing
 
 
 def restore_entries(
@@ -7289,11 +7498,18 @@ def command_restore(
     return EXIT_OK
 
 
-def drill_checks(entry: Mapping[str, Any], name: str, target: Target) -> list[str]:
-    """Given a database of the index and its restored name, return what did not come back: tables
-    and row counts, the database's owner, definers that do not exist, views that fail when used."""
+def drill_checks(
+    entry: Mapping[str, Any], name: str, target: Target, users_held: bool = True
+) -> tuple[list[str], list[str]]:
+    """Given a database of the index and its restored name, return (what did not come back, what
+    the backup never held): tables and row counts, the database's owner, each object's owner and
+    grants (an index of an older run has none: not compared), definers that do not exist, views
+    that fail when used. Without MariaDB users in the run (``users_held`` False: the backup user
+    could not read them, a warning of its own) a missing definer is a warning: the backup never
+    held it."""
     kind, db = entry['kind'], entry['database']
-    problems = []
+    problems: list[str] = []
+    warnings: list[str] = []
     if kind == 'psql':
         counts = pg_row_counts(name)
         owner = pg_query(
@@ -7303,24 +7519,64 @@ def drill_checks(entry: Mapping[str, Any], name: str, target: Target) -> list[st
             problems.append(f'psql {db}: owned by {owner}, not by {entry["owner"]}')
     else:
         counts = mysql_row_counts(name, target.mysql_defaults)
-        for line in mysql_query(MYSQL_DEFINERS_SQL, target, name).splitlines():
-            problems.append(f'mysql {db}: {line} does not exist: it fails when used')
+        missing = warnings if not users_held else problems
+        definers = mysql_query(MYSQL_DEFINERS_SQL, target, name).splitlines()
+        for line in definers:
+            missing.append(f'mysql {db}: {line} does not exist: it fails when used')
         views = mysql_query(
             'SELECT TABLE_NAME FROM information_schema.VIEWS WHERE TABLE_SCHEMA = DATABASE()',
             target,
             name,
         )
         for view in views.splitlines():
+            if not users_held and any(
+                line.startswith(f'view {view} (definer ') for line in definers
+            ):
+                continue  # said above, as a warning
             try:
                 mysql_query(f'SELECT COUNT(*) FROM {backtick(view)}', target, name)
             except BackupError as error:
                 problems.append(f'mysql {db}: view {view} fails when used: {error.detail[-200:]}')
+    recorded = entry.get('grants')
+    if recorded is not None and not (target.no_owner or target.no_privileges):
+        if kind == 'psql':
+            restored = pg_grants(name)
+        else:
+            restored = mysql_grants(
+                lambda sql: mysql_query(sql, target, name, step='drill').splitlines()
+            )
+        problems += grant_differences(f'{kind} {db}', recorded, restored)
     for table, rows in sorted(entry.get('rows', {}).items()):
         if table not in counts:
             problems.append(f'{kind} {db}: table {table} did not come back')
         elif counts[table] != rows:
             problems.append(
                 f'{kind} {db}: table {table} has {counts[table]} rows, {rows} at dump time'
+            )
+    return problems, warnings
+
+
+def grant_differences(
+    where: str, recorded: Mapping[str, str], restored: Mapping[str, str]
+) -> list[str]:
+    """Given the owners and grants of a database's objects at dump time and after a restore, return
+    each object whose grants differ, in words."""
+    problems = []
+    for what in sorted(set(recorded) | set(restored)):
+        before, after = recorded.get(what), restored.get(what)
+        if before == after:
+            continue
+        if after is None:
+            problems.append(
+                f'{where}: grants on {what} did not come back (at dump time "{before}")'
+            )
+        elif before is None:
+            problems.append(
+                f'{where}: grants on {what} are new (restored "{after}", none at dump time)'
+            )
+        else:
+            problems.append(
+                f'{where}: grants on {what} differ: at dump time "{before}", restored "{after}"'
             )
     return problems
 
@@ -7471,10 +7727,10 @@ class DrillServers:
              f'--pid-file={self.folder / "my.pid"}', f'--log-error={self.folder / "my.log"}',
              '--skip-log-bin', '--event-scheduler=OFF'],
         )  # fmt: skip
-        defaults = self.folder / 'my.cnf'
+        defaults = self.folder / DRILL_MYSQL_DEFAULTS
         defaults.write_text(f'[client]\nsocket={socket_path}\nuser=root\n')
         self.mysql_defaults = str(defaults)
-        probe = ['mysqladmin', f'--defaults-extra-file={defaults}', 'ping']
+        probe = ['mysqladmin', *mysql_defaults_args(str(defaults)), 'ping']
         self.wait_ready('MariaDB server', probe)
 
     def __exit__(self, *exc: object) -> None:
@@ -7511,9 +7767,12 @@ def command_drill(
     arrived_before: dt.datetime | None = None,
 ) -> int:
     """Restore the newest run onto throwaway servers of the drill's own, check that everything
-    came back, remove the servers, and report by mail: exit 0 when it passed, 1 when it did not."""
+    came back, remove the servers, and report by mail: exit 0 when it passed, 1 when it did not.
+    What the backup user could not read (the backup never held it) is a WARNING line, not a
+    failure: the README's own setup passes, with its warnings named."""
     started = time.monotonic()
     problems: list[str] = []
+    warnings: list[str] = []  # what the backup never held: named, not a failure
     timings: dict[str, float] = {}
     target.drill = True
     run = find_run(source, config_arg, arrived_before)
@@ -7529,15 +7788,27 @@ def command_drill(
                 problems.append(str(error))
         kinds = {entry['kind'] for entry in index.get('databases', [])}
         try:
-            # Said first: a restore that then fails (no roles file) is explained by it.
-            lacks = run_lacks(run, index, index.get('databases', []))
-            problems += [f'the run lacks something: {lack}' for lack in lacks]
+            # What the backup user could not read, the backup never held: a warning, as in the
+            # run's mail. A file of the run that is gone fails; said first, since a restore that
+            # then fails (no roles file) is explained by it.
+            databases = index.get('databases', [])
+            warnings += backup_user_lacks(index, databases)
+            problems += [
+                f'the run lacks something: {lack}' for lack in missing_files(run, index, databases)
+            ]
             with DrillServers(kinds) as servers:
                 target.mysql_defaults = servers.mysql_defaults
                 target.pg_loader = DRILL_PG_LOADER if 'psql' in kinds else ''
                 restore_run(run, index, gnupghome, target, timings=timings)
-                for entry in index.get('databases', []):
-                    problems += drill_checks(entry, target.name_for(entry['database']), target)
+                for entry in databases:
+                    failed, lacking = drill_checks(
+                        entry,
+                        target.name_for(entry['database']),
+                        target,
+                        users_held=bool(index.get('mariadb_users')),
+                    )
+                    problems += failed
+                    warnings += lacking
             checked = Extracted()  # every member as a restore would take it, nothing written
             for name in index.get('archives', []):
                 path = run_file(run, name)
@@ -7548,6 +7819,8 @@ def command_drill(
     except BackupError as error:
         problems.append(str(error))
     outcome = 'FAILED' if problems else 'passed'
+    if warnings:
+        outcome += f' with {len(warnings)} WARNING(s)'
     lines = [
         f'drill: {outcome}',
         f'run:   {label}',
@@ -7561,6 +7834,8 @@ def command_drill(
     if index_seen and index_seen.get('not_in_slot'):
         lines += ['', *(f'note: {name} is not in this slot (a week slot keeps no binaries)'
                         for name in index_seen['not_in_slot'])]  # fmt: skip
+    if warnings:
+        lines += ['', *(f'WARNING: the backup lacks something: {warning}' for warning in warnings)]
     if problems:
         lines += ['', 'what did not come back:', *(f'  - {problem}' for problem in problems)]
     body = '\n'.join(lines) + '\n'

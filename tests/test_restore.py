@@ -24,6 +24,8 @@ import pytest
 from conftest import Site, mysql, psql, sh
 from sshd import free_port
 
+import ppbackup
+
 PG_BIN = Path('/usr/lib/postgresql/15/bin')
 SUFFIX = secrets.token_hex(4)
 OWNER, READER, LOGIN = f'ppbt_own_{SUFFIX}', f'ppbt_read_{SUFFIX}', f'ppbt_app_{SUFFIX}'
@@ -655,3 +657,141 @@ def test_R3_a_mariadb_backup_user_without_the_grant_tables_warns(site: Site) -> 
     finally:
         my_cnf.unlink(missing_ok=True)  # the clients below, and the fixture's, are root again
         sh('mysql', '-e', f'DROP USER IF EXISTS `{user}`@`localhost`', check=False)
+
+
+@contextlib.contextmanager
+def readme_setup(site: Site) -> Iterator[tuple[str, dict[str, str]]]:
+    """The README's own setup: a PostgreSQL role made by ``createuser`` (no superuser) owning the
+    site's database, which grants to a reader role, and a MariaDB backup user without the grant
+    tables (~/.my.cnf). Yields (the PostgreSQL database, the libpq settings of the backup user)."""
+    token = secrets.token_hex(3)
+    role, reader, db = f'ppbt_site_{token}', f'ppbt_rd_{token}', f'ppbt_rs_{token}'
+    my_user = f'ppbt_mybk_{token}'
+    my_cnf = site.home / '.my.cnf'
+    as_site = {'PGUSER': role}
+    try:
+        sh('createuser', role)
+        sh('psql', '-X', '-q', '-c', f'CREATE ROLE {reader} NOLOGIN')
+        sh('createdb', '-O', role, '--', db)
+        grants = (
+            'CREATE TABLE members (id integer PRIMARY KEY, name text);'
+            "INSERT INTO members SELECT n, 'member ' || n FROM generate_series(1, 40) AS n;"
+            'CREATE TABLE notes (id integer, note text);'
+            f'GRANT SELECT ON members TO {reader}; GRANT SELECT (note) ON notes TO {reader};'
+            f'REVOKE ALL ON DATABASE {db} FROM PUBLIC; GRANT CONNECT ON DATABASE {db} TO {reader};'
+        )
+        sh('psql', '-X', '-q', '-v', 'ON_ERROR_STOP=1', '-d', db, '-c', grants,
+           env={**os.environ, **as_site})  # fmt: skip
+        sh('mysql', '-e', f"CREATE USER `{my_user}`@`localhost` IDENTIFIED BY 'bk-pw'")
+        privileges = 'SELECT, LOCK TABLES, SHOW VIEW, EVENT, TRIGGER'
+        sh('mysql', '-e', f'GRANT {privileges} ON `{site.my_db}`.* TO `{my_user}`@`localhost`')
+        my_cnf.write_text(f'[client]\nuser={my_user}\npassword=bk-pw\n')
+        my_cnf.chmod(0o600)
+        site.write_config(BACKUP_PSQL_DB=db, BACKUP_MYSQL_DB=site.my_db)
+        yield db, as_site
+    finally:
+        my_cnf.unlink(missing_ok=True)  # the clients below, and the fixture's, are root again
+        sh('mysql', '-e', f'DROP USER IF EXISTS `{my_user}`@`localhost`', check=False)
+        sh('dropdb', '--if-exists', '--force', '--', db, check=False)
+        for name in (reader, role):
+            sh('psql', '-X', '-q', '-c', f'DROP ROLE IF EXISTS {name}', check=False)
+
+
+PG_LACK = (
+    'the PostgreSQL backup user is not a superuser: roles are backed up WITHOUT their passwords'
+)
+MY_LACK = 'the MariaDB backup user cannot read its grant tables: users and grants are NOT backed up'
+
+
+def test_R3_the_readme_setup_warns_and_its_drill_passes_with_the_warnings_named(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    with readme_setup(site) as (_, as_site):
+        # check predicts the warnings, before any run.
+        check = site.run('check', extra_env=as_site)
+        assert f'WARN  a run will warn: {PG_LACK}' in check.stdout, check.stdout
+        assert f'WARN  a run will warn: {MY_LACK}' in check.stdout, check.stdout
+        assert site.mails() == []
+        result = site.run(extra_env=as_site)
+        assert result.returncode == 0, result.stderr
+        assert site.subjects()[-1] == '[ppbackup] assoc: succeeded with 2 WARNING(s)'
+        body = site.mails()[-1]['body']
+        assert PG_LACK in body and MY_LACK in body, body
+        drilled = drill(site, fresh_pg, fresh_mariadb)
+        assert drilled.returncode == 0, drilled.stdout + drilled.stderr
+        mail = site.mails()[-1]
+        subject = mail['argv'][mail['argv'].index('-s') + 1]
+        assert 'drill: passed with' in subject and 'WARNING' in subject, subject
+        for lack in (PG_LACK, MY_LACK):
+            assert f'WARNING: the backup lacks something: {lack}' in mail['body'], mail['body']
+        assert 'FAILED' not in mail['body'] and 'did not come back' not in mail['body']
+
+
+def test_R5_the_readme_setup_drill_fails_naming_the_table_that_lost_rows(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    with readme_setup(site) as (_, as_site):
+        site.shim('pg_dump', '#!/bin/sh\n/usr/bin/pg_dump "$@" | sed \'/^7\\tmember 7$/d\'\n')
+        assert site.run(extra_env=as_site).returncode == 0
+        drilled = drill(site, fresh_pg, fresh_mariadb)
+        assert drilled.returncode == 1, drilled.stdout
+        body = site.mails()[-1]['body']
+        assert 'drill: FAILED' in body
+        assert 'table public.members has 39 rows, 40 at dump time' in body, body
+        assert f'WARNING: the backup lacks something: {PG_LACK}' in body  # still named
+
+
+def test_R5_a_dump_stripped_of_its_grants_fails_the_drill_naming_each_object(
+    site: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    with readme_setup(site) as (db, as_site):
+        site.shim('pg_dump', '#!/bin/sh\n/usr/bin/pg_dump "$@" | sed \'/^GRANT /d; /^REVOKE /d\'\n')
+        assert site.run(extra_env=as_site).returncode == 0
+        dump = next(site.latest.glob('assoc-psql-*'))
+        assert '\nGRANT ' not in sh('zstd', '-dc', str(dump)).stdout  # the shim did strip them
+        drilled = drill(site, fresh_pg, fresh_mariadb)
+        assert drilled.returncode == 1, drilled.stdout
+        body = site.mails()[-1]['body']
+        assert 'drill: FAILED' in body
+        assert f'psql {db}: grants on table public.members differ: ' in body, body
+        assert f'psql {db}: grants on database differ: ' in body, body
+        assert f'psql {db}: grants on column public.notes.note did not come back' in body, body
+        assert 'grants on table public.notes' not in body  # its own grants are the default
+        assert 'rows' not in body.split('what did not come back:')[1]  # every row came back
+
+
+def test_R5_mariadb_grants_that_did_not_come_back_fail_the_drill(
+    site: Site, source: None, fresh_pg: dict[str, str], fresh_mariadb: Path
+) -> None:
+    site.write_config(BACKUP_PSQL_DB=None, BACKUP_MYSQL_DB=MY_DB)
+    # A client that loses the column grant from SHOW GRANTS, so the users file lacks it.
+    site.shim(
+        'mysql',
+        # sed -u: the counting session reads each answer as it comes.
+        '#!/bin/bash\nset -o pipefail\n/usr/bin/mysql "$@" | sed -u \'/^GRANT UPDATE (`title`)/d\'\n',
+    )
+    assert site.run().returncode == 0
+    drilled = drill(site, fresh_pg, fresh_mariadb)
+    assert drilled.returncode == 1, drilled.stdout
+    body = site.mails()[-1]['body']
+    user = f'`{MY_USER}`@`localhost`'
+    assert f'mysql {MY_DB}: grants on column posts.title to {user} did not come back' in body, body
+    assert f'mysql {MY_DB}: grants on table posts to {user} did not come back' in body, body
+    assert f'grants on database to {user}' not in body  # the database's grants came back
+
+
+def test_R5_an_index_without_grants_is_an_older_runs_and_one_with_bad_grants_is_refused() -> None:
+    entry = {'kind': 'psql', 'database': 'members', 'file': 'assoc-psql-x.sql.zst', 'rows': {}}
+    index = {'format': ppbackup.INDEX_FORMAT, 'name': 'assoc', 'databases': [entry]}
+    assert ppbackup.index_problem(index, None) == ''  # an older run: drilled as before
+    entry['grants'] = {'table public.members': 'owner site; grants site=arwdDxt/site'}
+    assert ppbackup.index_problem(index, None) == ''
+    for bad in (['table public.members'], {'table public.members': 7}):
+        entry['grants'] = bad
+        assert '"grants" is not an object' in ppbackup.index_problem(index, None)
+    recorded = {'table a': 'owner o; grants o=r/o', 'view b': 'owner o; grants x'}
+    restored = {'table a': 'owner o; grants o=r/o', 'sequence c': 'owner o; grants y'}
+    assert ppbackup.grant_differences('psql db', recorded, restored) == [
+        'psql db: grants on sequence c are new (restored "owner o; grants y", none at dump time)',
+        'psql db: grants on view b did not come back (at dump time "owner o; grants x")',
+    ]
