@@ -15,6 +15,10 @@ Only these words of the README's commands are changed, all of them names and pla
 - the user names ``site``, ``treasurer`` and ``recv-site``, the database names, the backup host's
   name and port, the placeholder fingerprint and the admin's address become unique or real values.
 
+Each user's commands, and cron's run, get the umask a login gives that user here (``su -``'s PAM
+session: 0002 on Debian 13, 0022 on Debian 12). Where a known gap of ppbackup still needs a step
+the README lacks, the walk adds that one step and says so with a ``KnownGap`` warning.
+
 The key holder's key has a passphrase; gpg-agent asks for it through a scripted pinentry (the one
 fake: a person typing it).
 """
@@ -29,6 +33,7 @@ import shutil
 import subprocess
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -40,6 +45,17 @@ PASSPHRASE = 'Tr3asurer pass phrase'
 CRON_PATH = '/usr/bin:/bin'  # what cron gives a job
 WALK_RE = re.compile(r'<!-- walk: ([a-z-]+) -->\n```sh\n(.*?)```\n', re.S)
 README_FINGERPRINT = '0123456789ABCDEF0123456789ABCDEF01234567'
+# KNOWN GAP (Debian 13): under a login umask of 0002 (pam_umask with USERGROUPS_ENAB) the site's
+# ``gpg --import`` makes pubring.kbx and trustdb.gpg 0664 inside its 0700 ~/.gnupg, and ppbackup's
+# keyring check (check_gnupg_home) judges them by mode bits alone: unsafe, so ``ppbackup check`` and
+# every run fail at "keys". The fix (judge by who can really reach them) is on branch i19-access, not
+# on main yet. Until it is, the site keeps a 0600 keyring: the one command the walk adds to the
+# README's, only where the umask lets the group write, and said so as a warning. Remove with the fix.
+KEYRING_GAP_STEP = 'chmod 600 ~/.gnupg/pubring.kbx ~/.gnupg/trustdb.gpg  # KNOWN GAP: 0002 keyring'
+
+
+class KnownGap(UserWarning):
+    """A step the walk adds to the README's commands until a known ppbackup gap is fixed."""
 
 
 def readme_steps() -> list[tuple[str, str]]:
@@ -58,6 +74,7 @@ class World:
     restored_db: str
     homes: dict[str, Path]
     words: dict[str, str] = dataclasses.field(default_factory=dict)
+    umasks: dict[str, int] = dataclasses.field(default_factory=dict)  # each user's login umask
 
     def adapt(self, script: str) -> str:
         """Given a README block, return it with the names and places of this machine."""
@@ -94,6 +111,7 @@ class World:
             timeout=300,
             check=False,
             start_new_session=True,  # no controlling terminal, as under cron or a remote shell
+            umask=self.umasks.get(user, -1),  # what a login gives the user (root: ours)
         )
         output = result.stdout + result.stderr
         assert result.returncode == 0, (
@@ -105,6 +123,13 @@ class World:
 def make_user(name: str, home: Path) -> None:
     # '*' rather than useradd's '!': sshd without PAM refuses a locked account even for a key.
     sh('useradd', '--create-home', '--home-dir', str(home), '--shell', '/bin/bash', '-p', '*', name)
+
+
+def login_umask(name: str) -> int:
+    """Return the umask a login session gives ``name`` here: ``su -`` runs PAM's session stack, as
+    a terminal, ssh or cron does. Debian 13 has pam_umask there and USERGROUPS_ENAB, so a user
+    with its own group gets 0002; Debian 12 has no pam_umask (0022). ``runuser`` has neither."""
+    return int(sh('su', '-', name, '-c', 'umask').stdout.split()[-1], 8)
 
 
 def remove_user(name: str) -> None:
@@ -139,6 +164,7 @@ def world() -> Iterator[World]:
         for user in (site, holder, recv):
             make_user(user, homes[user])
             made.append(user)
+            the_world.umasks[user] = login_umask(user)
         yield the_world
     finally:
         for db in (the_world.restored_db, the_world.pg_db):
@@ -196,6 +222,17 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
                 # The key holder fetches a copy (README "Restore, as a key holder").
                 before_decrypt(world, srv, ran_cron)
             who = {'root': 'root', 'site': world.site, 'treasurer': world.holder}[user]
+            if who == world.site and 'gpg --import' in script and not world.umasks[who] & 0o020:
+                script = re.sub(
+                    r'^(gpg --import .*)$', rf'\1\n{KEYRING_GAP_STEP}', script, count=1, flags=re.M
+                )
+                assert KEYRING_GAP_STEP in script, script
+                warnings.warn(
+                    f'umask {world.umasks[who]:04o}: the site keeps a 0600 keyring, a step not in '
+                    "the README, until ppbackup's keyring check judges by access (i19-access)",
+                    KnownGap,
+                    stacklevel=1,
+                )
             output = world.run_as(who, script, cwd=REPO if user == 'root' else None)
 
             if 'createdb -O' in script:  # the site's application fills its database
@@ -275,7 +312,9 @@ def run_like_cron(world: World) -> None:
     env = [f'HOME={home}', f'LOGNAME={world.site}', 'SHELL=/bin/sh', f'PATH={CRON_PATH}']
     env += [f'{key}={value}' for key, value in variables.items()]
     quiet_cron_job(
-        ['runuser', '-u', world.site, '--', 'env', '-i', *env, '/bin/sh', '-c', command], home
+        ['runuser', '-u', world.site, '--', 'env', '-i', *env, '/bin/sh', '-c', command],
+        home,
+        umask=world.umasks[world.site],  # cron opens a PAM session too: pam_umask where enabled
     )
     # The admins' mail, through the machine's real mailx and MTA, into the local mailbox.
     mailbox = Path('/var/mail') / world.site
@@ -285,9 +324,9 @@ def run_like_cron(world: World) -> None:
     assert f'[ppbackup] {world.site}: succeeded' in _read(mailbox)
 
 
-def quiet_cron_job(argv: list[str], cwd: Path) -> None:
-    """Run a job as cron does (no terminal, no input) and require it to succeed in silence:
-    anything it printed would reach the admin as cron's own mail."""
+def quiet_cron_job(argv: list[str], cwd: Path, umask: int = -1) -> None:
+    """Run a job as cron does (no terminal, no input, the user's ``umask``) and require it to
+    succeed in silence: anything it printed would reach the admin as cron's own mail."""
     result = subprocess.run(
         argv,
         cwd=cwd,
@@ -297,6 +336,7 @@ def quiet_cron_job(argv: list[str], cwd: Path) -> None:
         timeout=300,
         check=False,
         start_new_session=True,
+        umask=umask,
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, '', ''), result
 
