@@ -16,8 +16,8 @@ Only these words of the README's commands are changed, all of them names and pla
   name and port, the placeholder fingerprint and the admin's address become unique or real values.
 
 Each user's commands, and cron's run, get the umask a login gives that user here (``su -``'s PAM
-session: 0002 on Debian 13, 0022 on Debian 12). Where a known gap of ppbackup still needs a step
-the README lacks, the walk adds that one step and says so with a ``KnownGap`` warning.
+session: 0002 on Debian 13, 0022 on Debian 12): under 0002 the site's ``gpg --import`` leaves its
+keyring 0664 inside a 0700 ~/.gnupg, and the README's commands must work as written all the same.
 
 The key holder's key has a passphrase; gpg-agent asks for it through a scripted pinentry (the one
 fake: a person typing it).
@@ -33,7 +33,6 @@ import shutil
 import subprocess
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -45,17 +44,6 @@ PASSPHRASE = 'Tr3asurer pass phrase'
 CRON_PATH = '/usr/bin:/bin'  # what cron gives a job
 WALK_RE = re.compile(r'<!-- walk: ([a-z-]+) -->\n```sh\n(.*?)```\n', re.S)
 README_FINGERPRINT = '0123456789ABCDEF0123456789ABCDEF01234567'
-# KNOWN GAP (Debian 13): under a login umask of 0002 (pam_umask with USERGROUPS_ENAB) the site's
-# ``gpg --import`` makes pubring.kbx and trustdb.gpg 0664 inside its 0700 ~/.gnupg, and ppbackup's
-# keyring check (check_gnupg_home) judges them by mode bits alone: unsafe, so ``ppbackup check`` and
-# every run fail at "keys". The fix (judge by who can really reach them) is on branch i19-access, not
-# on main yet. Until it is, the site keeps a 0600 keyring: the one command the walk adds to the
-# README's, only where the umask lets the group write, and said so as a warning. Remove with the fix.
-KEYRING_GAP_STEP = 'chmod 600 ~/.gnupg/pubring.kbx ~/.gnupg/trustdb.gpg  # KNOWN GAP: 0002 keyring'
-
-
-class KnownGap(UserWarning):
-    """A step the walk adds to the README's commands until a known ppbackup gap is fixed."""
 
 
 def readme_steps() -> list[tuple[str, str]]:
@@ -222,17 +210,6 @@ def test_the_readme_setup_walked_as_written_from_install_to_a_restore(world: Wor
                 # The key holder fetches a copy (README "Restore, as a key holder").
                 before_decrypt(world, srv, ran_cron)
             who = {'root': 'root', 'site': world.site, 'treasurer': world.holder}[user]
-            if who == world.site and 'gpg --import' in script and not world.umasks[who] & 0o020:
-                script = re.sub(
-                    r'^(gpg --import .*)$', rf'\1\n{KEYRING_GAP_STEP}', script, count=1, flags=re.M
-                )
-                assert KEYRING_GAP_STEP in script, script
-                warnings.warn(
-                    f'umask {world.umasks[who]:04o}: the site keeps a 0600 keyring, a step not in '
-                    "the README, until ppbackup's keyring check judges by access (i19-access)",
-                    KnownGap,
-                    stacklevel=1,
-                )
             output = world.run_as(who, script, cwd=REPO if user == 'root' else None)
 
             if 'createdb -O' in script:  # the site's application fills its database
