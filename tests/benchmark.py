@@ -20,7 +20,9 @@ What it does, in a throwaway folder that it removes at the end:
    public key; a throwaway $HOME with a ppbackup.cfg (0600) pointing at a local "remote"; no mail;
 3. times, alternating, ``python3 ppbackup.py run`` and the bare sequential shell pipeline that does
    the same work (dump | zstd -T0 -3, gpg --compress-algo none, ln, rsync -a -H), outputs cleared
-   (and ``sync``-ed) before every round so each does the full work;
+   (and ``sync``-ed) before every round so each does the full work; after each ppbackup run, every
+   file its manifests (``bench-RUNID.sha256`` in each slot) name must be in its slot here and on the
+   remote with that SHA-256 (a run writes more than the four dumps: roles, users, row counts);
 4. times the old recipe (bzip2 everywhere, gpg with its default compression, rsync);
 5. measures the peak resident memory (VmHWM) of the ppbackup Python process exactly: ppbackup runs
    under a small wrapper that calls ppbackup.main() and writes /proc/self/status's VmHWM at exit;
@@ -34,9 +36,11 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
 import random
+import re
 import resource
 import secrets
 import shlex
@@ -471,6 +475,60 @@ def measure(cmd: str) -> int:
     return int(sh(f'{cmd} | wc -c').stdout)
 
 
+def sha256_of(path: Path) -> str:
+    with open(path, 'rb') as handle:
+        return hashlib.file_digest(handle, 'sha256').hexdigest()
+
+
+def check_manifests(local: Path, remote: Path, name: str) -> dict[str, int]:
+    """Check a run from its manifests, not from a fixed file count (a run writes what ppbackup
+    decides: dumps, roles, users, row counts...). Every slot of ``local`` (a backups folder, cleared
+    before the run) must hold at most one manifest NAME-RUNID.sha256, a day slot exactly one; every
+    file a manifest names must be in its slot here and in the same slot of ``remote`` with that
+    SHA-256; the remote must hold the same manifest; no .gpg file may be in a slot unnamed. Return
+    the day slot's file count and encrypted bytes; raise RuntimeError on any mismatch."""
+    pattern = re.compile(rf'{re.escape(name)}-\d{{8}}-\d{{6}}(?:-\d+)?\.sha256')
+    problems: list[str] = []
+    day_files, day_bytes, day_manifests = 0, 0, 0
+    slots = sorted(path for path in local.iterdir() if path.is_dir()) if local.is_dir() else []
+    for slot in slots:
+        manifests = [path for path in slot.iterdir() if pattern.fullmatch(path.name)]
+        if len(manifests) > 1:
+            problems.append(f'{slot.name}: {len(manifests)} manifests, expected one run')
+        named: set[str] = set()
+        for manifest in manifests:
+            entries = [line.split('  ', 1) for line in manifest.read_text().splitlines()]
+            if not entries or any(len(entry) != 2 or len(entry[0]) != 64 for entry in entries):
+                problems.append(f'{slot.name}/{manifest.name}: empty or not in sha256sum format')
+                continue
+            copy = remote / slot.name / manifest.name
+            if not copy.is_file() or copy.read_bytes() != manifest.read_bytes():
+                problems.append(f'{slot.name}/{manifest.name}: missing or different on the remote')
+            for digest, file_name in entries:
+                named.add(file_name)
+                for where, folder in (('here', slot), ('on the remote', remote / slot.name)):
+                    path = folder / file_name
+                    if not path.is_file():
+                        problems.append(f'{slot.name}/{file_name}: missing {where}')
+                    elif sha256_of(path) != digest:
+                        problems.append(f'{slot.name}/{file_name}: wrong SHA-256 {where}')
+            if slot.name.startswith('day'):  # day* even across midnight
+                day_manifests += 1
+                day_files += len(entries)
+                day_bytes += sum((slot / file_name).stat().st_size for _, file_name in entries)
+        for folder in (slot, remote / slot.name):
+            stray = sorted(p.name for p in folder.glob('*.gpg') if p.name not in named)
+            if stray:
+                problems.append(f'{folder}: .gpg files no manifest names: {", ".join(stray)}')
+    if day_manifests != 1:
+        problems.append(f'expected one manifest in a day slot of {local}, found {day_manifests}')
+    if problems:
+        raise RuntimeError(
+            "the run's files do not match its manifests:\n  " + '\n  '.join(problems)
+        )
+    return {'files': day_files, 'encrypted': day_bytes}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Keys and the site
 # ---------------------------------------------------------------------------------------------------
@@ -626,13 +684,10 @@ class Bench:
         output = '\n'.join(line for _, line in events)
         if code != 0:
             raise RuntimeError(f'{script} run exited {code}:\n{output}')
-        made = sorted((self.home / 'backups').glob('day*/*.gpg'))  # day* even across midnight
-        copied = sorted((self.remote / 'backups').glob('day*/*.gpg'))
-        if len(made) != 4 or len(copied) != 4:
-            raise RuntimeError(
-                f'expected 4 encrypted files here and on the remote, got '
-                f'{len(made)} and {len(copied)}:\n{output}'
-            )
+        try:
+            made = check_manifests(self.home / 'backups', self.remote / 'backups', 'bench')
+        except RuntimeError as error:
+            raise RuntimeError(f'{script} run: {error}\n{output}') from None
         plain = sum(
             p.stat().st_size for p in (self.home / 'backups.insecure' / 'latest').glob('bench-*')
         )
@@ -645,7 +700,8 @@ class Bench:
             'other_load': max(0.0, host - ours) / seconds,
             'events': events,
             'compressed': plain,
-            'encrypted': sum(p.stat().st_size for p in made),
+            'encrypted': made['encrypted'],
+            'files': made['files'],
         }
 
     def baseline_hwm(self) -> int:
@@ -984,7 +1040,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = timed(label, functools.partial(bench.run_ppbackup, script))
                 ppb[script].append(result)
                 say(
-                    f'round {round_}: {label}: {result["seconds"]:.2f} s, VmHWM '
+                    f'round {round_}: {label}: {result["seconds"]:.2f} s, {result["files"]} files '
+                    'checked against the manifest here and on the remote, VmHWM '
                     f'{result["hwm_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}'
                 )
             result = timed('bare', functools.partial(bench.run_recipe, old=False))
