@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark: ``ppbackup run`` against the bare shell pipeline and the old bzip2 recipe.
+"""Benchmark: ``ppbackup run`` against the bare shell pipeline, the old bzip2 recipe and borg.
 
 Run by hand, as root on a host with PostgreSQL and MariaDB running (as for the tests)::
 
@@ -7,8 +7,10 @@ Run by hand, as root on a host with PostgreSQL and MariaDB running (as for the t
     python3 tests/benchmark.py --size-mb 1000 --rounds 3
     python3 tests/benchmark.py --size-mb 200 --compare /tmp/ppb-copy/ppbackup.py   # A/B a variant
     python3 tests/benchmark.py --size-mb 200 --quiet 0.2   # on a shared host: gate runs on idle CPUs
+    python3 tests/benchmark.py --smoke   # tiny data, one round, ~10 s: does it still work? (CI)
 
-It is not a test: pytest collects neither this file name nor anything in it.
+It is not a test: pytest collects neither this file name nor anything in it. ``--smoke`` judges no
+time; like every mode it exits 1 if a run failed or a run's files do not match its manifests.
 
 What it does, in a throwaway folder that it removes at the end:
 
@@ -20,7 +22,16 @@ What it does, in a throwaway folder that it removes at the end:
    public key; a throwaway $HOME with a ppbackup.cfg (0600) pointing at a local "remote"; no mail;
 3. times, alternating, ``python3 ppbackup.py run`` and the bare sequential shell pipeline that does
    the same work (dump | zstd -T0 -3, gpg --compress-algo none, ln, rsync -a -H), outputs cleared
-   (and ``sync``-ed) before every round so each does the full work;
+   (and ``sync``-ed) before every round so each does the full work; after each ppbackup run, every
+   file its manifests (``bench-RUNID.sha256`` in each slot) name must be in its slot here and on the
+   remote with that SHA-256 (a run writes more than the four dumps: roles, users, row counts);
+   in the same rounds, if ``borg`` is installed (Debian: borgbackup; ``--no-borg`` leaves it out),
+   borg 1.2: ``borg create --compression zstd,3`` into a fresh ``repokey-blake2`` repository in the
+   throwaway folder (``borg init``, not timed, each round: no deduplication against the last round),
+   each dump piped in with ``--stdin-name`` as the bare pipeline pipes it into zstd, then one
+   archive of the files, which borg reads itself (no tar); it makes no copy to a remote. Its CPU
+   (children's rusage), wall time, repository bytes and the peak RSS of its largest ``borg``
+   process (wait4) are reported;
 4. times the old recipe (bzip2 everywhere, gpg with its default compression, rsync);
 5. measures the peak resident memory (VmHWM) of the ppbackup Python process exactly: ppbackup runs
    under a small wrapper that calls ppbackup.main() and writes /proc/self/status's VmHWM at exit;
@@ -34,9 +45,11 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import json
 import os
 import random
+import re
 import resource
 import secrets
 import shlex
@@ -53,6 +66,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 PPBACKUP = REPO / 'ppbackup.py'
 MIB = 1 << 20
+SMOKE_MB = 2  # --smoke: the raw dataset size in MiB
 
 # Shares of the raw dataset size (the rest of the 100 % is a few small files).
 SHARES = {'psql': 0.43, 'mysql': 0.10, 'logs': 0.25, 'uploads': 0.20, 'binaries': 0.02}
@@ -81,6 +95,21 @@ sys.argv = [script, *sys.argv[2:]]
 sys.path.insert(0, os.path.dirname(script))
 import ppbackup
 sys.exit(ppbackup.main(sys.argv[1:]))
+"""
+
+# Runs a Python program (borg: a Python script) in this process and writes, at exit, its exact peak
+# RSS (VmHWM, kB). Its wait4 ru_maxrss would not do: the kernel carries into it the RSS of the mm the
+# child had before its exec, a copy of this benchmark's (hundreds of MiB after building the logs).
+PEAK_WRAPPER = r"""
+import atexit, os, runpy, sys
+def _write_hwm():
+    with open('/proc/self/status') as status:
+        hwm = next(line.split()[1] for line in status if line.startswith('VmHWM:'))
+    with open(os.environ['PPBENCH_HWM_FILE'], 'w') as out:
+        out.write(hwm)
+atexit.register(_write_hwm)
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name='__main__')
 """
 
 LOREM = (
@@ -224,6 +253,55 @@ def sh(
     return result
 
 
+def borg_command() -> list[str]:
+    """Return how to run borg so that its exact peak RSS is written at exit: its Python interpreter
+    (from the script's #! line) running PEAK_WRAPPER, the script; plain ``borg`` when it is not a
+    Python script (a standalone binary: its peak is then wait4's upper bound)."""
+    path = shutil.which('borg')
+    if not path:
+        return ['borg']
+    with open(path, 'rb') as handle:
+        first = handle.readline(200).decode(errors='replace')
+    interpreter = first[2:].split() if first.startswith('#!') else []
+    if interpreter and 'python' in Path(interpreter[-1]).name:
+        return [*interpreter, '-c', PEAK_WRAPPER, path]
+    return [path]
+
+
+def run_piped(producer: str | None, argv: list[str], env: dict[str, str], cwd: Path) -> int:
+    """Run ``argv`` with the output of the bash command ``producer`` (if any) as its stdin; raise with
+    their output if either fails; return the ru_maxrss (kB) of ``argv``'s process from wait4 (the
+    producer is not in it): an upper bound only, see PEAK_WRAPPER."""
+    with tempfile.TemporaryFile() as feeder_err, tempfile.TemporaryFile() as err:
+        feeder = None
+        if producer:
+            feeder = subprocess.Popen(
+                ['bash', '-o', 'pipefail', '-c', producer],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=feeder_err,
+            )
+        proc = subprocess.Popen(
+            argv,
+            stdin=feeder.stdout if feeder else subprocess.DEVNULL,
+            stdout=err,
+            stderr=err,
+            env=env,
+            cwd=cwd,
+        )
+        if feeder and feeder.stdout:
+            feeder.stdout.close()  # only argv holds the pipe: it sees EOF, the producer SIGPIPE
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        feeder_code = feeder.wait() if feeder else 0
+        for code, what, out in ((proc.returncode, argv, err), (feeder_code, producer, feeder_err)):
+            if code:
+                out.seek(0)
+                text = out.read().decode(errors='replace')[-2000:]
+                raise RuntimeError(f'command failed ({code}): {what}\n{text}')
+    return usage.ru_maxrss
+
+
 def q(value: object) -> str:
     return shlex.quote(str(value))
 
@@ -314,7 +392,7 @@ def fill_table(
     chunk: int = 400_000,
 ) -> int:
     """Insert a calibration batch, then enough rows for ``target`` dump bytes; return the rows."""
-    first = 20_000
+    first = min(20_000, max(1_000, target // 200))  # a tiny dataset (--smoke) stays tiny
     insert(1, first)
     rows = max(first, int(target / row_bytes()))
     done = first
@@ -471,6 +549,60 @@ def measure(cmd: str) -> int:
     return int(sh(f'{cmd} | wc -c').stdout)
 
 
+def sha256_of(path: Path) -> str:
+    with open(path, 'rb') as handle:
+        return hashlib.file_digest(handle, 'sha256').hexdigest()
+
+
+def check_manifests(local: Path, remote: Path, name: str) -> dict[str, int]:
+    """Check a run from its manifests, not from a fixed file count (a run writes what ppbackup
+    decides: dumps, roles, users, row counts...). Every slot of ``local`` (a backups folder, cleared
+    before the run) must hold at most one manifest NAME-RUNID.sha256, a day slot exactly one; every
+    file a manifest names must be in its slot here and in the same slot of ``remote`` with that
+    SHA-256; the remote must hold the same manifest; no .gpg file may be in a slot unnamed. Return
+    the day slot's file count and encrypted bytes; raise RuntimeError on any mismatch."""
+    pattern = re.compile(rf'{re.escape(name)}-\d{{8}}-\d{{6}}(?:-\d+)?\.sha256')
+    problems: list[str] = []
+    day_files, day_bytes, day_manifests = 0, 0, 0
+    slots = sorted(path for path in local.iterdir() if path.is_dir()) if local.is_dir() else []
+    for slot in slots:
+        manifests = [path for path in slot.iterdir() if pattern.fullmatch(path.name)]
+        if len(manifests) > 1:
+            problems.append(f'{slot.name}: {len(manifests)} manifests, expected one run')
+        named: set[str] = set()
+        for manifest in manifests:
+            entries = [line.split('  ', 1) for line in manifest.read_text().splitlines()]
+            if not entries or any(len(entry) != 2 or len(entry[0]) != 64 for entry in entries):
+                problems.append(f'{slot.name}/{manifest.name}: empty or not in sha256sum format')
+                continue
+            copy = remote / slot.name / manifest.name
+            if not copy.is_file() or copy.read_bytes() != manifest.read_bytes():
+                problems.append(f'{slot.name}/{manifest.name}: missing or different on the remote')
+            for digest, file_name in entries:
+                named.add(file_name)
+                for where, folder in (('here', slot), ('on the remote', remote / slot.name)):
+                    path = folder / file_name
+                    if not path.is_file():
+                        problems.append(f'{slot.name}/{file_name}: missing {where}')
+                    elif sha256_of(path) != digest:
+                        problems.append(f'{slot.name}/{file_name}: wrong SHA-256 {where}')
+            if slot.name.startswith('day'):  # day* even across midnight
+                day_manifests += 1
+                day_files += len(entries)
+                day_bytes += sum((slot / file_name).stat().st_size for _, file_name in entries)
+        for folder in (slot, remote / slot.name):
+            stray = sorted(p.name for p in folder.glob('*.gpg') if p.name not in named)
+            if stray:
+                problems.append(f'{folder}: .gpg files no manifest names: {", ".join(stray)}')
+    if day_manifests != 1:
+        problems.append(f'expected one manifest in a day slot of {local}, found {day_manifests}')
+    if problems:
+        raise RuntimeError(
+            "the run's files do not match its manifests:\n  " + '\n  '.join(problems)
+        )
+    return {'files': day_files, 'encrypted': day_bytes}
+
+
 # ---------------------------------------------------------------------------------------------------
 # Keys and the site
 # ---------------------------------------------------------------------------------------------------
@@ -523,6 +655,17 @@ class Bench:
         self.bare = self.root / 'bare'
         self.bare_remote = self.root / 'bare-remote'
         self.hwm_file = self.root / 'hwm'
+        self.borg_repo = self.root / 'borg-repo'
+        self.borg_base = self.root / 'borg-base'  # borg's cache, keys, security: thrown away too
+        self.borg_env = {
+            **os.environ,
+            'BORG_PASSPHRASE': 'ppbench',
+            'BORG_BASE_DIR': str(self.borg_base),
+            'PPBENCH_HWM_FILE': str(self.hwm_file),
+        }
+        self.borg = borg_command()
+        for name in ('BORG_REPO', 'BORG_PASSCOMMAND', 'BORG_PASSPHRASE_FD', 'BORG_KEY_FILE'):
+            self.borg_env.pop(name, None)
         self.fpr = ''
         self.raw: dict[str, int] = {}
         self.env = {**os.environ, 'HOME': str(self.home), 'PPBENCH_HWM_FILE': str(self.hwm_file)}
@@ -626,13 +769,10 @@ class Bench:
         output = '\n'.join(line for _, line in events)
         if code != 0:
             raise RuntimeError(f'{script} run exited {code}:\n{output}')
-        made = sorted((self.home / 'backups').glob('day*/*.gpg'))  # day* even across midnight
-        copied = sorted((self.remote / 'backups').glob('day*/*.gpg'))
-        if len(made) != 4 or len(copied) != 4:
-            raise RuntimeError(
-                f'expected 4 encrypted files here and on the remote, got '
-                f'{len(made)} and {len(copied)}:\n{output}'
-            )
+        try:
+            made = check_manifests(self.home / 'backups', self.remote / 'backups', 'bench')
+        except RuntimeError as error:
+            raise RuntimeError(f'{script} run: {error}\n{output}') from None
         plain = sum(
             p.stat().st_size for p in (self.home / 'backups.insecure' / 'latest').glob('bench-*')
         )
@@ -645,7 +785,8 @@ class Bench:
             'other_load': max(0.0, host - ours) / seconds,
             'events': events,
             'compressed': plain,
-            'encrypted': sum(p.stat().st_size for p in made),
+            'encrypted': made['encrypted'],
+            'files': made['files'],
         }
 
     def baseline_hwm(self) -> int:
@@ -743,6 +884,71 @@ class Bench:
             'encrypted': encrypted,
         }
 
+    # -- borg -------------------------------------------------------------------------------------
+
+    def clear_borg(self) -> None:
+        """A fresh repository (and cache) per round: borg then does the full work, as the others do,
+        instead of deduplicating against the previous round. The init is not timed."""
+        for path in (self.borg_repo, self.borg_base):
+            shutil.rmtree(path, ignore_errors=True)
+        self.borg_base.mkdir(mode=0o700)
+        sh(f'borg init --encryption=repokey-blake2 {q(self.borg_repo)}', env=self.borg_env)
+        os.sync()
+
+    def borg_steps(self) -> list[tuple[str, str | None, list[str]]]:
+        """Return (step, producer bash command or None, borg create arguments): each dump piped in
+        with --stdin-name as the bare pipeline pipes it into zstd, the files read by borg itself
+        (it needs no tar)."""
+        create = [*self.borg, 'create', '--compression', 'zstd,3']
+        repo = str(self.borg_repo)
+        return [
+            (
+                'borg psql',
+                PG_DUMP.format(db=self.pg_db),
+                [*create, '--stdin-name', 'bench-psql.sql', f'{repo}::bench-psql', '-'],
+            ),
+            (
+                'borg mysql',
+                MYSQLDUMP.format(db=self.my_db),
+                [*create, '--stdin-name', 'bench-mysql.sql', f'{repo}::bench-mysql', '-'],
+            ),
+            ('borg files', None, [*create, f'{repo}::bench-files', 'site', 'bin']),
+        ]
+
+    def run_borg(self) -> dict[str, Any]:
+        """Run the borg create steps into a fresh repository; return their timings."""
+        self.clear_borg()
+        steps: dict[str, float] = {}
+        cpu: dict[str, float] = {}
+        peak_kb, all_exact = 0, True
+        whole = meter().sample()
+        start = time.perf_counter()
+        for name, producer, argv in self.borg_steps():
+            self.hwm_file.unlink(missing_ok=True)
+            began, began_cpu = time.perf_counter(), meter().sample()
+            maxrss = run_piped(producer, argv, env=self.borg_env, cwd=self.home)
+            exact = self.hwm_file.is_file()
+            peak_kb = max(peak_kb, int(self.hwm_file.read_text()) if exact else maxrss)
+            all_exact = all_exact and exact
+            steps[name] = time.perf_counter() - began
+            cpu[name] = meter().since(began_cpu)[0]
+        seconds = time.perf_counter() - start
+        ours, host = meter().since(whole)
+        archives = sh(f'borg list --short {q(self.borg_repo)}', env=self.borg_env).stdout.split()
+        if sorted(archives) != ['bench-files', 'bench-mysql', 'bench-psql']:
+            raise RuntimeError(f'borg: expected 3 archives, the repository lists {archives}')
+        written = sum(p.stat().st_size for p in self.borg_repo.rglob('*') if p.is_file())
+        return {
+            'seconds': seconds,
+            'steps': steps,
+            'step_cpu': cpu,
+            'cpu': ours,
+            'other_load': max(0.0, host - ours) / seconds,
+            'peak_kb': peak_kb,
+            'peak_exact': all_exact,
+            'encrypted': written,
+        }
+
 
 # ---------------------------------------------------------------------------------------------------
 # Reporting
@@ -808,14 +1014,33 @@ def mark(ok: bool) -> str:
 def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
     """Return the printed report: the summary table, then details, per-step times, timeline."""
     main_runs, bare, old = results['ppbackup'], results['bare'], results['old']
+    borg = results['borg']
     ncpu = os.cpu_count() or 1
     ppb_median, bare_median = med(main_runs, 'seconds'), med(bare, 'seconds')
     paired = statistics.median(p['seconds'] / b['seconds'] for p, b in zip(main_runs, bare))
     old_median = med(old, 'seconds') if old else float('nan')
     old_ratio = old_median / ppb_median
+    borg_median = med(borg, 'seconds') if borg else float('nan')
+    # borg/ppb as ppb/bare: the median of the ratios of each round's runs (side by side)
+    borg_ratio = (
+        statistics.median(b['seconds'] / p['seconds'] for b, p in zip(borg, main_runs))
+        if borg
+        else float('nan')
+    )
     hwm = max(run['hwm_kb'] for run in main_runs) / 1024
+    borg_rss = max(run['peak_kb'] for run in borg) / 1024 if borg else float('nan')
     raw = sum(results['raw_bytes'].values())
-    loads = [run['other_load'] for run in main_runs + bare]
+    loads = [run['other_load'] for run in main_runs + bare + borg]
+
+    def cell(value: float, fmt: str, unit: str = '', present: bool = True) -> str:
+        return f'{value:{fmt}}{unit}' if present else '-'
+
+    marks = (
+        f'  {"":>8} {"":>9} {"":>7} {"":>8} {"":>8} {mark(paired <= 0.85):>9} '
+        f'{mark(old_ratio >= 10) if old else "-":>8} {"":>9} {mark(hwm <= 60):>8}'
+    )
+    if args.smoke:
+        marks = '  (--smoke: tiny data, the times say nothing; no target is judged)'
     out = [
         '',
         (
@@ -823,18 +1048,22 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
             f'rounds, {ncpu} CPUs'
         ),
         (
-            f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"ppb/bare":>9} '
-            f'{"old/ppb":>8} {"VmHWM":>8}'
+            f'  {"size":>8} {"ppbackup":>9} {"bare":>7} {"old":>8} {"borg":>8} {"ppb/bare":>9} '
+            f'{"old/ppb":>8} {"borg/ppb":>9} {"VmHWM":>8} {"borg RSS":>9}'
         ),
         (
             f'  {raw / MIB:>5.0f}MiB {ppb_median:>8.2f}s {bare_median:>6.2f}s '
-            f'{old_median:>7.1f}s {paired:>9.2f} {old_ratio:>8.1f} {hwm:>5.1f}MiB'
+            f'{cell(old_median, ".1f", "s", bool(old)):>8} '
+            f'{cell(borg_median, ".2f", "s", bool(borg)):>8} {paired:>9.2f} '
+            f'{cell(old_ratio, ".1f", "", bool(old)):>8} '
+            f'{cell(borg_ratio, ".2f", "", bool(borg)):>9} {hwm:>5.1f}MiB '
+            f'{cell(borg_rss, ".1f", "MiB", bool(borg)):>9}'
         ),
-        f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"<= 0.85":>9} {">= 10":>8} {"<= 60":>8}',
         (
-            f'  {"":>8} {"":>9} {"":>7} {"":>8} {mark(paired <= 0.85):>9} '
-            f'{mark(old_ratio >= 10) if old else "-":>8} {mark(hwm <= 60):>8}'
+            f'  {"target":>8} {"":>9} {"":>7} {"":>8} {"":>8} {"<= 0.85":>9} {">= 10":>8} '
+            f'{"":>9} {"<= 60":>8}'
         ),
+        marks,
         (
             f'  ppbackup runs: {listed(main_runs)} s; bare: {listed(bare)} s; ratio of medians '
             f'{ppb_median / bare_median:.2f}, median of paired ratios {paired:.2f} (the table), '
@@ -866,8 +1095,21 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
             f'{bare[0]["compressed"] / MIB:.1f}), encrypted {main_runs[0]["encrypted"] / MIB:.1f} '
             f'MiB (bare {bare[0]["encrypted"] / MIB:.1f})'
             + (f', old recipe encrypted {old[0]["encrypted"] / MIB:.1f} MiB' if old else '')
+            + (f', borg repository {borg[0]["encrypted"] / MIB:.1f} MiB' if borg else '')
+            + f'; ppbackup wrote {main_runs[0]["files"]} files per day slot (from its manifest)'
         ),
     ]
+    if borg:
+        out.append(
+            f'  borg (borg create --compression zstd,3 into a fresh repokey-blake2 repository, '
+            f'no copy to a remote): runs {listed(borg)} s, CPU {med(borg, "cpu"):.2f} core-s = '
+            f'{med(borg, "cpu") / borg_median / ncpu:.0%} of {ncpu} cores, wrote '
+            f'{med(borg, "encrypted") / MIB:.1f} MiB, peak RSS (VmHWM) of its largest borg process '
+            f'{listed(borg, "peak_kb", 1024, 1)} MiB'
+            + ('' if all(run['peak_exact'] for run in borg) else ' (wait4: an upper bound)')
+        )
+    elif not args.no_borg:
+        out.append('  borg: not installed, skipped')
     for script, runs in results['variants'].items():
         median = med(runs, 'seconds')
         pair = statistics.median(c['seconds'] / p['seconds'] for c, p in zip(runs, main_runs))
@@ -878,6 +1120,8 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
             f'{max(r["hwm_kb"] for r in runs) / 1024:.1f} MiB'
         )
     out += ['', *step_table('bare pipeline, per step (sequential):', bare)]
+    if borg:
+        out += ['', *step_table('borg, per step (sequential):', borg)]
     if old:
         out += ['', *step_table('old recipe, per step:', old)]
     median_run = sorted(main_runs, key=lambda run: run['seconds'])[len(main_runs) // 2]
@@ -887,12 +1131,20 @@ def report(args: argparse.Namespace, results: dict[str, Any]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--size-mb', type=int, default=200, help='raw dataset size in MiB (200)')
+    parser.add_argument(
+        '--smoke',
+        action='store_true',
+        help=f'the whole benchmark on tiny data in seconds (--size-mb {SMOKE_MB}, one round) to '
+        'check that it still works (CI runs it): the times mean nothing; exits 1 only if a run '
+        'failed or its files do not match its manifests',
+    )
+    parser.add_argument(
+        '--size-mb', type=int, help=f'raw dataset size in MiB (200; {SMOKE_MB} with --smoke)'
+    )
     parser.add_argument(
         '--rounds',
         type=int,
-        default=3,
-        help='alternating rounds of ppbackup and the bare pipeline (3)',
+        help='alternating rounds of ppbackup, the bare pipeline and borg (3; 1 with --smoke)',
     )
     parser.add_argument(
         '--old-rounds',
@@ -938,13 +1190,26 @@ def main(argv: list[str] | None = None) -> int:
         default=300,
         help='seconds to wait for a quiet host before each run with --quiet (300)',
     )
+    parser.add_argument(
+        '--no-borg', action='store_true', help='leave borg out (it is left out when not installed)'
+    )
     args = parser.parse_args(argv)
+    if args.size_mb is None:
+        args.size_mb = SMOKE_MB if args.smoke else 200
+    if args.rounds is None:
+        args.rounds = 1 if args.smoke else 3
+    args.borg = not args.no_borg and shutil.which('borg') is not None
+    if not args.no_borg and not args.borg:
+        say(
+            'note: borg is not installed (Debian: apt-get install borgbackup); its column is skipped'
+        )
     if args.nice:
         os.setpriority(os.PRIO_PROCESS, 0, -args.nice)  # every child inherits it
     if os.geteuid() != 0:
         say('note: not root; createdb/mysql must work for this user')
 
     bench = Bench(args)
+    started = time.perf_counter()
     try:
         bench.build()
         baseline = bench.baseline_hwm()
@@ -957,6 +1222,7 @@ def main(argv: list[str] | None = None) -> int:
         scripts = [args.ppbackup, *args.compare]
         ppb: dict[Path, list[dict[str, Any]]] = {script: [] for script in scripts}
         bare: list[dict[str, Any]] = []
+        borg: list[dict[str, Any]] = []
         old: list[dict[str, Any]] = []
 
         def timed(
@@ -984,7 +1250,8 @@ def main(argv: list[str] | None = None) -> int:
                 result = timed(label, functools.partial(bench.run_ppbackup, script))
                 ppb[script].append(result)
                 say(
-                    f'round {round_}: {label}: {result["seconds"]:.2f} s, VmHWM '
+                    f'round {round_}: {label}: {result["seconds"]:.2f} s, {result["files"]} files '
+                    'checked against the manifest here and on the remote, VmHWM '
                     f'{result["hwm_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}'
                 )
             result = timed('bare', functools.partial(bench.run_recipe, old=False))
@@ -993,6 +1260,13 @@ def main(argv: list[str] | None = None) -> int:
                 f'round {round_}: bare pipeline: {result["seconds"]:.2f} s, other load '
                 f'{result["other_load"]:.2f}'
             )
+            if args.borg:
+                result = timed('borg', bench.run_borg)
+                borg.append(result)
+                say(
+                    f'round {round_}: borg: {result["seconds"]:.2f} s, peak RSS '
+                    f'{result["peak_kb"] / 1024:.1f} MiB, other load {result["other_load"]:.2f}'
+                )
         for round_ in range(1, args.old_rounds + 1):
             result = timed('old', functools.partial(bench.run_recipe, old=True), slack=0.5)
             old.append(result)
@@ -1005,6 +1279,7 @@ def main(argv: list[str] | None = None) -> int:
         results = {
             'ppbackup': ppb[args.ppbackup],
             'bare': bare,
+            'borg': borg,
             'old': old,
             'variants': {str(script): ppb[script] for script in args.compare},
             'load_before': load_before,
@@ -1015,7 +1290,12 @@ def main(argv: list[str] | None = None) -> int:
         say('\n'.join(report(args, results)))
         if args.json:
             args.json.write_text(json.dumps({'size_mb': args.size_mb, **results}, indent=1))
+        if args.smoke:
+            say(f'smoke run: everything ran and matched, in {time.perf_counter() - started:.0f} s')
         return 0
+    except RuntimeError as error:  # a run failed, or its files do not match its manifests
+        say(f'benchmark FAILED: {error}')
+        return 1
     finally:
         bench.cleanup()
 
