@@ -4808,6 +4808,121 @@ class TreeReport:
         return f'{self.folder} ({names or "no backup name seen"})'
 
 
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    """Where a kept run is: kept/TREE/SLOT/MANIFEST. Its text, "TREE/SLOT/MANIFEST", keys the
+    state file and names the run in reports."""
+
+    tree: str
+    slot: str
+    manifest: str
+
+    @classmethod
+    def parse(cls, text: str) -> RunKey:
+        """Given a key of the state file, return it; raise ValueError if it is not one."""
+        parts = text.split('/')
+        if len(parts) != 3:
+            raise ValueError(f'{shown(text)}: not a "TREE/SLOT/MANIFEST" key')
+        return cls(parts[0], parts[1], parts[2])
+
+    def __str__(self) -> str:
+        return f'{self.tree}/{self.slot}/{self.manifest}'
+
+    def rel(self, name: str) -> str:
+        """Given a name in this run's slot, return its path under kept/ (or incoming/)."""
+        return f'{self.tree}/{self.slot}/{name}'
+
+
+def _state_number(entry: Mapping[str, object], field: str, default: float | None = None) -> float:
+    value = entry.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f'"{field}" is not a number')
+    return value
+
+
+@dataclasses.dataclass
+class KeptRun:
+    """One run watch keeps: the digests its manifest lists, as they passed the check, and the
+    times that are watch's own (never the sender's dates, H4). It is one entry of the state file's
+    "runs", under its key."""
+
+    key: RunKey
+    manifest_sha256: str  # of the manifest as it arrived
+    files: dict[str, str]  # each file the manifest names: its SHA-256, as listed
+    first_seen: float  # when watch first saw the run: retention and freshness count from it
+    hashed: float  # when its kept files were last read and found sound (the scrub)
+    size: int  # bytes in the manifest and its files
+
+    @property
+    def names(self) -> list[str]:
+        """The run's names in its slot: the manifest, then the files it names."""
+        return [self.key.manifest, *self.files]
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """{each of the run's names: the SHA-256 it must have}."""
+        return {self.key.manifest: self.manifest_sha256, **self.files}
+
+    @property
+    def backup_name(self) -> str:
+        """The BACKUP_NAME in the manifest's name ('' if it is not in the usual form)."""
+        match = RUN_NAME_RE.fullmatch(self.key.manifest)
+        return match.group(1) if match else ''
+
+    @classmethod
+    def from_json(cls, key: str, entry: object) -> KeptRun:
+        """Given a key and its entry in the state file's "runs", return the run; raise ValueError
+        if it is not one. An entry written before the scrub existed has no "hashed": its files
+        were last hashed when it was kept."""
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError('not an object')
+            run_key = RunKey.parse(key)
+            first_seen = _state_number(entry, 'first_seen')
+            hashed = _state_number(entry, 'hashed', first_seen)
+            size = entry.get('bytes', 0)
+            files = entry.get('files')
+            digest = entry.get('manifest_sha256')
+            if entry.get('manifest_name') != run_key.manifest:
+                raise ValueError('"manifest_name" is not the manifest of its key')
+            if not isinstance(digest, str) or not isinstance(size, int):
+                raise ValueError('"manifest_sha256" or "bytes" is malformed')
+            if not isinstance(files, dict) or not all(
+                isinstance(name, str) and isinstance(sha, str) for name, sha in files.items()
+            ):
+                raise ValueError('"files" is not {name: SHA-256}')
+        except ValueError as error:
+            raise ValueError(f'the run {shown(key)}: {error}') from None
+        return cls(run_key, digest, dict(files), float(first_seen), float(hashed), size)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the run as its entry in the state file's "runs" (the format from_json reads)."""
+        return {
+            'first_seen': self.first_seen,
+            'hashed': self.hashed,
+            'manifest_name': self.key.manifest,
+            'manifest_sha256': self.manifest_sha256,
+            'files': dict(self.files),
+            'bytes': self.size,
+        }
+
+
+def runs_from_state(data: object) -> dict[RunKey, KeptRun]:
+    """Given the state file's JSON, return its runs by key; raise ValueError if a run is malformed
+    (a document that is not an object, or whose "runs" is not one, holds none, as it always has)."""
+    entries = data.get('runs', {}) if isinstance(data, dict) else {}
+    if not isinstance(entries, dict):
+        return {}
+    runs = [KeptRun.from_json(key, entry) for key, entry in entries.items()]
+    return {run.key: run for run in runs}
+
+
+def state_bytes(runs: Iterable[KeptRun]) -> bytes:
+    """Given the kept runs, return the state file's bytes (version 1; runs_from_state reads it)."""
+    document = {'version': 1, 'runs': {str(run.key): run.to_json() for run in runs}}
+    return json.dumps(document, indent=1, sort_keys=True).encode()
+
+
 class WatchTree:
     """One sender's folder: its incoming/ (hostile), its kept/ and the state watch keeps there."""
 
@@ -4816,7 +4931,7 @@ class WatchTree:
         self.now = now
         self.dry_run = dry_run
         self.report = TreeReport(folder)
-        self.runs: dict[str, dict[str, Any]] = {}  # "TREE/SLOT/MANIFEST" -> what was kept
+        self.runs: dict[RunKey, KeptRun] = {}  # every run kept, as the state file lists them
         self.kept_fd = -1
         self.incoming_fd = -1
         self.receiver_uid = -1
@@ -4916,27 +5031,23 @@ class WatchTree:
         try:
             with os.fdopen(fd, 'rb') as handle:
                 self.saved = handle.read()
-                data = json.loads(self.saved)
+            self.runs = runs_from_state(json.loads(self.saved))
         except (OSError, ValueError) as error:
             raise BackupError(
                 f'{self.folder}/{WATCH_KEPT}/{WATCH_STATE} is unreadable ({error}); restore it or '
                 'move it aside (watch then sees every run in kept/ as new)',
                 step='watch',
             ) from error
-        runs = data.get('runs', {}) if isinstance(data, dict) else {}
-        self.runs = runs if isinstance(runs, dict) else {}
-        for key, run in self.runs.items():
-            for name in [run['manifest_name'], *run['files']]:
+        for run in self.runs.values():
+            for name in run.names:
                 with contextlib.suppress(OSError):
-                    info = os.stat(
-                        self._kept_rel(key, name), dir_fd=self.kept_fd, follow_symlinks=False
-                    )
+                    info = os.stat(run.key.rel(name), dir_fd=self.kept_fd, follow_symlinks=False)
                     self.kept_inodes.add((info.st_dev, info.st_ino))
 
     def save_state(self) -> None:
         if self.dry_run or self.kept_fd < 0:
             return
-        data = json.dumps({'version': 1, 'runs': self.runs}, indent=1, sort_keys=True).encode()
+        data = state_bytes(self.runs.values())
         if data != self.saved:
             _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
             self.saved = data
@@ -4948,10 +5059,9 @@ class WatchTree:
         restore and drill order runs by these times, not by the sender's word, and
         ``--arrived-before DATE`` picks the last run that arrived before a break-in. Its format is
         read on the key holder's side: keep it as it is."""
-        per_tree: dict[str, dict[str, dict[str, Any]]] = {}
+        per_tree: dict[str, dict[str, KeptRun]] = {}
         for key, run in self.runs.items():
-            tree, slot, manifest = key.split('/')
-            per_tree.setdefault(tree, {})[f'{slot}/{manifest}'] = run
+            per_tree.setdefault(key.tree, {})[f'{key.slot}/{key.manifest}'] = run
         for tree in os.listdir(self.kept_fd):
             if not tree.startswith('.') and not plain_name_problem(tree):
                 per_tree.setdefault(tree, {})
@@ -4966,9 +5076,9 @@ class WatchTree:
                 os.close(tree_fd)
 
     @staticmethod
-    def _export_tree(tree_fd: int, runs: Mapping[str, Mapping[str, Any]]) -> None:
+    def _export_tree(tree_fd: int, runs: Mapping[str, KeptRun]) -> None:
         listed = {
-            rel: {'first_seen': float(run['first_seen']), 'sha256': run['manifest_sha256']}
+            rel: {'first_seen': run.first_seen, 'sha256': run.manifest_sha256}
             for rel, run in sorted(runs.items())
         }
         document = {
@@ -4980,7 +5090,7 @@ class WatchTree:
         data = (json.dumps(document, indent=1) + '\n').encode()
         mode = 0o600  # the kept runs' files' mode: that of the newest kept manifest here
         if runs:
-            newest = max(runs, key=lambda rel: float(runs[rel]['first_seen']))
+            newest = max(runs, key=lambda rel: runs[rel].first_seen)
             with contextlib.suppress(OSError):
                 info = os.stat(newest, dir_fd=tree_fd, follow_symlinks=False)
                 mode = stat.S_IMODE(info.st_mode) & ~0o7022
@@ -4990,11 +5100,6 @@ class WatchTree:
                 if stat.S_IMODE(os.fstat(fd).st_mode) == mode and handle.read() == data:
                     return
         _write_replace(tree_fd, WATCH_FIRST_SEEN, data, mode)
-
-    @staticmethod
-    def _kept_rel(key: str, name: str) -> str:
-        tree, slot, _ = key.split('/')
-        return f'{tree}/{slot}/{name}'
 
     # -- hashing -----------------------------------------------------------------------------------
 
@@ -5069,7 +5174,7 @@ class WatchTree:
         return fd, info
 
     def look_at_run(self, tree: str, slot: str, manifest: str, slot_fd: int) -> None:
-        key = f'{tree}/{slot}/{manifest}'
+        key = RunKey(tree, slot, manifest)
         where = f'{shown(tree)}/{slot}/{shown(manifest)}'
         match = RUN_NAME_RE.fullmatch(manifest)
         self.report.names.add(shown(match.group(1) if match else manifest))
@@ -5078,7 +5183,7 @@ class WatchTree:
             self.report.problems.append(f'{where}: refused as a manifest name: {why}')
             return
         if key in self.runs:
-            self.recheck_kept_run(key, where, slot_fd)
+            self.recheck_kept_run(self.runs[key], where, slot_fd)
             return
         opened: dict[str, tuple[int, os.stat_result, str]] = {}
         problems: list[str] = []
@@ -5136,9 +5241,9 @@ class WatchTree:
                 self.report.problems += problems
                 if self.dry_run and not problems:
                     print(f'would keep {self.folder}/{WATCH_KEPT}/{tree}/{slot}/{manifest}')
-                    self._record(key, manifest, entries, opened)  # in memory only
+                    self._record(key, entries, opened)  # in memory only
                 return
-            self.keep_run(key, tree, slot, manifest, entries, opened)
+            self.keep_run(key, entries, opened)
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
@@ -5179,10 +5284,9 @@ class WatchTree:
         """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
         owners: dict[str, str] = {}
         for key, run in self.runs.items():
-            run_tree, run_slot, manifest = key.split('/')
-            if (run_tree, run_slot) == (tree, slot):
-                for name in [manifest, *run['files']]:
-                    owners.setdefault(name, manifest)
+            if (key.tree, key.slot) == (tree, slot):
+                for name in run.names:
+                    owners.setdefault(name, key.manifest)
         return owners
 
     def _claims(self, tree: str, slot: str, names: Sequence[str]) -> list[tuple[str, str]]:
@@ -5195,14 +5299,12 @@ class WatchTree:
 
     def keep_run(
         self,
-        key: str,
-        tree: str,
-        slot: str,
-        manifest: str,
+        key: RunKey,
         entries: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
         """Make a checked run unchangeable from the receiving account and link it into kept/."""
+        tree, slot = key.tree, key.slot
         kept_slot_fd = self._kept_slot(tree, slot, create=True)
         try:
             clashes = []
@@ -5224,24 +5326,23 @@ class WatchTree:
             os.fsync(kept_slot_fd)
         finally:
             os.close(kept_slot_fd)
-        self._record(key, manifest, entries, opened)
+        self._record(key, entries, opened)
 
     def _record(
         self,
-        key: str,
-        manifest: str,
+        key: RunKey,
         entries: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
-        self.runs[key] = {
-            'first_seen': self.now,
-            'hashed': self.now,
-            'manifest_name': manifest,
-            'manifest_sha256': opened[manifest][2],
-            'files': dict(entries),
-            'bytes': sum(info.st_size for _, info, _ in opened.values()),
-        }
-        self.report.kept_now.append(key)
+        self.runs[key] = KeptRun(
+            key,
+            manifest_sha256=opened[key.manifest][2],
+            files=dict(entries),
+            first_seen=self.now,
+            hashed=self.now,
+            size=sum(info.st_size for _, info, _ in opened.values()),
+        )
+        self.report.kept_now.append(str(key))
 
     def _keep_file(
         self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int, rel: str
@@ -5295,13 +5396,11 @@ class WatchTree:
             os.close(out)
             os.unlink(tmp, dir_fd=kept_slot_fd)
 
-    def recheck_kept_run(self, key: str, where: str, slot_fd: int) -> None:
+    def recheck_kept_run(self, run: KeptRun, where: str, slot_fd: int) -> None:
         """A kept run: its received names must still be the kept inodes (or the same bytes)."""
-        run = self.runs[key]
-        expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
+        expected = run.digests
         try:
-            tree, slot, _ = key.split('/')
-            kept_slot_fd = self._kept_slot(tree, slot, create=False)
+            kept_slot_fd = self._kept_slot(run.key.tree, run.key.slot, create=False)
         except OSError:
             self.report.problems.append(f'{where}: its kept copy is gone from {WATCH_KEPT}/')
             return
@@ -5342,11 +5441,11 @@ class WatchTree:
         """Read every kept run not hashed for WATCH_SCRUB_EVERY again and check its SHA-256: the
         receiving account cannot write a kept file, but a disk can rot (T4). Runs arrive daily, so
         the reading spreads over the week instead of the whole history every hour."""
-        for key, run in sorted(self.runs.items()):
-            if self.now - float(run.get('hashed', run['first_seen'])) < WATCH_SCRUB_EVERY:
+        for key, run in sorted(self.runs.items(), key=lambda item: str(item[0])):
+            if self.now - run.hashed < WATCH_SCRUB_EVERY:
                 continue  # a run kept just now was hashed just now
-            expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
-            tree, slot, _ = key.split('/')
+            expected = run.digests
+            tree, slot = key.tree, key.slot
             try:
                 kept_slot_fd = self._kept_slot(tree, slot, create=False)
             except OSError:
@@ -5374,32 +5473,30 @@ class WatchTree:
                     for what in damaged
                 ]
             elif not self.dry_run:
-                run['hashed'] = self.now
+                run.hashed = self.now
 
     # -- retention ---------------------------------------------------------------------------------
 
-    def expired(self) -> list[str]:
+    def expired(self) -> list[RunKey]:
         """Return the kept runs whose time is up, by the times watch recorded: a run stays 7 days
         after it arrived, the newest week-slot run of each ISO week (per backup name) 53 weeks,
         and the newest run always."""
         if not self.runs:
             return []
-        newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
-        week_newest: dict[tuple[str, str, tuple[int, int]], str] = {}
-        for key, run in sorted(self.runs.items(), key=lambda item: item[1]['first_seen']):
-            tree, slot, manifest = key.split('/')
-            if slot.startswith('wk'):
-                match = RUN_NAME_RE.fullmatch(manifest)
-                iso = dt.datetime.fromtimestamp(run['first_seen']).isocalendar()
-                week_newest[tree, match.group(1) if match else '', (iso[0], iso[1])] = key
+        newest = max(self.runs, key=lambda key: self.runs[key].first_seen)
+        week_newest: dict[tuple[str, str, tuple[int, int]], RunKey] = {}
+        for key, run in sorted(self.runs.items(), key=lambda item: item[1].first_seen):
+            if key.slot.startswith('wk'):
+                iso = dt.datetime.fromtimestamp(run.first_seen).isocalendar()
+                week_newest[key.tree, run.backup_name, (iso[0], iso[1])] = key
         weekly = set(week_newest.values())
         doomed = []
         for key, run in self.runs.items():
-            age = self.now - run['first_seen']
+            age = self.now - run.first_seen
             if key == newest or age <= WATCH_DAY_KEEP or (key in weekly and age <= WATCH_WEEK_KEEP):
                 continue
             doomed.append(key)
-        return sorted(doomed)
+        return sorted(doomed, key=str)
 
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
@@ -5407,21 +5504,14 @@ class WatchTree:
         doomed = self.expired()
         gone = set(doomed)
         staying = {
-            self._kept_rel(key, name)
-            for key, run in self.runs.items()
-            if key not in gone
-            for name in [run['manifest_name'], *run['files']]
+            key.rel(name) for key, run in self.runs.items() if key not in gone for name in run.names
         }
         for key in doomed:
             run = self.runs[key]
-            tree, slot, _ = key.split('/')
+            tree, slot = key.tree, key.slot
             # A name another run that stays names too stays (a state from before claims were
             # refused may hold such a pair).
-            names = [
-                name
-                for name in [run['manifest_name'], *run['files']]
-                if self._kept_rel(key, name) not in staying
-            ]
+            names = [name for name in run.names if key.rel(name) not in staying]
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue
@@ -5450,7 +5540,7 @@ class WatchTree:
                 if received_fd >= 0:
                     os.close(received_fd)
             del self.runs[key]
-            self.report.removed.append(key)
+            self.report.removed.append(str(key))
 
     # -- the whole look ----------------------------------------------------------------------------
 
@@ -5473,10 +5563,10 @@ class WatchTree:
     def sum_up(self, max_age_hours: float) -> None:
         report = self.report
         report.runs_kept = len(self.runs)
-        report.bytes_kept = sum(int(run.get('bytes', 0)) for run in self.runs.values())
+        report.bytes_kept = sum(run.size for run in self.runs.values())
         if self.runs:
-            report.newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
-            report.newest_time = float(self.runs[report.newest]['first_seen'])
+            newest = max(self.runs.values(), key=lambda run: run.first_seen)
+            report.newest, report.newest_time = str(newest.key), newest.first_seen
         if report.newest_time is None:
             report.stale.append(f'no backup has arrived in {self.folder}/{WATCH_INCOMING}')
         elif self.now - report.newest_time > max_age_hours * 3600:
@@ -5486,7 +5576,7 @@ class WatchTree:
                 f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
                 f'more than --max-age {max_age_hours:g} h)'
             )
-        recent = [run for run in self.runs.values() if self.now - run['first_seen'] < 86400]
+        recent = [run for run in self.runs.values() if self.now - run.first_seen < 86400]
         if len(recent) > WATCH_FLOOD_RUNS:
             report.problems.append(
                 f'{len(recent)} runs arrived within a day (more than {WATCH_FLOOD_RUNS}): a flood '
