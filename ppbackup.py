@@ -4923,6 +4923,45 @@ def state_bytes(runs: Iterable[KeptRun]) -> bytes:
     return json.dumps(document, indent=1, sort_keys=True).encode()
 
 
+def expired(runs: Sequence[KeptRun], now: float) -> list[KeptRun]:
+    """Given the kept runs and the time now, return those whose time is up, in the order of their
+    keys' text. Only the times watch recorded count (H4): a run stays 7 days after watch first saw
+    it; the newest week-slot run of each ISO week (per tree and backup name) stays 53 weeks; the
+    newest run stays always. A first_seen in the future is a young run: it stays."""
+    if not runs:
+        return []
+    newest = max(runs, key=lambda run: run.first_seen)
+    newest_of_week: dict[tuple[str, str, tuple[int, int]], RunKey] = {}
+    for run in sorted(runs, key=lambda run: run.first_seen):  # a later run of the week wins
+        if run.key.slot.startswith('wk'):
+            iso = dt.datetime.fromtimestamp(run.first_seen).isocalendar()
+            newest_of_week[run.key.tree, run.backup_name, (iso[0], iso[1])] = run.key
+    weekly = set(newest_of_week.values())
+    expiring = []
+    for run in runs:
+        age = now - run.first_seen
+        if run.key == newest.key or age <= WATCH_DAY_KEEP:
+            continue
+        if run.key in weekly and age <= WATCH_WEEK_KEEP:
+            continue
+        expiring.append(run)
+    return sorted(expiring, key=lambda run: str(run.key))
+
+
+def names_to_remove(
+    expiring: Sequence[KeptRun], staying: Iterable[KeptRun]
+) -> dict[RunKey, list[str]]:
+    """Given the runs that expire and those that stay, return {each expiring run: its names to
+    remove from its slot}: a name that a run staying names too stays (H7; claims are refused as
+    they arrive, but a state from before that was so may hold such a pair). Two expiring runs
+    naming one name both list it."""
+    kept_names = {run.key.rel(name) for run in staying for name in run.names}
+    return {
+        run.key: [name for name in run.names if run.key.rel(name) not in kept_names]
+        for run in expiring
+    }
+
+
 class WatchTree:
     """One sender's folder: its incoming/ (hostile), its kept/ and the state watch keeps there."""
 
@@ -5477,41 +5516,14 @@ class WatchTree:
 
     # -- retention ---------------------------------------------------------------------------------
 
-    def expired(self) -> list[RunKey]:
-        """Return the kept runs whose time is up, by the times watch recorded: a run stays 7 days
-        after it arrived, the newest week-slot run of each ISO week (per backup name) 53 weeks,
-        and the newest run always."""
-        if not self.runs:
-            return []
-        newest = max(self.runs, key=lambda key: self.runs[key].first_seen)
-        week_newest: dict[tuple[str, str, tuple[int, int]], RunKey] = {}
-        for key, run in sorted(self.runs.items(), key=lambda item: item[1].first_seen):
-            if key.slot.startswith('wk'):
-                iso = dt.datetime.fromtimestamp(run.first_seen).isocalendar()
-                week_newest[key.tree, run.backup_name, (iso[0], iso[1])] = key
-        weekly = set(week_newest.values())
-        doomed = []
-        for key, run in self.runs.items():
-            age = self.now - run.first_seen
-            if key == newest or age <= WATCH_DAY_KEEP or (key in weekly and age <= WATCH_WEEK_KEEP):
-                continue
-            doomed.append(key)
-        return sorted(doomed, key=str)
-
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
         inodes (nothing else there is touched); a name that a run staying names too stays."""
-        doomed = self.expired()
-        gone = set(doomed)
-        staying = {
-            key.rel(name) for key, run in self.runs.items() if key not in gone for name in run.names
-        }
-        for key in doomed:
-            run = self.runs[key]
+        expiring = expired(list(self.runs.values()), self.now)
+        going = {run.key for run in expiring}
+        staying = [run for run in self.runs.values() if run.key not in going]
+        for key, names in names_to_remove(expiring, staying).items():
             tree, slot = key.tree, key.slot
-            # A name another run that stays names too stays (a state from before claims were
-            # refused may hold such a pair).
-            names = [name for name in run.names if key.rel(name) not in staying]
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue
