@@ -4733,6 +4733,24 @@ def _open_in(dir_fd: int, name: str, flags: int = _OPEN_FILE) -> int:
     return os.open(name, flags, dir_fd=dir_fd)
 
 
+class OpenFolder:
+    """A subfolder's fd, opened O_NOFOLLOW relative to its parent's fd (and made 0700 first if
+    ``create``), for a ``with`` block that closes it. It opens when made, not when entered: an
+    OSError from making it is the folder's, one from inside the block is the block's."""
+
+    def __init__(self, parent_fd: int, name: str, create: bool = False) -> None:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+        self.fd = _open_in(parent_fd, name, _OPEN_DIR)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+
 def _sha256_fd(fd: int) -> str:
     digest = hashlib.sha256()
     os.lseek(fd, 0, os.SEEK_SET)
@@ -5042,21 +5060,23 @@ class WatchTree:
             if fd >= 0:
                 os.close(fd)
 
-    def _subdir(self, parent_fd: int, name: str, create: bool) -> int:
-        """Given a folder fd, return an fd of its subfolder ``name`` (made 0700 if ``create``)."""
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-        return _open_in(parent_fd, name, _OPEN_DIR)
-
-    def _kept_slot(self, tree: str, slot: str, create: bool) -> int:
+    def kept_slot(self, key: RunKey, create: bool) -> OpenFolder:
+        """Given a run, open kept/TREE/SLOT (each made 0700 if ``create``) for a ``with`` block;
+        raise OSError if it will not open."""
         if self.kept_fd < 0:
             raise FileNotFoundError(errno.ENOENT, 'no kept folder yet')
-        tree_fd = self._subdir(self.kept_fd, tree, create)
+        with OpenFolder(self.kept_fd, key.tree, create) as tree_fd:
+            return OpenFolder(tree_fd, key.slot, create)
+
+    def received_slot(self, key: RunKey) -> OpenFolder | None:
+        """Given a run, open incoming/TREE/SLOT for a ``with`` block; None if it will not open."""
+        if self.incoming_fd < 0:
+            return None
         try:
-            return self._subdir(tree_fd, slot, create)
-        finally:
-            os.close(tree_fd)
+            with OpenFolder(self.incoming_fd, key.tree) as tree_fd:
+                return OpenFolder(tree_fd, key.slot)
+        except OSError:
+            return None
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -5106,13 +5126,11 @@ class WatchTree:
                 per_tree.setdefault(tree, {})
         for tree, runs in sorted(per_tree.items()):
             try:
-                tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+                inside = OpenFolder(self.kept_fd, tree)
             except OSError:
                 continue  # not a folder: not a tree of watch's
-            try:
+            with inside as tree_fd:
                 self._export_tree(tree_fd, runs)
-            finally:
-                os.close(tree_fd)
 
     @staticmethod
     def _export_tree(tree_fd: int, runs: Mapping[str, KeptRun]) -> None:
@@ -5175,8 +5193,7 @@ class WatchTree:
                 continue
             if not stat.S_ISDIR(info.st_mode) or plain_name_problem(tree):
                 continue
-            tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
-            try:
+            with OpenFolder(self.incoming_fd, tree) as tree_fd:
                 for slot in sorted(os.listdir(tree_fd)):
                     if not SLOT_RE.fullmatch(slot):
                         continue
@@ -5184,17 +5201,13 @@ class WatchTree:
                         self.report.problems.append(f'{where}/{slot} is a symlink; not followed')
                         continue
                     try:
-                        slot_fd = _open_in(tree_fd, slot, _OPEN_DIR)
+                        inside = OpenFolder(tree_fd, slot)
                     except OSError:
                         continue  # not a folder: not a slot
-                    try:
+                    with inside as slot_fd:
                         for manifest in sorted(os.listdir(slot_fd)):
                             if manifest.endswith(MANIFEST_SUFFIX) and not manifest.startswith('.'):
                                 self.look_at_run(tree, slot, manifest, slot_fd)
-                    finally:
-                        os.close(slot_fd)
-            finally:
-                os.close(tree_fd)
 
     def _open_received(self, slot_fd: int, name: str, where: str) -> tuple[int, os.stat_result]:
         """Given a received name, return (fd, stat) of a regular file; raise ValueError why not."""
@@ -5299,17 +5312,11 @@ class WatchTree:
         if info.st_nlink <= WATCH_MAX_LINKS:
             return
         kept_names = 0
-        with contextlib.suppress(OSError):
-            tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
-            try:
-                for kept_slot in os.listdir(tree_fd):
-                    with contextlib.suppress(OSError):
-                        there = os.stat(
-                            f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False
-                        )
-                        kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
-            finally:
-                os.close(tree_fd)
+        with contextlib.suppress(OSError), OpenFolder(self.kept_fd, tree) as tree_fd:
+            for kept_slot in os.listdir(tree_fd):
+                with contextlib.suppress(OSError):
+                    there = os.stat(f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False)
+                    kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
         received = info.st_nlink - kept_names
         if received > WATCH_MAX_LINKS and (info.st_dev, info.st_ino) not in self.links_reported:
             self.links_reported.add((info.st_dev, info.st_ino))
@@ -5344,8 +5351,7 @@ class WatchTree:
     ) -> None:
         """Make a checked run unchangeable from the receiving account and link it into kept/."""
         tree, slot = key.tree, key.slot
-        kept_slot_fd = self._kept_slot(tree, slot, create=True)
-        try:
+        with self.kept_slot(key, create=True) as kept_slot_fd:
             clashes = []
             for name, (_, info, digest) in opened.items():
                 with contextlib.suppress(FileNotFoundError):
@@ -5363,8 +5369,6 @@ class WatchTree:
             for name, (fd, info, digest) in opened.items():
                 self._keep_file(fd, info, name, digest, kept_slot_fd, f'{tree}/{slot}')
             os.fsync(kept_slot_fd)
-        finally:
-            os.close(kept_slot_fd)
         self._record(key, entries, opened)
 
     def _record(
@@ -5439,11 +5443,11 @@ class WatchTree:
         """A kept run: its received names must still be the kept inodes (or the same bytes)."""
         expected = run.digests
         try:
-            kept_slot_fd = self._kept_slot(run.key.tree, run.key.slot, create=False)
+            inside = self.kept_slot(run.key, create=False)
         except OSError:
             self.report.problems.append(f'{where}: its kept copy is gone from {WATCH_KEPT}/')
             return
-        try:
+        with inside as kept_slot_fd:
             for name, digest in expected.items():
                 file_where = f'{where.rsplit("/", 1)[0]}/{shown(name)}'
                 try:
@@ -5473,8 +5477,6 @@ class WatchTree:
                         f'{file_where}: changed after it arrived (rewritten by the sender); the '
                         f'version that arrived first is kept in {self.folder}/{WATCH_KEPT}'
                     )
-        finally:
-            os.close(kept_slot_fd)
 
     def scrub_kept(self) -> None:
         """Read every kept run not hashed for WATCH_SCRUB_EVERY again and check its SHA-256: the
@@ -5486,12 +5488,12 @@ class WatchTree:
             expected = run.digests
             tree, slot = key.tree, key.slot
             try:
-                kept_slot_fd = self._kept_slot(tree, slot, create=False)
+                inside = self.kept_slot(key, create=False)
             except OSError:
                 self.report.problems.append(f'{key}: its kept copy is gone from {WATCH_KEPT}/')
                 continue
             damaged = []
-            try:
+            with inside as kept_slot_fd:
                 for name, digest in expected.items():
                     try:
                         fd = _open_in(kept_slot_fd, name)
@@ -5503,8 +5505,6 @@ class WatchTree:
                             damaged.append(f'{name} (SHA-256 differs from the manifest)')
                     finally:
                         os.close(fd)
-            finally:
-                os.close(kept_slot_fd)
             if damaged:  # reported at every run until someone looks; never marked as checked
                 self.report.problems += [
                     f'{WATCH_KEPT}/{tree}/{slot}/{what}: the kept copy is damaged (disk?); '
@@ -5523,34 +5523,23 @@ class WatchTree:
         going = {run.key for run in expiring}
         staying = [run for run in self.runs.values() if run.key not in going]
         for key, names in names_to_remove(expiring, staying).items():
-            tree, slot = key.tree, key.slot
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue
-            kept_slot_fd = self._kept_slot(tree, slot, create=False)
-            received_fd = -1
-            with contextlib.suppress(OSError):
-                tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
-                try:
-                    received_fd = _open_in(tree_fd, slot, _OPEN_DIR)
-                finally:
-                    os.close(tree_fd)
-            try:
-                for name in names:
-                    try:
-                        kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if received_fd >= 0:
-                        with contextlib.suppress(FileNotFoundError):
-                            there = os.stat(name, dir_fd=received_fd, follow_symlinks=False)
-                            if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
-                                os.unlink(name, dir_fd=received_fd)
-                    os.unlink(name, dir_fd=kept_slot_fd)
-            finally:
-                os.close(kept_slot_fd)
-                if received_fd >= 0:
-                    os.close(received_fd)
+            with self.kept_slot(key, create=False) as kept_slot_fd:
+                received = self.received_slot(key)
+                with received or contextlib.nullcontext(-1) as received_fd:
+                    for name in names:
+                        try:
+                            kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if received_fd >= 0:
+                            with contextlib.suppress(FileNotFoundError):
+                                there = os.stat(name, dir_fd=received_fd, follow_symlinks=False)
+                                if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
+                                    os.unlink(name, dir_fd=received_fd)
+                        os.unlink(name, dir_fd=kept_slot_fd)
             del self.runs[key]
             self.report.removed.append(str(key))
 
