@@ -4995,13 +4995,13 @@ class WatchTree:
         self.kept_inodes: set[tuple[int, int]] = set()
         # Each inode is read once per watch run, however many names it has (H8): its SHA-256 by
         # (device, inode, size, ctime); a write, chmod or link changes the ctime.
-        self.hashes: dict[tuple[int, int, int, int], str] = {}
+        self.digest_of: dict[tuple[int, int, int, int], str] = {}
         self.links_reported: set[tuple[int, int]] = set()
-        self.copies: dict[tuple[int, int, int, int], str] = {}  # copied inode -> its kept name
+        self.copied_to: dict[tuple[int, int, int, int], str] = {}  # a copied inode: its kept name
         self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
-        self.saved = b''  # the state as read: written again only when it changed
+        self.state_as_read = b''  # the state as read: written again only when it changed
 
-    # -- folders -----------------------------------------------------------------------------------
+    # -- folders, and the lock ---------------------------------------------------------------------
 
     def open_folders(self) -> bool:
         """Open DIR, kept/ and incoming/; return False (with a problem) if DIR is unsafe or absent."""
@@ -5089,8 +5089,8 @@ class WatchTree:
             return
         try:
             with os.fdopen(fd, 'rb') as handle:
-                self.saved = handle.read()
-            self.runs = runs_from_state(json.loads(self.saved))
+                self.state_as_read = handle.read()
+            self.runs = runs_from_state(json.loads(self.state_as_read))
         except (OSError, ValueError) as error:
             raise BackupError(
                 f'{self.folder}/{WATCH_KEPT}/{WATCH_STATE} is unreadable ({error}); restore it or '
@@ -5107,9 +5107,9 @@ class WatchTree:
         if self.dry_run or self.kept_fd < 0:
             return
         data = state_bytes(self.runs.values())
-        if data != self.saved:
+        if data != self.state_as_read:
             _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
-            self.saved = data
+            self.state_as_read = data
         self.export_first_seen()
 
     def export_first_seen(self) -> None:
@@ -5167,14 +5167,14 @@ class WatchTree:
     def _hash(self, fd: int) -> str:
         """Given an open file, return its SHA-256, read at most once per watch run per inode."""
         before = self._hash_key(os.fstat(fd))
-        if before in self.hashes:
-            return self.hashes[before]
+        if before in self.digest_of:
+            return self.digest_of[before]
         digest = _sha256_fd(fd)
         if self._hash_key(os.fstat(fd)) == before:  # not written to while it was read
-            self.hashes[before] = digest
+            self.digest_of[before] = digest
         return digest
 
-    # -- arrivals ----------------------------------------------------------------------------------
+    # -- scan: what is in incoming/, and the checks of a new run -----------------------------------
 
     def scan_incoming(self) -> None:
         """Look at every run in incoming/: keep the new ones that pass, check the kept ones."""
@@ -5247,8 +5247,8 @@ class WatchTree:
                 return
             opened[manifest] = (fd, info, self._hash(fd))
             os.lseek(fd, 0, os.SEEK_SET)
-            entries, problems = _read_manifest_fd(fd, where)
-            claims = self._claims(tree, slot, [manifest, *entries])
+            listed, problems = _read_manifest_fd(fd, where)
+            claims = self._claims(tree, slot, [manifest, *listed])
             if claims:
                 self.report.problems += [
                     f'{shown(tree)}/{slot}/{shown(name)}: named by {shown(manifest)}, but kept '
@@ -5257,7 +5257,7 @@ class WatchTree:
                     for name, owner in claims
                 ]
                 return
-            for name, digest in entries.items():
+            for name, digest in listed.items():
                 file_where = f'{shown(tree)}/{slot}/{name}'
                 try:
                     fd, info = self._open_received(slot_fd, name, file_where)
@@ -5293,9 +5293,9 @@ class WatchTree:
                 self.report.problems += problems
                 if self.dry_run and not problems:
                     print(f'would keep {self.folder}/{WATCH_KEPT}/{tree}/{slot}/{manifest}')
-                    self._record(key, entries, opened)  # in memory only
+                    self._record(key, listed, opened)  # in memory only
                 return
-            self.keep_run(key, entries, opened)
+            self.keep_run(key, listed, opened)
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
@@ -5343,13 +5343,36 @@ class WatchTree:
         owners = self._owners(tree, slot)
         return [(name, owners[name]) for name in names if name in owners]
 
+    # -- keep: a checked run goes out of the sender's reach ----------------------------------------
+
     def keep_run(
         self,
         key: RunKey,
-        entries: Mapping[str, str],
+        listed: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
-        """Make a checked run unchangeable from the receiving account and link it into kept/."""
+        """Make a checked run unchangeable from the receiving account and link it into kept/.
+
+        The order, and why a crash at any instant (kill -9, ENOSPC) leaves a safe state:
+        1. ``look_at_run`` opened each of the run's names once, O_NOFOLLOW relative to the received
+           slot's fd, and checked it through that fd: the manifest's SHA-256, each file's against
+           it, its owner, no claim on a kept name (H7). From then on only these fds are used: a
+           name the sender swaps after the check changes nothing that is kept.
+        2. kept/TREE/SLOT is opened (made if new). A name there that is another inode is a clash:
+           the version that arrived first stays, and nothing of this run is written (H2).
+        3. each file, the manifest first, is made watch's (fchown; group and others lose write)
+           and linked into the kept slot from its fd, or, without CAP_CHOWN, copied to a
+           temporary name, hashed again, linked, and the temporary removed. A name linked already
+           (the week twin) is left as it is: a link never replaces a name.
+        4. fsync of the kept slot: every link is durable.
+        5. the run is recorded in memory; ``save_state`` writes the state file (temporary name,
+           fsync, rename) at the end of the watch run, after the scan and the scrub.
+        A run is kept once the state file lists it. A crash before that leaves names in kept/ that
+        no state lists: nothing is lost and nothing is removed (retention removes only what the
+        state lists). The next watch finds the run new again: if the crash came before step 3, it
+        keeps it as if it had just arrived; after, its inodes are no longer the receiving
+        account's (or its copies are other inodes), so it reports the run (FAILED) instead of
+        keeping it with a later first_seen: safe, not silent, until someone looks."""
         tree, slot = key.tree, key.slot
         with self.kept_slot(key, create=True) as kept_slot_fd:
             clashes = []
@@ -5369,18 +5392,18 @@ class WatchTree:
             for name, (fd, info, digest) in opened.items():
                 self._keep_file(fd, info, name, digest, kept_slot_fd, f'{tree}/{slot}')
             os.fsync(kept_slot_fd)
-        self._record(key, entries, opened)
+        self._record(key, listed, opened)
 
     def _record(
         self,
         key: RunKey,
-        entries: Mapping[str, str],
+        listed: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
         self.runs[key] = KeptRun(
             key,
             manifest_sha256=opened[key.manifest][2],
-            files=dict(entries),
+            files=dict(listed),
             first_seen=self.now,
             hashed=self.now,
             size=sum(info.st_size for _, info, _ in opened.values()),
@@ -5405,17 +5428,17 @@ class WatchTree:
                     self.copy_instead = True  # a watch user without CAP_CHOWN: one extra copy
             if not self.copy_instead and os.fstat(kept_slot_fd).st_dev == info.st_dev:
                 os.link(f'/proc/self/fd/{fd}', name, dst_dir_fd=kept_slot_fd, follow_symlinks=True)
-            elif (copied := self.copies.get(self._hash_key(info))) is not None:
+            elif (copied := self.copied_to.get(self._hash_key(info))) is not None:
                 # Another name of an inode copied in this run (a week twin, or the sender's
                 # hard links): a link of that copy, not one more copy (H8).
                 os.link(copied, name, src_dir_fd=self.kept_fd, dst_dir_fd=kept_slot_fd)
             else:
                 self._copy_file(fd, name, digest, kept_slot_fd)
-                self.copies[self._hash_key(info)] = f'{rel}/{name}'
+                self.copied_to[self._hash_key(info)] = f'{rel}/{name}'
         kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
         self.kept_inodes.add((kept.st_dev, kept.st_ino))
         if kept.st_size == info.st_size:  # the chown, chmod and link above changed its ctime
-            self.hashes[self._hash_key(kept)] = digest
+            self.digest_of[self._hash_key(kept)] = digest
 
     @staticmethod
     def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
@@ -5438,6 +5461,8 @@ class WatchTree:
         finally:
             os.close(out)
             os.unlink(tmp, dir_fd=kept_slot_fd)
+
+    # -- recheck: a kept run still in incoming/ ----------------------------------------------------
 
     def recheck_kept_run(self, run: KeptRun, where: str, slot_fd: int) -> None:
         """A kept run: its received names must still be the kept inodes (or the same bytes)."""
@@ -5477,6 +5502,8 @@ class WatchTree:
                         f'{file_where}: changed after it arrived (rewritten by the sender); the '
                         f'version that arrived first is kept in {self.folder}/{WATCH_KEPT}'
                     )
+
+    # -- scrub: kept runs read again ---------------------------------------------------------------
 
     def scrub_kept(self) -> None:
         """Read every kept run not hashed for WATCH_SCRUB_EVERY again and check its SHA-256: the
@@ -5518,7 +5545,22 @@ class WatchTree:
 
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
-        inodes (nothing else there is touched); a name that a run staying names too stays."""
+        inodes (nothing else there is touched); a name that a run staying names too stays.
+
+        The order, and why a crash at any instant (kill -9) leaves a safe state:
+        1. retention comes first in a watch run, before the scan: a name an expired run frees may
+           then arrive again, and is judged as new.
+        2. ``expired`` picks the runs from the state alone, by watch's own times (H4), and
+           ``names_to_remove`` leaves every name a staying run names too (H7).
+        3. for each expired run, name by name, the manifest first: the name in incoming/ goes if
+           it is the kept inode, then the kept name. Manifest first: incoming/ never shows the
+           run's manifest naming files that are gone, only files no manifest names, which the scan
+           passes over. incoming/ before kept/: the kept name is how its twin in incoming/ is
+           known, so it goes last. A name already gone is passed over.
+        4. the run leaves the state in memory; the state file is written at the end of the run.
+        Until the state file is written it still lists the run, and its time is still up: the
+        next watch expires it again (before its scan) and removes what is left of it. Nothing a
+        staying run needs is removed at any point."""
         expiring = expired(list(self.runs.values()), self.now)
         going = {run.key for run in expiring}
         staying = [run for run in self.runs.values() if run.key not in going]
@@ -5543,7 +5585,7 @@ class WatchTree:
             del self.runs[key]
             self.report.removed.append(str(key))
 
-    # -- the whole look ----------------------------------------------------------------------------
+    # -- the whole look, and its summary -----------------------------------------------------------
 
     def watch(self, max_age_hours: float) -> TreeReport:
         """Keep and check what arrived, apply retention, and sum up; return the report."""
