@@ -4733,6 +4733,24 @@ def _open_in(dir_fd: int, name: str, flags: int = _OPEN_FILE) -> int:
     return os.open(name, flags, dir_fd=dir_fd)
 
 
+class OpenFolder:
+    """A subfolder's fd, opened O_NOFOLLOW relative to its parent's fd (and made 0700 first if
+    ``create``), for a ``with`` block that closes it. It opens when made, not when entered: an
+    OSError from making it is the folder's, one from inside the block is the block's."""
+
+    def __init__(self, parent_fd: int, name: str, create: bool = False) -> None:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+        self.fd = _open_in(parent_fd, name, _OPEN_DIR)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
+
+
 def _sha256_fd(fd: int) -> str:
     digest = hashlib.sha256()
     os.lseek(fd, 0, os.SEEK_SET)
@@ -4808,6 +4826,160 @@ class TreeReport:
         return f'{self.folder} ({names or "no backup name seen"})'
 
 
+@dataclasses.dataclass(frozen=True)
+class RunKey:
+    """Where a kept run is: kept/TREE/SLOT/MANIFEST. Its text, "TREE/SLOT/MANIFEST", keys the
+    state file and names the run in reports."""
+
+    tree: str
+    slot: str
+    manifest: str
+
+    @classmethod
+    def parse(cls, text: str) -> RunKey:
+        """Given a key of the state file, return it; raise ValueError if it is not one."""
+        parts = text.split('/')
+        if len(parts) != 3:
+            raise ValueError(f'{shown(text)}: not a "TREE/SLOT/MANIFEST" key')
+        return cls(parts[0], parts[1], parts[2])
+
+    def __str__(self) -> str:
+        return f'{self.tree}/{self.slot}/{self.manifest}'
+
+    def rel(self, name: str) -> str:
+        """Given a name in this run's slot, return its path under kept/ (or incoming/)."""
+        return f'{self.tree}/{self.slot}/{name}'
+
+
+def _state_number(entry: Mapping[str, object], field: str, default: float | None = None) -> float:
+    value = entry.get(field, default)
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise ValueError(f'"{field}" is not a number')
+    return value
+
+
+@dataclasses.dataclass
+class KeptRun:
+    """One run watch keeps: the digests its manifest lists, as they passed the check, and the
+    times that are watch's own (never the sender's dates, H4). It is one entry of the state file's
+    "runs", under its key."""
+
+    key: RunKey
+    manifest_sha256: str  # of the manifest as it arrived
+    files: dict[str, str]  # each file the manifest names: its SHA-256, as listed
+    first_seen: float  # when watch first saw the run: retention and freshness count from it
+    hashed: float  # when its kept files were last read and found sound (the scrub)
+    size: int  # bytes in the manifest and its files
+
+    @property
+    def names(self) -> list[str]:
+        """The run's names in its slot: the manifest, then the files it names."""
+        return [self.key.manifest, *self.files]
+
+    @property
+    def digests(self) -> dict[str, str]:
+        """{each of the run's names: the SHA-256 it must have}."""
+        return {self.key.manifest: self.manifest_sha256, **self.files}
+
+    @property
+    def backup_name(self) -> str:
+        """The BACKUP_NAME in the manifest's name ('' if it is not in the usual form)."""
+        match = RUN_NAME_RE.fullmatch(self.key.manifest)
+        return match.group(1) if match else ''
+
+    @classmethod
+    def from_json(cls, key: str, entry: object) -> KeptRun:
+        """Given a key and its entry in the state file's "runs", return the run; raise ValueError
+        if it is not one. An entry written before the scrub existed has no "hashed": its files
+        were last hashed when it was kept."""
+        try:
+            if not isinstance(entry, dict):
+                raise ValueError('not an object')
+            run_key = RunKey.parse(key)
+            first_seen = _state_number(entry, 'first_seen')
+            hashed = _state_number(entry, 'hashed', first_seen)
+            size = entry.get('bytes', 0)
+            files = entry.get('files')
+            digest = entry.get('manifest_sha256')
+            if entry.get('manifest_name') != run_key.manifest:
+                raise ValueError('"manifest_name" is not the manifest of its key')
+            if not isinstance(digest, str) or not isinstance(size, int):
+                raise ValueError('"manifest_sha256" or "bytes" is malformed')
+            if not isinstance(files, dict) or not all(
+                isinstance(name, str) and isinstance(sha, str) for name, sha in files.items()
+            ):
+                raise ValueError('"files" is not {name: SHA-256}')
+        except ValueError as error:
+            raise ValueError(f'the run {shown(key)}: {error}') from None
+        return cls(run_key, digest, dict(files), float(first_seen), float(hashed), size)
+
+    def to_json(self) -> dict[str, Any]:
+        """Return the run as its entry in the state file's "runs" (the format from_json reads)."""
+        return {
+            'first_seen': self.first_seen,
+            'hashed': self.hashed,
+            'manifest_name': self.key.manifest,
+            'manifest_sha256': self.manifest_sha256,
+            'files': dict(self.files),
+            'bytes': self.size,
+        }
+
+
+def runs_from_state(data: object) -> dict[RunKey, KeptRun]:
+    """Given the state file's JSON, return its runs by key; raise ValueError if a run is malformed
+    (a document that is not an object, or whose "runs" is not one, holds none, as it always has)."""
+    entries = data.get('runs', {}) if isinstance(data, dict) else {}
+    if not isinstance(entries, dict):
+        return {}
+    runs = [KeptRun.from_json(key, entry) for key, entry in entries.items()]
+    return {run.key: run for run in runs}
+
+
+def state_bytes(runs: Iterable[KeptRun]) -> bytes:
+    """Given the kept runs, return the state file's bytes (version 1; runs_from_state reads it)."""
+    document = {'version': 1, 'runs': {str(run.key): run.to_json() for run in runs}}
+    return json.dumps(document, indent=1, sort_keys=True).encode()
+
+
+def expired(runs: Sequence[KeptRun], now: float) -> list[KeptRun]:
+    """Given the kept runs and the time now, return those whose time is up, in the order of their
+    keys' text. Only the times watch recorded count (H4): a run stays 7 days after watch first saw
+    it; the newest week-slot run of each ISO week (per tree and backup name) stays 53 weeks; the
+    newest run stays always. A first_seen in the future is a young run: it stays."""
+    if not runs:
+        return []
+    newest = max(runs, key=lambda run: run.first_seen)
+    newest_of_week: dict[tuple[str, str, tuple[int, int]], RunKey] = {}
+    for run in sorted(runs, key=lambda run: run.first_seen):  # a later run of the week wins
+        if run.key.slot.startswith('wk'):
+            iso = dt.datetime.fromtimestamp(run.first_seen).isocalendar()
+            newest_of_week[run.key.tree, run.backup_name, (iso[0], iso[1])] = run.key
+    weekly = set(newest_of_week.values())
+    expiring = []
+    for run in runs:
+        age = now - run.first_seen
+        if run.key == newest.key or age <= WATCH_DAY_KEEP:
+            continue
+        if run.key in weekly and age <= WATCH_WEEK_KEEP:
+            continue
+        expiring.append(run)
+    return sorted(expiring, key=lambda run: str(run.key))
+
+
+def names_to_remove(
+    expiring: Sequence[KeptRun], staying: Iterable[KeptRun]
+) -> dict[RunKey, list[str]]:
+    """Given the runs that expire and those that stay, return {each expiring run: its names to
+    remove from its slot}: a name that a run staying names too stays (H7; claims are refused as
+    they arrive, but a state from before that was so may hold such a pair). Two expiring runs
+    naming one name both list it."""
+    kept_names = {run.key.rel(name) for run in staying for name in run.names}
+    return {
+        run.key: [name for name in run.names if run.key.rel(name) not in kept_names]
+        for run in expiring
+    }
+
+
 class WatchTree:
     """One sender's folder: its incoming/ (hostile), its kept/ and the state watch keeps there."""
 
@@ -4816,20 +4988,20 @@ class WatchTree:
         self.now = now
         self.dry_run = dry_run
         self.report = TreeReport(folder)
-        self.runs: dict[str, dict[str, Any]] = {}  # "TREE/SLOT/MANIFEST" -> what was kept
+        self.runs: dict[RunKey, KeptRun] = {}  # every run kept, as the state file lists them
         self.kept_fd = -1
         self.incoming_fd = -1
         self.receiver_uid = -1
         self.kept_inodes: set[tuple[int, int]] = set()
         # Each inode is read once per watch run, however many names it has (H8): its SHA-256 by
         # (device, inode, size, ctime); a write, chmod or link changes the ctime.
-        self.hashes: dict[tuple[int, int, int, int], str] = {}
+        self.digest_of: dict[tuple[int, int, int, int], str] = {}
         self.links_reported: set[tuple[int, int]] = set()
-        self.copies: dict[tuple[int, int, int, int], str] = {}  # copied inode -> its kept name
+        self.copied_to: dict[tuple[int, int, int, int], str] = {}  # a copied inode: its kept name
         self.copy_instead = False  # without CAP_CHOWN the kept copy is a copy, not a link
-        self.saved = b''  # the state as read: written again only when it changed
+        self.state_as_read = b''  # the state as read: written again only when it changed
 
-    # -- folders -----------------------------------------------------------------------------------
+    # -- folders, and the lock ---------------------------------------------------------------------
 
     def open_folders(self) -> bool:
         """Open DIR, kept/ and incoming/; return False (with a problem) if DIR is unsafe or absent."""
@@ -4888,21 +5060,23 @@ class WatchTree:
             if fd >= 0:
                 os.close(fd)
 
-    def _subdir(self, parent_fd: int, name: str, create: bool) -> int:
-        """Given a folder fd, return an fd of its subfolder ``name`` (made 0700 if ``create``)."""
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-        return _open_in(parent_fd, name, _OPEN_DIR)
-
-    def _kept_slot(self, tree: str, slot: str, create: bool) -> int:
+    def kept_slot(self, key: RunKey, create: bool) -> OpenFolder:
+        """Given a run, open kept/TREE/SLOT (each made 0700 if ``create``) for a ``with`` block;
+        raise OSError if it will not open."""
         if self.kept_fd < 0:
             raise FileNotFoundError(errno.ENOENT, 'no kept folder yet')
-        tree_fd = self._subdir(self.kept_fd, tree, create)
+        with OpenFolder(self.kept_fd, key.tree, create) as tree_fd:
+            return OpenFolder(tree_fd, key.slot, create)
+
+    def received_slot(self, key: RunKey) -> OpenFolder | None:
+        """Given a run, open incoming/TREE/SLOT for a ``with`` block; None if it will not open."""
+        if self.incoming_fd < 0:
+            return None
         try:
-            return self._subdir(tree_fd, slot, create)
-        finally:
-            os.close(tree_fd)
+            with OpenFolder(self.incoming_fd, key.tree) as tree_fd:
+                return OpenFolder(tree_fd, key.slot)
+        except OSError:
+            return None
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -4915,31 +5089,27 @@ class WatchTree:
             return
         try:
             with os.fdopen(fd, 'rb') as handle:
-                self.saved = handle.read()
-                data = json.loads(self.saved)
+                self.state_as_read = handle.read()
+            self.runs = runs_from_state(json.loads(self.state_as_read))
         except (OSError, ValueError) as error:
             raise BackupError(
                 f'{self.folder}/{WATCH_KEPT}/{WATCH_STATE} is unreadable ({error}); restore it or '
                 'move it aside (watch then sees every run in kept/ as new)',
                 step='watch',
             ) from error
-        runs = data.get('runs', {}) if isinstance(data, dict) else {}
-        self.runs = runs if isinstance(runs, dict) else {}
-        for key, run in self.runs.items():
-            for name in [run['manifest_name'], *run['files']]:
+        for run in self.runs.values():
+            for name in run.names:
                 with contextlib.suppress(OSError):
-                    info = os.stat(
-                        self._kept_rel(key, name), dir_fd=self.kept_fd, follow_symlinks=False
-                    )
+                    info = os.stat(run.key.rel(name), dir_fd=self.kept_fd, follow_symlinks=False)
                     self.kept_inodes.add((info.st_dev, info.st_ino))
 
     def save_state(self) -> None:
         if self.dry_run or self.kept_fd < 0:
             return
-        data = json.dumps({'version': 1, 'runs': self.runs}, indent=1, sort_keys=True).encode()
-        if data != self.saved:
+        data = state_bytes(self.runs.values())
+        if data != self.state_as_read:
             _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
-            self.saved = data
+            self.state_as_read = data
         self.export_first_seen()
 
     def export_first_seen(self) -> None:
@@ -4948,27 +5118,24 @@ class WatchTree:
         restore and drill order runs by these times, not by the sender's word, and
         ``--arrived-before DATE`` picks the last run that arrived before a break-in. Its format is
         read on the key holder's side: keep it as it is."""
-        per_tree: dict[str, dict[str, dict[str, Any]]] = {}
+        per_tree: dict[str, dict[str, KeptRun]] = {}
         for key, run in self.runs.items():
-            tree, slot, manifest = key.split('/')
-            per_tree.setdefault(tree, {})[f'{slot}/{manifest}'] = run
+            per_tree.setdefault(key.tree, {})[f'{key.slot}/{key.manifest}'] = run
         for tree in os.listdir(self.kept_fd):
             if not tree.startswith('.') and not plain_name_problem(tree):
                 per_tree.setdefault(tree, {})
         for tree, runs in sorted(per_tree.items()):
             try:
-                tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
+                inside = OpenFolder(self.kept_fd, tree)
             except OSError:
                 continue  # not a folder: not a tree of watch's
-            try:
+            with inside as tree_fd:
                 self._export_tree(tree_fd, runs)
-            finally:
-                os.close(tree_fd)
 
     @staticmethod
-    def _export_tree(tree_fd: int, runs: Mapping[str, Mapping[str, Any]]) -> None:
+    def _export_tree(tree_fd: int, runs: Mapping[str, KeptRun]) -> None:
         listed = {
-            rel: {'first_seen': float(run['first_seen']), 'sha256': run['manifest_sha256']}
+            rel: {'first_seen': run.first_seen, 'sha256': run.manifest_sha256}
             for rel, run in sorted(runs.items())
         }
         document = {
@@ -4980,7 +5147,7 @@ class WatchTree:
         data = (json.dumps(document, indent=1) + '\n').encode()
         mode = 0o600  # the kept runs' files' mode: that of the newest kept manifest here
         if runs:
-            newest = max(runs, key=lambda rel: float(runs[rel]['first_seen']))
+            newest = max(runs, key=lambda rel: runs[rel].first_seen)
             with contextlib.suppress(OSError):
                 info = os.stat(newest, dir_fd=tree_fd, follow_symlinks=False)
                 mode = stat.S_IMODE(info.st_mode) & ~0o7022
@@ -4991,11 +5158,6 @@ class WatchTree:
                     return
         _write_replace(tree_fd, WATCH_FIRST_SEEN, data, mode)
 
-    @staticmethod
-    def _kept_rel(key: str, name: str) -> str:
-        tree, slot, _ = key.split('/')
-        return f'{tree}/{slot}/{name}'
-
     # -- hashing -----------------------------------------------------------------------------------
 
     @staticmethod
@@ -5005,14 +5167,14 @@ class WatchTree:
     def _hash(self, fd: int) -> str:
         """Given an open file, return its SHA-256, read at most once per watch run per inode."""
         before = self._hash_key(os.fstat(fd))
-        if before in self.hashes:
-            return self.hashes[before]
+        if before in self.digest_of:
+            return self.digest_of[before]
         digest = _sha256_fd(fd)
         if self._hash_key(os.fstat(fd)) == before:  # not written to while it was read
-            self.hashes[before] = digest
+            self.digest_of[before] = digest
         return digest
 
-    # -- arrivals ----------------------------------------------------------------------------------
+    # -- scan: what is in incoming/, and the checks of a new run -----------------------------------
 
     def scan_incoming(self) -> None:
         """Look at every run in incoming/: keep the new ones that pass, check the kept ones."""
@@ -5031,8 +5193,7 @@ class WatchTree:
                 continue
             if not stat.S_ISDIR(info.st_mode) or plain_name_problem(tree):
                 continue
-            tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
-            try:
+            with OpenFolder(self.incoming_fd, tree) as tree_fd:
                 for slot in sorted(os.listdir(tree_fd)):
                     if not SLOT_RE.fullmatch(slot):
                         continue
@@ -5040,17 +5201,13 @@ class WatchTree:
                         self.report.problems.append(f'{where}/{slot} is a symlink; not followed')
                         continue
                     try:
-                        slot_fd = _open_in(tree_fd, slot, _OPEN_DIR)
+                        inside = OpenFolder(tree_fd, slot)
                     except OSError:
                         continue  # not a folder: not a slot
-                    try:
+                    with inside as slot_fd:
                         for manifest in sorted(os.listdir(slot_fd)):
                             if manifest.endswith(MANIFEST_SUFFIX) and not manifest.startswith('.'):
                                 self.look_at_run(tree, slot, manifest, slot_fd)
-                    finally:
-                        os.close(slot_fd)
-            finally:
-                os.close(tree_fd)
 
     def _open_received(self, slot_fd: int, name: str, where: str) -> tuple[int, os.stat_result]:
         """Given a received name, return (fd, stat) of a regular file; raise ValueError why not."""
@@ -5069,7 +5226,7 @@ class WatchTree:
         return fd, info
 
     def look_at_run(self, tree: str, slot: str, manifest: str, slot_fd: int) -> None:
-        key = f'{tree}/{slot}/{manifest}'
+        key = RunKey(tree, slot, manifest)
         where = f'{shown(tree)}/{slot}/{shown(manifest)}'
         match = RUN_NAME_RE.fullmatch(manifest)
         self.report.names.add(shown(match.group(1) if match else manifest))
@@ -5078,7 +5235,7 @@ class WatchTree:
             self.report.problems.append(f'{where}: refused as a manifest name: {why}')
             return
         if key in self.runs:
-            self.recheck_kept_run(key, where, slot_fd)
+            self.recheck_kept_run(self.runs[key], where, slot_fd)
             return
         opened: dict[str, tuple[int, os.stat_result, str]] = {}
         problems: list[str] = []
@@ -5090,8 +5247,8 @@ class WatchTree:
                 return
             opened[manifest] = (fd, info, self._hash(fd))
             os.lseek(fd, 0, os.SEEK_SET)
-            entries, problems = _read_manifest_fd(fd, where)
-            claims = self._claims(tree, slot, [manifest, *entries])
+            listed, problems = _read_manifest_fd(fd, where)
+            claims = self._claims(tree, slot, [manifest, *listed])
             if claims:
                 self.report.problems += [
                     f'{shown(tree)}/{slot}/{shown(name)}: named by {shown(manifest)}, but kept '
@@ -5100,7 +5257,7 @@ class WatchTree:
                     for name, owner in claims
                 ]
                 return
-            for name, digest in entries.items():
+            for name, digest in listed.items():
                 file_where = f'{shown(tree)}/{slot}/{name}'
                 try:
                     fd, info = self._open_received(slot_fd, name, file_where)
@@ -5136,9 +5293,9 @@ class WatchTree:
                 self.report.problems += problems
                 if self.dry_run and not problems:
                     print(f'would keep {self.folder}/{WATCH_KEPT}/{tree}/{slot}/{manifest}')
-                    self._record(key, manifest, entries, opened)  # in memory only
+                    self._record(key, listed, opened)  # in memory only
                 return
-            self.keep_run(key, tree, slot, manifest, entries, opened)
+            self.keep_run(key, listed, opened)
         finally:
             for fd, _, _ in opened.values():
                 os.close(fd)
@@ -5155,17 +5312,11 @@ class WatchTree:
         if info.st_nlink <= WATCH_MAX_LINKS:
             return
         kept_names = 0
-        with contextlib.suppress(OSError):
-            tree_fd = _open_in(self.kept_fd, tree, _OPEN_DIR)
-            try:
-                for kept_slot in os.listdir(tree_fd):
-                    with contextlib.suppress(OSError):
-                        there = os.stat(
-                            f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False
-                        )
-                        kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
-            finally:
-                os.close(tree_fd)
+        with contextlib.suppress(OSError), OpenFolder(self.kept_fd, tree) as tree_fd:
+            for kept_slot in os.listdir(tree_fd):
+                with contextlib.suppress(OSError):
+                    there = os.stat(f'{kept_slot}/{name}', dir_fd=tree_fd, follow_symlinks=False)
+                    kept_names += (there.st_dev, there.st_ino) == (info.st_dev, info.st_ino)
         received = info.st_nlink - kept_names
         if received > WATCH_MAX_LINKS and (info.st_dev, info.st_ino) not in self.links_reported:
             self.links_reported.add((info.st_dev, info.st_ino))
@@ -5179,10 +5330,9 @@ class WatchTree:
         """Given a slot, return {name kept there: the manifest of the run it belongs to}."""
         owners: dict[str, str] = {}
         for key, run in self.runs.items():
-            run_tree, run_slot, manifest = key.split('/')
-            if (run_tree, run_slot) == (tree, slot):
-                for name in [manifest, *run['files']]:
-                    owners.setdefault(name, manifest)
+            if (key.tree, key.slot) == (tree, slot):
+                for name in run.names:
+                    owners.setdefault(name, key.manifest)
         return owners
 
     def _claims(self, tree: str, slot: str, names: Sequence[str]) -> list[tuple[str, str]]:
@@ -5193,18 +5343,38 @@ class WatchTree:
         owners = self._owners(tree, slot)
         return [(name, owners[name]) for name in names if name in owners]
 
+    # -- keep: a checked run goes out of the sender's reach ----------------------------------------
+
     def keep_run(
         self,
-        key: str,
-        tree: str,
-        slot: str,
-        manifest: str,
-        entries: Mapping[str, str],
+        key: RunKey,
+        listed: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
-        """Make a checked run unchangeable from the receiving account and link it into kept/."""
-        kept_slot_fd = self._kept_slot(tree, slot, create=True)
-        try:
+        """Make a checked run unchangeable from the receiving account and link it into kept/.
+
+        The order, and why a crash at any instant (kill -9, ENOSPC) leaves a safe state:
+        1. ``look_at_run`` opened each of the run's names once, O_NOFOLLOW relative to the received
+           slot's fd, and checked it through that fd: the manifest's SHA-256, each file's against
+           it, its owner, no claim on a kept name (H7). From then on only these fds are used: a
+           name the sender swaps after the check changes nothing that is kept.
+        2. kept/TREE/SLOT is opened (made if new). A name there that is another inode is a clash:
+           the version that arrived first stays, and nothing of this run is written (H2).
+        3. each file, the manifest first, is made watch's (fchown; group and others lose write)
+           and linked into the kept slot from its fd, or, without CAP_CHOWN, copied to a
+           temporary name, hashed again, linked, and the temporary removed. A name linked already
+           (the week twin) is left as it is: a link never replaces a name.
+        4. fsync of the kept slot: every link is durable.
+        5. the run is recorded in memory; ``save_state`` writes the state file (temporary name,
+           fsync, rename) at the end of the watch run, after the scan and the scrub.
+        A run is kept once the state file lists it. A crash before that leaves names in kept/ that
+        no state lists: nothing is lost and nothing is removed (retention removes only what the
+        state lists). The next watch finds the run new again: if the crash came before step 3, it
+        keeps it as if it had just arrived; after, its inodes are no longer the receiving
+        account's (or its copies are other inodes), so it reports the run (FAILED) instead of
+        keeping it with a later first_seen: safe, not silent, until someone looks."""
+        tree, slot = key.tree, key.slot
+        with self.kept_slot(key, create=True) as kept_slot_fd:
             clashes = []
             for name, (_, info, digest) in opened.items():
                 with contextlib.suppress(FileNotFoundError):
@@ -5222,26 +5392,23 @@ class WatchTree:
             for name, (fd, info, digest) in opened.items():
                 self._keep_file(fd, info, name, digest, kept_slot_fd, f'{tree}/{slot}')
             os.fsync(kept_slot_fd)
-        finally:
-            os.close(kept_slot_fd)
-        self._record(key, manifest, entries, opened)
+        self._record(key, listed, opened)
 
     def _record(
         self,
-        key: str,
-        manifest: str,
-        entries: Mapping[str, str],
+        key: RunKey,
+        listed: Mapping[str, str],
         opened: Mapping[str, tuple[int, os.stat_result, str]],
     ) -> None:
-        self.runs[key] = {
-            'first_seen': self.now,
-            'hashed': self.now,
-            'manifest_name': manifest,
-            'manifest_sha256': opened[manifest][2],
-            'files': dict(entries),
-            'bytes': sum(info.st_size for _, info, _ in opened.values()),
-        }
-        self.report.kept_now.append(key)
+        self.runs[key] = KeptRun(
+            key,
+            manifest_sha256=opened[key.manifest][2],
+            files=dict(listed),
+            first_seen=self.now,
+            hashed=self.now,
+            size=sum(info.st_size for _, info, _ in opened.values()),
+        )
+        self.report.kept_now.append(str(key))
 
     def _keep_file(
         self, fd: int, info: os.stat_result, name: str, digest: str, kept_slot_fd: int, rel: str
@@ -5261,17 +5428,17 @@ class WatchTree:
                     self.copy_instead = True  # a watch user without CAP_CHOWN: one extra copy
             if not self.copy_instead and os.fstat(kept_slot_fd).st_dev == info.st_dev:
                 os.link(f'/proc/self/fd/{fd}', name, dst_dir_fd=kept_slot_fd, follow_symlinks=True)
-            elif (copied := self.copies.get(self._hash_key(info))) is not None:
+            elif (copied := self.copied_to.get(self._hash_key(info))) is not None:
                 # Another name of an inode copied in this run (a week twin, or the sender's
                 # hard links): a link of that copy, not one more copy (H8).
                 os.link(copied, name, src_dir_fd=self.kept_fd, dst_dir_fd=kept_slot_fd)
             else:
                 self._copy_file(fd, name, digest, kept_slot_fd)
-                self.copies[self._hash_key(info)] = f'{rel}/{name}'
+                self.copied_to[self._hash_key(info)] = f'{rel}/{name}'
         kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
         self.kept_inodes.add((kept.st_dev, kept.st_ino))
         if kept.st_size == info.st_size:  # the chown, chmod and link above changed its ctime
-            self.hashes[self._hash_key(kept)] = digest
+            self.digest_of[self._hash_key(kept)] = digest
 
     @staticmethod
     def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
@@ -5295,17 +5462,17 @@ class WatchTree:
             os.close(out)
             os.unlink(tmp, dir_fd=kept_slot_fd)
 
-    def recheck_kept_run(self, key: str, where: str, slot_fd: int) -> None:
+    # -- recheck: a kept run still in incoming/ ----------------------------------------------------
+
+    def recheck_kept_run(self, run: KeptRun, where: str, slot_fd: int) -> None:
         """A kept run: its received names must still be the kept inodes (or the same bytes)."""
-        run = self.runs[key]
-        expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
+        expected = run.digests
         try:
-            tree, slot, _ = key.split('/')
-            kept_slot_fd = self._kept_slot(tree, slot, create=False)
+            inside = self.kept_slot(run.key, create=False)
         except OSError:
             self.report.problems.append(f'{where}: its kept copy is gone from {WATCH_KEPT}/')
             return
-        try:
+        with inside as kept_slot_fd:
             for name, digest in expected.items():
                 file_where = f'{where.rsplit("/", 1)[0]}/{shown(name)}'
                 try:
@@ -5335,25 +5502,25 @@ class WatchTree:
                         f'{file_where}: changed after it arrived (rewritten by the sender); the '
                         f'version that arrived first is kept in {self.folder}/{WATCH_KEPT}'
                     )
-        finally:
-            os.close(kept_slot_fd)
+
+    # -- scrub: kept runs read again ---------------------------------------------------------------
 
     def scrub_kept(self) -> None:
         """Read every kept run not hashed for WATCH_SCRUB_EVERY again and check its SHA-256: the
         receiving account cannot write a kept file, but a disk can rot (T4). Runs arrive daily, so
         the reading spreads over the week instead of the whole history every hour."""
-        for key, run in sorted(self.runs.items()):
-            if self.now - float(run.get('hashed', run['first_seen'])) < WATCH_SCRUB_EVERY:
+        for key, run in sorted(self.runs.items(), key=lambda item: str(item[0])):
+            if self.now - run.hashed < WATCH_SCRUB_EVERY:
                 continue  # a run kept just now was hashed just now
-            expected = {run['manifest_name']: run['manifest_sha256'], **run['files']}
-            tree, slot, _ = key.split('/')
+            expected = run.digests
+            tree, slot = key.tree, key.slot
             try:
-                kept_slot_fd = self._kept_slot(tree, slot, create=False)
+                inside = self.kept_slot(key, create=False)
             except OSError:
                 self.report.problems.append(f'{key}: its kept copy is gone from {WATCH_KEPT}/')
                 continue
             damaged = []
-            try:
+            with inside as kept_slot_fd:
                 for name, digest in expected.items():
                     try:
                         fd = _open_in(kept_slot_fd, name)
@@ -5365,8 +5532,6 @@ class WatchTree:
                             damaged.append(f'{name} (SHA-256 differs from the manifest)')
                     finally:
                         os.close(fd)
-            finally:
-                os.close(kept_slot_fd)
             if damaged:  # reported at every run until someone looks; never marked as checked
                 self.report.problems += [
                     f'{WATCH_KEPT}/{tree}/{slot}/{what}: the kept copy is damaged (disk?); '
@@ -5374,85 +5539,53 @@ class WatchTree:
                     for what in damaged
                 ]
             elif not self.dry_run:
-                run['hashed'] = self.now
+                run.hashed = self.now
 
     # -- retention ---------------------------------------------------------------------------------
 
-    def expired(self) -> list[str]:
-        """Return the kept runs whose time is up, by the times watch recorded: a run stays 7 days
-        after it arrived, the newest week-slot run of each ISO week (per backup name) 53 weeks,
-        and the newest run always."""
-        if not self.runs:
-            return []
-        newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
-        week_newest: dict[tuple[str, str, tuple[int, int]], str] = {}
-        for key, run in sorted(self.runs.items(), key=lambda item: item[1]['first_seen']):
-            tree, slot, manifest = key.split('/')
-            if slot.startswith('wk'):
-                match = RUN_NAME_RE.fullmatch(manifest)
-                iso = dt.datetime.fromtimestamp(run['first_seen']).isocalendar()
-                week_newest[tree, match.group(1) if match else '', (iso[0], iso[1])] = key
-        weekly = set(week_newest.values())
-        doomed = []
-        for key, run in self.runs.items():
-            age = self.now - run['first_seen']
-            if key == newest or age <= WATCH_DAY_KEEP or (key in weekly and age <= WATCH_WEEK_KEEP):
-                continue
-            doomed.append(key)
-        return sorted(doomed)
-
     def apply_retention(self) -> None:
         """Remove the expired runs from kept/, and their names in incoming/ that are the same
-        inodes (nothing else there is touched); a name that a run staying names too stays."""
-        doomed = self.expired()
-        gone = set(doomed)
-        staying = {
-            self._kept_rel(key, name)
-            for key, run in self.runs.items()
-            if key not in gone
-            for name in [run['manifest_name'], *run['files']]
-        }
-        for key in doomed:
-            run = self.runs[key]
-            tree, slot, _ = key.split('/')
-            # A name another run that stays names too stays (a state from before claims were
-            # refused may hold such a pair).
-            names = [
-                name
-                for name in [run['manifest_name'], *run['files']]
-                if self._kept_rel(key, name) not in staying
-            ]
+        inodes (nothing else there is touched); a name that a run staying names too stays.
+
+        The order, and why a crash at any instant (kill -9) leaves a safe state:
+        1. retention comes first in a watch run, before the scan: a name an expired run frees may
+           then arrive again, and is judged as new.
+        2. ``expired`` picks the runs from the state alone, by watch's own times (H4), and
+           ``names_to_remove`` leaves every name a staying run names too (H7).
+        3. for each expired run, name by name, the manifest first: the name in incoming/ goes if
+           it is the kept inode, then the kept name. Manifest first: incoming/ never shows the
+           run's manifest naming files that are gone, only files no manifest names, which the scan
+           passes over. incoming/ before kept/: the kept name is how its twin in incoming/ is
+           known, so it goes last. A name already gone is passed over.
+        4. the run leaves the state in memory; the state file is written at the end of the run.
+        Until the state file is written it still lists the run, and its time is still up: the
+        next watch expires it again (before its scan) and removes what is left of it. Nothing a
+        staying run needs is removed at any point."""
+        expiring = expired(list(self.runs.values()), self.now)
+        going = {run.key for run in expiring}
+        staying = [run for run in self.runs.values() if run.key not in going]
+        for key, names in names_to_remove(expiring, staying).items():
             if self.dry_run:
                 print(f'would remove {self.folder}/{WATCH_KEPT}/{key} ({len(names)} file(s))')
                 continue
-            kept_slot_fd = self._kept_slot(tree, slot, create=False)
-            received_fd = -1
-            with contextlib.suppress(OSError):
-                tree_fd = _open_in(self.incoming_fd, tree, _OPEN_DIR)
-                try:
-                    received_fd = _open_in(tree_fd, slot, _OPEN_DIR)
-                finally:
-                    os.close(tree_fd)
-            try:
-                for name in names:
-                    try:
-                        kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
-                    except FileNotFoundError:
-                        continue
-                    if received_fd >= 0:
-                        with contextlib.suppress(FileNotFoundError):
-                            there = os.stat(name, dir_fd=received_fd, follow_symlinks=False)
-                            if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
-                                os.unlink(name, dir_fd=received_fd)
-                    os.unlink(name, dir_fd=kept_slot_fd)
-            finally:
-                os.close(kept_slot_fd)
-                if received_fd >= 0:
-                    os.close(received_fd)
+            with self.kept_slot(key, create=False) as kept_slot_fd:
+                received = self.received_slot(key)
+                with received or contextlib.nullcontext(-1) as received_fd:
+                    for name in names:
+                        try:
+                            kept = os.stat(name, dir_fd=kept_slot_fd, follow_symlinks=False)
+                        except FileNotFoundError:
+                            continue
+                        if received_fd >= 0:
+                            with contextlib.suppress(FileNotFoundError):
+                                there = os.stat(name, dir_fd=received_fd, follow_symlinks=False)
+                                if (there.st_dev, there.st_ino) == (kept.st_dev, kept.st_ino):
+                                    os.unlink(name, dir_fd=received_fd)
+                        os.unlink(name, dir_fd=kept_slot_fd)
             del self.runs[key]
-            self.report.removed.append(key)
+            self.report.removed.append(str(key))
 
-    # -- the whole look ----------------------------------------------------------------------------
+    # -- the whole look, and its summary -----------------------------------------------------------
 
     def watch(self, max_age_hours: float) -> TreeReport:
         """Keep and check what arrived, apply retention, and sum up; return the report."""
@@ -5473,10 +5606,10 @@ class WatchTree:
     def sum_up(self, max_age_hours: float) -> None:
         report = self.report
         report.runs_kept = len(self.runs)
-        report.bytes_kept = sum(int(run.get('bytes', 0)) for run in self.runs.values())
+        report.bytes_kept = sum(run.size for run in self.runs.values())
         if self.runs:
-            report.newest = max(self.runs, key=lambda key: self.runs[key]['first_seen'])
-            report.newest_time = float(self.runs[report.newest]['first_seen'])
+            newest = max(self.runs.values(), key=lambda run: run.first_seen)
+            report.newest, report.newest_time = str(newest.key), newest.first_seen
         if report.newest_time is None:
             report.stale.append(f'no backup has arrived in {self.folder}/{WATCH_INCOMING}')
         elif self.now - report.newest_time > max_age_hours * 3600:
@@ -5486,7 +5619,7 @@ class WatchTree:
                 f'no backup has arrived since {since:%Y-%m-%d %H:%M} ({hours:.0f} h ago, '
                 f'more than --max-age {max_age_hours:g} h)'
             )
-        recent = [run for run in self.runs.values() if self.now - run['first_seen'] < 86400]
+        recent = [run for run in self.runs.values() if self.now - run.first_seen < 86400]
         if len(recent) > WATCH_FLOOD_RUNS:
             report.problems.append(
                 f'{len(recent)} runs arrived within a day (more than {WATCH_FLOOD_RUNS}): a flood '
