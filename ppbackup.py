@@ -2940,6 +2940,11 @@ class Transport:
         """Return the run's transfer commands, each with what it is given: for run --dry-run."""
         raise NotImplementedError
 
+    def shown(self, argv: Sequence[str]) -> str:
+        """Given one of its argv, return it as run --dry-run prints it (a password masked: an
+        RSYNC_RSH or a remote may name one)."""
+        return mask_secrets(shlex.join(argv))
+
 
 def transport_for(config: Config) -> Transport:
     """Return the run's transport: the only place that asks which kind BACKUP_REMOTE is."""
@@ -3349,6 +3354,11 @@ class RcloneTransport(Transport):
                 f'size was checked ({", ".join(check.size_only[:5])}); see README, "Object storage"'
             )
         return line, warnings
+
+    def shown(self, argv: Sequence[str]) -> str:
+        # No credential is ever on rclone's command line (RCLONE_REMOTE_RE), and masking would
+        # turn --ask-password=false into a secret.
+        return shlex.join(argv)
 
     def plan(self) -> list[tuple[list[str], str]]:
         return [
@@ -4201,7 +4211,7 @@ def print_plan(config: Config) -> int:
         for note in gpg_notes:
             print(f'    ({note})')
     for argv, given in transport.plan():
-        print(f'  {mask_secrets(shlex.join(argv))}')
+        print(f'  {transport.shown(argv)}')
         print(f'    ({given})')
     print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
     names = {
