@@ -2548,6 +2548,29 @@ def _gpg_write_errors(label: str, step: str, folder: Path) -> Iterator[None]:
         ) from error
 
 
+def gpg_encrypt_args(fingerprints: Sequence[str], plain: Path, encrypted: Path) -> list[str]:
+    """Given fingerprints, return gpg's arguments that encrypt ``plain`` to exactly them into
+    ``encrypted`` (an existing file of ours: --yes); python-gnupg puts its own before them (see
+    ``GnuPG.make_args``). ``run --dry-run`` prints the same."""
+    return [
+        '--encrypt',
+        *(word for fingerprint in fingerprints for word in ('--recipient', fingerprint)),
+        '--yes',
+        '--output',
+        str(encrypted),
+        '--trust-model',
+        'always',  # every key was checked by resolve_recipients
+        # gpg compresses by default, and compressing zstd output again only burns CPU.
+        '--compress-algo',
+        'none',
+        # gpg.conf must not add anyone: no encrypt-to, no hidden key ids.
+        '--no-encrypt-to',
+        '--no-throw-keyids',
+        '--',
+        str(plain),  # gpg reads the file itself: no Python thread copies the bytes
+    ]
+
+
 def encrypt_artifact(
     plain: Path,
     encrypted: Path,
@@ -2566,23 +2589,14 @@ def encrypt_artifact(
     _thread_pipeline.current = pipe
     try:
         with pipe, _gpg_write_errors(label, step, encrypted.parent):
-            # gpg reads the file itself (named last): no Python thread copies the bytes.
-            result = gpg.encrypt_file(
+            # What encrypt_file does, with the arguments built by gpg_encrypt_args: the very
+            # ones run --dry-run prints.
+            result = gpg.result_map['crypt'](gpg)
+            gpg._handle_io(
+                gpg_encrypt_args([rec.fingerprint for rec in recipients], plain, encrypted),
                 io.BytesIO(b''),
-                [rec.fingerprint for rec in recipients],
-                armor=False,
-                always_trust=True,  # every key was checked by resolve_recipients
-                output=str(encrypted),
-                # gpg compresses by default, and compressing zstd output again only burns CPU.
-                # gpg.conf must not add anyone: no encrypt-to, no hidden key ids.
-                extra_args=[
-                    '--compress-algo',
-                    'none',
-                    '--no-encrypt-to',
-                    '--no-throw-keyids',
-                    '--',
-                    str(plain),
-                ],
+                result,
+                binary=True,
             )
             if pipe.timed_out:
                 raise BackupError(f'{label}: encryption timed out after {timeout} s', step=step)
@@ -2863,84 +2877,225 @@ def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
 
 
 def committed_files(config: Config) -> list[str]:
-    """Return what the manifests name (see ``manifest_files``), relative to the backups folder's
-    parent: each committed run's files and manifest, in every slot, whichever backup made them. A
-    file no manifest names (a stray copy, plaintext dropped into a slot, an unfinished commit) is
-    not in it: what is sent is what the manifests vouch for."""
-    return [f'{config.backup_dir.name}/{name}' for name in manifest_files(config)]
-
-
-def sync_remote(config: Config) -> list[str]:
-    """Send every committed run (see ``committed_files``) to the remote; return what was listed.
-    Raise BackupError if rsync fails or times out."""
-    listed = committed_files(config)
-    send_files(config, listed)
-    return listed
-
-
-def send_files(config: Config, relative_files: Sequence[str], ignore_times: bool = False) -> None:
-    """Given files relative to the backups folder's parent, rsync them to the remote (with
-    ``ignore_times``, whatever their times: a copy found to differ). Raise BackupError on failure."""
-    run_command(
-        [
-            *rsync_base(config),
-            *(['--ignore-times'] if ignore_times else []),
-            '--files-from=-',
-            '--',
-            str(config.backup_dir.parent) + '/',
-            config.remote,
-        ],
-        what=f'rsync to {config.remote}',
-        step='sync',
-        timeout=config.sync_timeout,
-        input_bytes=''.join(name + '\n' for name in relative_files).encode(),
-    )
-
-
-def remote_mismatches(config: Config, relative_files: Sequence[str] | None) -> list[str]:
-    """Given files relative to the backups folder's parent (None: all), return those whose remote
-    copy is missing or differs by checksum. Raise BackupError if the remote cannot be reached."""
-    parent = str(config.backup_dir.parent)
-    # Without -H: a hard-linked week copy must be checked as a file of its own, not as a link.
-    argv = [*rsync_base(config, hard_links=False), '--dry-run', '--checksum', '--itemize-changes']
-    if relative_files is not None:
-        argv += ['--files-from=-', '--', parent + '/', config.remote]
-        payload = ''.join(name + '\n' for name in relative_files).encode()
-    else:
-        argv += ['--', str(config.backup_dir).rstrip('/'), config.remote]
-        payload = None
-    _, out = run_command(
-        argv,
-        what=f'rsync --checksum check of {config.remote}',
-        step='verify remote',
-        timeout=config.sync_timeout,
-        input_bytes=payload,
-    )
-    bad = []
-    for line in out.splitlines():
-        # "<f"/">f" means rsync would send the file: missing or different on the remote.
-        if len(line) > 12 and line[0] in '<>c' and line[1] == 'f':
-            bad.append(line[12:].strip())
-    return bad
-
-
-# Object storage through rclone (BACKUP_REMOTE=rclone:REMOTE:PATH). The remote's credentials stay in
-# the user's rclone.conf; ppbackup never writes it and never puts a credential on a command line.
-# rclone only ever copies: nothing is deleted remotely (retention there is the bucket's lifecycle
-# rule), and it needs a key that may write and list, never one that may read or delete.
+    """Return what the manifests name (see ``manifest_files``), relative to the backups folder: each
+    committed run's files and manifest, in every slot, whichever backup made them. A file no
+    manifest names (a stray copy, plaintext dropped into a slot, an unfinished commit) is not in
+    it: what is sent is what the manifests vouch for."""
+    return list(manifest_files(config))
 
 
 @dataclasses.dataclass
 class RemoteCheck:
     """How the remote copies compared with the manifests."""
 
-    bad: list[str]  # relative to the backups folder: missing, or a different size or hash
-    hash_type: str  # the backend's hash that was compared ('' if it has none)
+    bad: list[str]  # in the transport's own naming (see Transport.name_of): missing or different
+    hash_type: str  # the backend's hash that was compared ('' if it has none, or rsync's checksum)
     size_only: list[str]  # present with the right size, but the backend gave no hash for them
 
 
-def is_rclone(config: Config) -> bool:
-    return config.remote.startswith('rclone:')
+class Transport:
+    """How a run sends the backups folder to BACKUP_REMOTE and proves the copy: rsync or rclone,
+    chosen once by ``transport_for``. Names are what the messages show (``name_of``); every argv
+    is built by an ``argv_*`` method, which ``run --dry-run`` prints as the run executes it."""
+
+    program = ''  # what the run starts, and what status calls the transport
+    via = ''  # what status adds to the remote's name
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+
+    def name_of(self, relative: str) -> str:
+        """Given slot/name (relative to the backups folder), return the name messages use."""
+        raise NotImplementedError
+
+    def check_setup(self) -> None:
+        """The run's pre-flight (and check's): raise BackupError if the remote cannot be used as
+        configured. Starts nothing."""
+
+    def probe(self) -> tuple[bool | None, str]:
+        """check's look at the remote: return (mark, text), text '' if ``check_setup`` already
+        said what is wrong. Raise BackupError if the remote cannot be reached."""
+        raise NotImplementedError
+
+    def send(self, run_files: Sequence[str]) -> list[str]:
+        """Given this run's files (in ``name_of`` naming), send them and whatever committed run
+        the remote lacks; return what is to be checked after. Raise BackupError on failure."""
+        raise NotImplementedError
+
+    def resend(self, names: Sequence[str]) -> None:
+        """Given files found to differ, send them again whatever their times."""
+        raise NotImplementedError
+
+    def mismatches(self, names: Sequence[str] | None) -> RemoteCheck:
+        """Given files (None: every file a manifest names), return which remote copies are missing
+        or differ. Raise BackupError if the remote cannot be reached."""
+        raise NotImplementedError
+
+    def summary(self, checked: Sequence[str], check: RemoteCheck | None) -> tuple[str, list[str]]:
+        """Return the mail's transfer line ('' for none) and warnings on how the copy was checked
+        (``check`` None: it was not)."""
+        return '', []
+
+    def plan(self) -> list[tuple[list[str], str]]:
+        """Return the run's transfer commands, each with what it is given: for run --dry-run."""
+        raise NotImplementedError
+
+    def shown(self, argv: Sequence[str]) -> str:
+        """Given one of its argv, return it as run --dry-run prints it (a password masked: an
+        RSYNC_RSH or a remote may name one)."""
+        return mask_secrets(shlex.join(argv))
+
+
+def transport_for(config: Config) -> Transport:
+    """Return the run's transport: the only place that asks which kind BACKUP_REMOTE is."""
+    if config.remote.startswith('rclone:'):
+        return RcloneTransport(config)
+    return RsyncTransport(config)
+
+
+def file_list(names: Sequence[str]) -> bytes:
+    """Given names, return them as a --files-from list on stdin."""
+    return ''.join(name + '\n' for name in names).encode()
+
+
+def transfer(transport: Transport, report: Report, written: set[Path], verify: bool) -> None:
+    """Send this run's files (and what the remote lacks), then check them and everything just
+    sent against the manifests; send a differing copy once more. Raise BackupError if one still
+    differs, naming the remote."""
+    config = transport.config
+    checked = transport.send(
+        sorted(transport.name_of(f'{path.parent.name}/{path.name}') for path in written)
+    )
+    report.transfer = transport.summary(checked, None)[0]
+    if not verify:
+        return
+    report.step = 'verify remote'
+    check = transport.mismatches(checked)
+    if check.bad:
+        # rsync's quick check (size and mtime) misses a file rewritten with the same size in the
+        # same second, and a copy corrupted on the remote: send exactly those again.
+        report.warnings.append(
+            f'{len(check.bad)} remote cop(ies) differed from the manifest after the transfer and '
+            f'were sent again: {", ".join(check.bad)}'
+        )
+        transport.resend(check.bad)
+        check = transport.mismatches(checked)
+    if check.bad:
+        raise BackupError(
+            f'the copy on {config.remote} differs from the manifest: {", ".join(check.bad)}',
+            step='verify remote',
+        )
+    report.transfer, warnings = transport.summary(checked, check)
+    report.warnings += warnings
+
+
+class RsyncTransport(Transport):
+    """rsync -a to a local folder or over ssh (possibly a write-only rrsync remote), then its
+    --checksum dry run of this run's files."""
+
+    program = 'rsync'
+
+    def name_of(self, relative: str) -> str:
+        return f'{self.config.backup_dir.name}/{relative}'  # relative to the folder's parent
+
+    def argv_send(self, ignore_times: bool = False) -> list[str]:
+        """rsync of the files named on stdin (``ignore_times``: a copy found to differ)."""
+        return [
+            *rsync_base(self.config),
+            *(['--ignore-times'] if ignore_times else []),
+            '--files-from=-',
+            '--',
+            str(self.config.backup_dir.parent) + '/',
+            self.config.remote,
+        ]
+
+    def argv_check(self) -> list[str]:
+        """rsync's checksum dry run of the files named on stdin. Without -H: a hard-linked week
+        copy must be checked as a file of its own, not as a link."""
+        return [
+            *rsync_base(self.config, hard_links=False),
+            '--dry-run',
+            '--checksum',
+            '--itemize-changes',
+            '--files-from=-',
+            '--',
+            str(self.config.backup_dir.parent) + '/',
+            self.config.remote,
+        ]
+
+    def argv_probe(self, empty: str) -> list[str]:
+        return [*rsync_base(self.config), '--dry-run', '--', empty + '/', self.config.remote]
+
+    def check_setup(self) -> None:
+        """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it), or if the remote
+        is a local folder whose parent does not exist (rsync would fail with a bare change_dir#3)."""
+        parent = missing_remote_parent(self.config)
+        if parent is not None:
+            raise BackupError(
+                f'BACKUP_REMOTE {self.config.remote} is a local folder whose parent {parent} does '
+                f'not exist: make it with mkdir -p {shlex.quote(str(parent))}',
+                step='prepare',
+            )
+        rsync_base(self.config)
+
+    def probe(self) -> tuple[bool | None, str]:
+        if missing_remote_parent(self.config) is not None:
+            return None, ''  # check_setup named it, with the mkdir that mends it
+        with tempfile.TemporaryDirectory() as empty:
+            run_command(
+                self.argv_probe(empty),
+                what=f'rsync probe of {self.config.remote}',
+                step='check',
+                timeout=90,
+            )
+        return True, f'remote {self.config.remote}: reachable'
+
+    def _send(self, names: Sequence[str], ignore_times: bool) -> None:
+        run_command(
+            self.argv_send(ignore_times),
+            what=f'rsync to {self.config.remote}',
+            step='sync',
+            timeout=self.config.sync_timeout,
+            input_bytes=file_list(names),
+        )
+
+    def send(self, run_files: Sequence[str]) -> list[str]:
+        """Send every committed run (see ``committed_files``): rsync's quick check leaves out
+        what the remote holds; check this run's files."""
+        self._send([self.name_of(name) for name in committed_files(self.config)], False)
+        return list(run_files)
+
+    def resend(self, names: Sequence[str]) -> None:
+        self._send(names, True)
+
+    def mismatches(self, names: Sequence[str] | None) -> RemoteCheck:
+        if names is None:
+            names = [self.name_of(name) for name in committed_files(self.config)]
+        _, out = run_command(
+            self.argv_check(),
+            what=f'rsync --checksum check of {self.config.remote}',
+            step='verify remote',
+            timeout=self.config.sync_timeout,
+            input_bytes=file_list(names),
+        )
+        bad = []
+        for line in out.splitlines():
+            # "<f"/">f" means rsync would send the file: missing or different on the remote.
+            if len(line) > 12 and line[0] in '<>c' and line[1] == 'f':
+                bad.append(line[12:].strip())
+        return RemoteCheck(bad, 'checksum', [])
+
+    def plan(self) -> list[tuple[list[str], str]]:
+        return [
+            (self.argv_send(), 'every file that manifests name, on stdin'),
+            (self.argv_check(), "this run's files, on stdin: the checksum check"),
+        ]
+
+
+# Object storage through rclone (BACKUP_REMOTE=rclone:REMOTE:PATH). The remote's credentials stay in
+# the user's rclone.conf; ppbackup never writes it and never puts a credential on a command line.
+# rclone only ever copies: nothing is deleted remotely (retention there is the bucket's lifecycle
+# rule), and it needs a key that may write and list, never one that may read or delete.
 
 
 def rclone_target(config: Config, folder: str = '') -> str:
@@ -2995,16 +3150,21 @@ def run_rclone(
     )
 
 
+def rclone_list_args(config: Config, folder: str, hash_type: str) -> list[str]:
+    """rclone's listing of a folder below the remote's backups folder ('' for all, recursively)."""
+    args = ['lsjson', '--files-only', '--no-modtime', '--no-mimetype']  # mod times need reads
+    args += [f'--hash-type={hash_type}'] if hash_type else []
+    args += ['--recursive'] if not folder else []
+    return [*args, '--', rclone_target(config, folder)]
+
+
 def rclone_list(
     config: Config, folder: str, hash_type: str, step: str = 'sync'
 ) -> dict[str, tuple[int, str]]:
     """Given a folder below the remote's backups folder ('' for all of it, recursively), return
     {path relative to it: (size, hash or '')}; a folder not there yet is empty."""
-    args = ['lsjson', '--files-only', '--no-modtime', '--no-mimetype']  # mod times need reads
-    args += [f'--hash-type={hash_type}'] if hash_type else []
-    args += ['--recursive'] if not folder else []
     code, out = run_rclone(
-        config, [*args, '--', rclone_target(config, folder)], step=step, ok_codes=(0, 3)
+        config, rclone_list_args(config, folder, hash_type), step=step, ok_codes=(0, 3)
     )
     if code == 3:  # rclone's "directory not found": nothing was sent there yet
         return {}
@@ -3049,72 +3209,6 @@ def manifest_files(config: Config) -> dict[str, str]:
     return {**data, **manifests}
 
 
-def rclone_send(config: Config, relative_files: Sequence[str]) -> None:
-    """Given files relative to the backups folder, upload them whatever the remote holds: first
-    the data, then the manifests naming it. rclone copy never deletes anything remotely."""
-    data = [name for name in relative_files if not name.endswith(MANIFEST_SUFFIX)]
-    manifests = [name for name in relative_files if name.endswith(MANIFEST_SUFFIX)]
-    for group in (data, manifests):
-        if group:
-            run_rclone(
-                config,
-                [
-                    'copy',
-                    '--ignore-times',
-                    '--files-from-raw=-',
-                    '--',
-                    str(config.backup_dir),
-                    rclone_target(config),
-                ],
-                step='sync',
-                input_bytes=''.join(name + '\n' for name in group).encode(),
-            )
-
-
-def rclone_sync(config: Config, new_files: set[str]) -> list[str]:
-    """Given this run's files (relative to the backups folder), upload them, and every file an
-    earlier manifest names that the remote lacks or holds at another size (a run whose transfer
-    failed or was cut off). Return what was sent."""
-    remote = rclone_list(config, '', '')
-    send = [
-        name
-        for name in manifest_files(config)
-        if name in new_files
-        or remote.get(name, (-1, ''))[0] != (config.backup_dir / name).stat().st_size
-    ]
-    rclone_send(config, send)
-    return send
-
-
-def rclone_mismatches(config: Config, relative_files: Sequence[str] | None) -> RemoteCheck:
-    """Given files relative to the backups folder (None: all that manifests name), compare each
-    remote copy with the manifest: by SHA-256 where the backend has it, else by its MD5 or SHA-1
-    computed here from the local file once that file matched the manifest's SHA-256, else by
-    size alone (reported: a key that cannot read cannot prove more). Raise BackupError if the
-    remote cannot be listed."""
-    expected = manifest_files(config)
-    names = sorted(expected if relative_files is None else relative_files)
-    hash_type = rclone_hash_type(config, step='verify remote')
-    check = RemoteCheck([], hash_type, [])
-    for slot in sorted({name.split('/', 1)[0] for name in names}):
-        listing = rclone_list(config, slot, hash_type, step='verify remote')
-        for name in (name for name in names if name.startswith(slot + '/')):
-            local = config.backup_dir / name
-            size, remote_digest = listing.get(name, (-1, ''))
-            if size != local.stat().st_size:
-                check.bad.append(name)
-                continue
-            if not remote_digest:
-                check.size_only.append(name)
-                continue
-            digests = file_digests(local, {'sha256', hash_type})
-            if expected.get(name) and digests['sha256'] != expected[name]:
-                check.bad.append(name)  # the local file itself is damaged: verify names it
-            elif digests[hash_type] != remote_digest:
-                check.bad.append(name)
-    return check
-
-
 def file_digests(path: Path, hash_types: set[str]) -> dict[str, str]:
     """Given a file and hash names (sha256, md5, sha1), return their hex digests, reading the
     file once, a block at a time."""
@@ -3126,38 +3220,158 @@ def file_digests(path: Path, hash_types: set[str]) -> dict[str, str]:
     return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
-def rclone_transfer(config: Config, report: Report, written: set[Path], verify: bool) -> None:
-    """Upload what the remote lacks, then check this run's files and everything just sent
-    against the manifests; send a differing copy once more. Raise BackupError if one still
-    differs, naming the remote."""
-    sent = rclone_sync(config, {f'{path.parent.name}/{path.name}' for path in written})
-    report.transfer = f'rclone copy to {config.remote}: {len(sent)} file(s) sent'
-    if not verify:
-        return
-    report.step = 'verify remote'
-    names = sorted({f'{path.parent.name}/{path.name}' for path in written} | set(sent))
-    check = rclone_mismatches(config, names)
-    if check.bad:
-        report.warnings.append(
-            f'{len(check.bad)} remote cop(ies) differed from the manifest after the transfer and '
-            f'were sent again: {", ".join(check.bad)}'
+class RcloneTransport(Transport):
+    """rclone copy, never delete, then the listing's hashes compared with the manifests."""
+
+    program = 'rclone'
+    via = ' (through rclone)'
+
+    def __init__(self, config: Config) -> None:
+        super().__init__(config)
+        self.sent: list[str] = []
+
+    def name_of(self, relative: str) -> str:
+        return relative  # relative to the backups folder, as on the remote
+
+    def argv_copy(self) -> list[str]:
+        """rclone copy of the files named on stdin, whatever the remote holds."""
+        return [
+            *rclone_base(self.config),
+            'copy',
+            '--ignore-times',
+            '--files-from-raw=-',
+            '--',
+            str(self.config.backup_dir),
+            rclone_target(self.config),
+        ]
+
+    def argv_list(self, folder: str = '', hash_type: str = '') -> list[str]:
+        return [*rclone_base(self.config), *rclone_list_args(self.config, folder, hash_type)]
+
+    def probe(self) -> tuple[bool | None, str]:
+        """Say whether rclone knows the remote, can list it, and which hash the copies will be
+        checked by. Lists only: a key that may only write and list passes."""
+        config = self.config
+        match = RCLONE_REMOTE_RE.match(config.remote)
+        assert match, 'load_config checked BACKUP_REMOTE'
+        _, out = run_command(
+            ['rclone', '--ask-password=false', 'listremotes'], what='rclone', step='check'
         )
-        rclone_send(config, check.bad)
-        check = rclone_mismatches(config, names)
-    if check.bad:
-        raise BackupError(
-            f'the copy on {config.remote} differs from the manifest: {", ".join(check.bad)}',
-            step='verify remote',
+        if f'{match.group(1)}:' not in out.split():
+            missing = (
+                f'remote {config.remote}: rclone.conf has no remote named {match.group(1)!r} '
+                '(rclone config file shows which file; RCLONE_CONFIG names another)'
+            )
+            return False, missing
+        # Listing the top of the backups folder proves the address and the key; a folder not
+        # there yet (exit 3) is fine: the first run makes it.
+        run_rclone(
+            config,
+            ['lsjson', '--max-depth=1', '--no-modtime', '--no-mimetype', '--']
+            + [rclone_target(config)],
+            step='check',
+            ok_codes=(0, 3),
+            timeout=90,
         )
-    hashed = len(names) - len(check.size_only)
-    report.transfer += f'; {len(names)} checked against the manifests' + (
-        f', {hashed} of them by {check.hash_type.upper()}' if hashed else ', by size only'
-    )
-    if check.size_only:
-        report.warnings.append(
-            f'{config.remote} gives no hash for {len(check.size_only)} file(s), so only their '
-            f'size was checked ({", ".join(check.size_only[:5])}); see README, "Object storage"'
+        hash_type = rclone_hash_type(config, step='check')
+        return (
+            True if hash_type else None,
+            f'remote {config.remote}: reachable through rclone; copies checked by '
+            + (hash_type.upper() if hash_type else 'size only (the backend gives no hash)'),
         )
+
+    def resend(self, names: Sequence[str]) -> None:
+        """Upload the files whatever the remote holds: first the data, then the manifests naming
+        it. rclone copy never deletes anything remotely."""
+        data = [name for name in names if not name.endswith(MANIFEST_SUFFIX)]
+        manifests = [name for name in names if name.endswith(MANIFEST_SUFFIX)]
+        for group in (data, manifests):
+            if group:
+                run_command(
+                    self.argv_copy(),
+                    what=f'rclone copy {self.config.remote}',
+                    step='sync',
+                    timeout=self.config.sync_timeout,
+                    input_bytes=file_list(group),
+                )
+
+    def send(self, run_files: Sequence[str]) -> list[str]:
+        """Upload this run's files, and every file an earlier manifest names that the remote
+        lacks or holds at another size (a run whose transfer failed or was cut off); check both."""
+        config = self.config
+        remote = rclone_list(config, '', '')
+        wanted = set(run_files)
+        self.sent = [
+            name
+            for name in manifest_files(config)
+            if name in wanted
+            or remote.get(name, (-1, ''))[0] != (config.backup_dir / name).stat().st_size
+        ]
+        self.resend(self.sent)
+        return sorted(set(run_files) | set(self.sent))
+
+    def mismatches(self, names: Sequence[str] | None) -> RemoteCheck:
+        """Compare each remote copy with the manifest: by SHA-256 where the backend has it, else
+        by its MD5 or SHA-1 computed here from the local file once that file matched the
+        manifest's SHA-256, else by size alone (reported: a key that cannot read cannot prove
+        more)."""
+        config = self.config
+        expected = manifest_files(config)
+        names = sorted(expected if names is None else names)
+        hash_type = rclone_hash_type(config, step='verify remote')
+        check = RemoteCheck([], hash_type, [])
+        for slot in sorted({name.split('/', 1)[0] for name in names}):
+            listing = rclone_list(config, slot, hash_type, step='verify remote')
+            for name in (name for name in names if name.startswith(slot + '/')):
+                local = config.backup_dir / name
+                size, remote_digest = listing.get(name, (-1, ''))
+                if size != local.stat().st_size:
+                    check.bad.append(name)
+                    continue
+                if not remote_digest:
+                    check.size_only.append(name)
+                    continue
+                digests = file_digests(local, {'sha256', hash_type})
+                if expected.get(name) and digests['sha256'] != expected[name]:
+                    check.bad.append(name)  # the local file itself is damaged: verify names it
+                elif digests[hash_type] != remote_digest:
+                    check.bad.append(name)
+        return check
+
+    def summary(self, checked: Sequence[str], check: RemoteCheck | None) -> tuple[str, list[str]]:
+        config = self.config
+        line = f'rclone copy to {config.remote}: {len(self.sent)} file(s) sent'
+        if check is None:
+            return line, []
+        hashed = len(checked) - len(check.size_only)
+        line += f'; {len(checked)} checked against the manifests' + (
+            f', {hashed} of them by {check.hash_type.upper()}' if hashed else ', by size only'
+        )
+        warnings = []
+        if check.size_only:
+            warnings.append(
+                f'{config.remote} gives no hash for {len(check.size_only)} file(s), so only their '
+                f'size was checked ({", ".join(check.size_only[:5])}); see README, "Object storage"'
+            )
+        return line, warnings
+
+    def shown(self, argv: Sequence[str]) -> str:
+        # No credential is ever on rclone's command line (RCLONE_REMOTE_RE), and masking would
+        # turn --ask-password=false into a secret.
+        return shlex.join(argv)
+
+    def plan(self) -> list[tuple[list[str], str]]:
+        return [
+            (self.argv_list(), 'what the remote holds, by size'),
+            (
+                self.argv_copy(),
+                (
+                    'the files that manifests name and the remote lacks, data then manifests, '
+                    'on stdin; never deletes remotely'
+                ),
+            ),
+            (self.argv_list('SLOT', 'HASH'), "each slot's hashes: the check after the transfer"),
+        ]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -3508,7 +3722,7 @@ def save_state(config: Config, state: Mapping[str, Any]) -> None:
 
 def needed_programs(config: Config) -> list[str]:
     """Return the programs this config's run starts (mailx aside: its failure is reported apart)."""
-    needed = ['gpg', 'rclone' if is_rclone(config) else 'rsync']
+    needed = ['gpg', transport_for(config).program]
     needed += ['tar'] if config.files or config.binaries else []
     needed += ['mysqldump'] if config.mysql_dbs else []
     needed += ['pg_dump'] if config.psql_dbs else []
@@ -3559,17 +3773,8 @@ def missing_remote_parent(config: Config) -> Path | None:
 
 
 def check_remote_shell(config: Config) -> None:
-    """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it), or if the remote is
-    a local folder whose parent does not exist (rsync would fail with a bare change_dir#3)."""
-    parent = missing_remote_parent(config)
-    if parent is not None:
-        raise BackupError(
-            f'BACKUP_REMOTE {config.remote} is a local folder whose parent {parent} does not '
-            f'exist: make it with mkdir -p {shlex.quote(str(parent))}',
-            step='prepare',
-        )
-    if not is_rclone(config):
-        rsync_base(config)
+    """Raise BackupError if the transport cannot be used as configured (see check_setup)."""
+    transport_for(config).check_setup()
 
 
 # The checks of the run that need no key: `check` runs these very functions, so that a `check`
@@ -3850,28 +4055,7 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     )
     report.step = 'sync'
     log.info('sync to %s', config.remote)
-    if is_rclone(config):  # object storage: rclone copies and checks in a way of its own
-        rclone_transfer(config, report, written, verify_remote)
-    else:
-        sync_remote(config)
-    if verify_remote and not is_rclone(config):
-        report.step = 'verify remote'
-        base = config.backup_dir.name
-        rel = [f'{base}/{path.parent.name}/{path.name}' for path in sorted(written)]
-        bad = remote_mismatches(config, rel)
-        if bad:
-            # rsync's quick check (size and mtime) misses a file rewritten with the same size in
-            # the same second, and a copy corrupted on the remote: send exactly those again.
-            report.warnings.append(
-                f'{len(bad)} remote cop(ies) differed from the manifest after '
-                f'the transfer and were sent again: {", ".join(bad)}'
-            )
-            send_files(config, bad, ignore_times=True)
-            bad = remote_mismatches(config, rel)
-        if bad:
-            raise BackupError(
-                'the remote copy differs from the manifest: ' + ', '.join(bad), step='verify remote'
-            )
+    transfer(transport_for(config), report, written, verify_remote)
     state['last_transfer'] = time.time()
     save_state(config, state)
     # Only now, with this run whole here and checked on the remote, may earlier runs go; the mail
@@ -3987,6 +4171,25 @@ def print_plan(config: Config) -> int:
         f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written'
     )
     compressor = COMPRESSORS[config.compression][0]
+    # gpg's argv as the run builds it: python-gnupg's options, then gpg_encrypt_args. The keys
+    # are not listed (gpg's lock would touch the GnuPG home): the run resolves each recipient to
+    # its fingerprint, which a fingerprint in the config already is.
+    try:
+        gpg = open_gnupg(config.gnupghome)
+
+        def gpg_argv(args: list[str]) -> list[str]:
+            return list(gpg.make_args(args, False))
+
+        gpg_notes = []
+    except BackupError as error:
+
+        def gpg_argv(args: list[str]) -> list[str]:
+            return ['gpg', '--homedir', str(config.gnupghome), *args]
+
+        gpg_notes = [f'gpg cannot be used as it is: {error}']
+    if not all(FINGERPRINT_RE.match(spec) for spec in config.recipients):
+        gpg_notes.append('the run gives each --recipient as its fingerprint')
+    transport = transport_for(config)
     print('commands:')
     for artifact in plan_artifacts(config, run_id, rundir):
         pipeline = shlex.join(artifact.argv) + (
@@ -4001,21 +4204,15 @@ def print_plan(config: Config) -> int:
             print(
                 "    (a mysql session starts its snapshot just before, and counts each table's rows)"
             )
-        print(
-            f'  gpg --encrypt --compress-algo none '
-            f'{" ".join("-r " + spec for spec in config.recipients)} -> '
-            f'{config.backup_dir / day_name / (artifact.filename + ".gpg")}'
-        )
-    if is_rclone(config):
-        print(
-            f'  {shlex.join([*rclone_base(config), "copy", "--ignore-times", "--files-from-raw=-"])}'
-            f' -- {shlex.quote(str(config.backup_dir))} {shlex.quote(rclone_target(config))}'
-            '  (the files that manifests name and the remote lacks; never deletes remotely)'
-        )
-    else:
-        print(
-            f'  {mask_secrets(shlex.join([*rsync_base(config), str(config.backup_dir), config.remote]))}'
-        )
+        final = config.backup_dir / day_name / (artifact.filename + '.gpg')
+        encrypted = final.with_name(f'{TMP_PREFIX}PID-RANDOM-{final.name}')  # see temp_name
+        args = gpg_encrypt_args(config.recipients, rundir / artifact.filename, encrypted)
+        print(f'  {shlex.join(gpg_argv(args))}')
+        for note in gpg_notes:
+            print(f'    ({note})')
+    for argv, given in transport.plan():
+        print(f'  {transport.shown(argv)}')
+        print(f'    ({given})')
     print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
     names = {
         config.backup_dir / day_name / (a.filename + '.gpg')
@@ -4141,22 +4338,12 @@ def command_check(config: Config) -> int:
                 f'path {full}: a symlink to {os.path.realpath(full)}; its contents are archived '
                 '(followed here only, never inside)',
             )
-    if is_rclone(config):
-        check_rclone_remote(config, mark)
-    elif missing_remote_parent(config) is not None:
-        pass  # the run's own check above named it, with the mkdir that mends it
-    else:
-        try:
-            with tempfile.TemporaryDirectory() as empty:
-                run_command(
-                    [*rsync_base(config), '--dry-run', '--', empty + '/', config.remote],
-                    what=f'rsync probe of {config.remote}',
-                    step='check',
-                    timeout=90,
-                )
-            mark(True, f'remote {config.remote}: reachable')
-        except BackupError as error:
-            mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
+    try:
+        ok, text = transport_for(config).probe()
+        if text:
+            mark(ok, text)
+    except BackupError as error:
+        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
     if config.admin_emails:
         # check sends no mail: it can only see that mailx is there, and an MTA for it to hand to.
         mta = Path('/usr/sbin/sendmail')
@@ -4186,42 +4373,6 @@ def command_check(config: Config) -> int:
         )
     print('all is well' if not failures else f'{failures} problem(s)')
     return EXIT_OK if not failures else EXIT_FAILED
-
-
-def check_rclone_remote(config: Config, mark: Callable[[bool | None, str], None]) -> None:
-    """Given check's marker, say whether rclone knows the remote, can list it, and which hash
-    the copies will be checked by. Lists only: a key that may only write and list passes."""
-    match = RCLONE_REMOTE_RE.match(config.remote)
-    assert match, 'load_config checked BACKUP_REMOTE'
-    try:
-        _, out = run_command(
-            ['rclone', '--ask-password=false', 'listremotes'], what='rclone', step='check'
-        )
-        if f'{match.group(1)}:' not in out.split():
-            mark(
-                False,
-                f'remote {config.remote}: rclone.conf has no remote named {match.group(1)!r} '
-                '(rclone config file shows which file; RCLONE_CONFIG names another)',
-            )
-            return
-        # Listing the top of the backups folder proves the address and the key; a folder not
-        # there yet (exit 3) is fine: the first run makes it.
-        run_rclone(
-            config,
-            ['lsjson', '--max-depth=1', '--no-modtime', '--no-mimetype', '--']
-            + [rclone_target(config)],
-            step='check',
-            ok_codes=(0, 3),
-            timeout=90,
-        )
-        hash_type = rclone_hash_type(config, step='check')
-        mark(
-            True if hash_type else None,
-            f'remote {config.remote}: reachable through rclone; copies checked by '
-            + (hash_type.upper() if hash_type else 'size only (the backend gives no hash)'),
-        )
-    except BackupError as error:
-        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
 
 
 def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[str, Any]]:
@@ -4294,7 +4445,7 @@ def command_status(config: Config, as_json: bool) -> int:
     data = {
         'name': config.name,
         'remote': config.remote,
-        'transport': 'rclone' if is_rclone(config) else 'rsync',
+        'transport': transport_for(config).program,
         'slots': rows,
         'latest_plaintext': latest_time,
         'last_result': state.get('last_result'),
@@ -4314,7 +4465,7 @@ def command_status(config: Config, as_json: bool) -> int:
         hours = (now - then) / 3600
         return f'{dt.datetime.fromtimestamp(then):%Y-%m-%d %H:%M} ({hours:.1f} h ago)'
 
-    print(f'{config.name} -> {config.remote}' + (' (through rclone)' if is_rclone(config) else ''))
+    print(f'{config.name} -> {config.remote}{transport_for(config).via}')
     print(f'{"slot":<6} {"run":<28} {"time":<30} {"files":>5} {"size":>10}  recipients')
     for row in rows:
         print(
@@ -4408,17 +4559,11 @@ def command_verify(config: Config, remote: bool) -> int:
             problems += uncommitted_report(config)
     except LockedError:
         print('note: a run is in progress; files not yet named by a manifest were not checked')
-    if remote and is_rclone(config):
-        check = rclone_mismatches(config, None)
+    if remote:
+        check = transport_for(config).mismatches(None)
         problems += [f'remote copy of {name}: missing or differs' for name in check.bad]
         for name in check.size_only:
             print(f'NOTE {name}: {config.remote} gives no hash for it; only its size was checked')
-    elif remote:
-        listed = committed_files(config)
-        problems += [
-            f'remote copy of {name}: missing or differs'
-            for name in remote_mismatches(config, listed)
-        ]
     runs = sum(len(slot_runs(slot)) for slot in all_slots(config.backup_dir))
     if not runs:  # nothing to check is not "all is well"
         problems.append(f'no backup found in {config.backup_dir}')
