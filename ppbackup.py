@@ -6745,6 +6745,17 @@ def mysql_users_now(target: Target) -> set[str]:
     return set(mysql_query(sql, target).splitlines())
 
 
+def pg_memberships_now() -> set[tuple[str, str]]:
+    """Return the target server's role memberships now, as (the role granted, its member)."""
+    rows = pg_query(
+        'SELECT r.rolname, m.rolname FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid '
+        'JOIN pg_roles m ON m.oid = a.member'
+    )
+    return {
+        (role, member) for role, _, member in (row.partition('\t') for row in rows.splitlines())
+    }
+
+
 def pg_globals(run: RunFiles, name: str, gnupghome: str | None) -> list[RoleStatement]:
     """Given the run's roles artifact, return its statements, parsed and written again."""
     path = run_file(run, name)
@@ -6767,11 +6778,14 @@ def restore_pg_roles(statements: Sequence[RoleStatement], target: Target) -> Non
     me = target.pg_me
     tablespaces = set(pg_query('SELECT spcname FROM pg_tablespace').splitlines())
     new_roles = {s.name for s in statements if s.kind == 'role' and s.name not in before}
+    memberships = pg_memberships_now()
     script = []
     for statement in statements:
         existing = tablespaces if statement.kind.startswith('tablespace') else before
         if statement.kind != 'membership' and statement.name in existing:
             continue
+        if statement.kind == 'membership' and statement.roles in memberships:
+            continue  # there already: granting it again would need ADMIN OPTION on 16 and later
         if (
             target.drill
             and statement.kind == 'membership'
@@ -7603,7 +7617,12 @@ def check_pg_rights(
         )
     # Memberships in a role that is there already: 16 and later need ADMIN OPTION on it, 15
     # needs it not to be a superuser role.
-    existing = {s.roles[0] for s in statements if s.kind == 'membership'} - set(missing)
+    there = pg_memberships_now()
+    existing = {
+        s.roles[0]
+        for s in statements
+        if s.kind == 'membership' and s.roles not in there and me.createrole
+    } - set(missing)
     if me.version >= 160000:
         refused = _pg_roles_that(existing, "NOT pg_has_role(oid, 'USAGE WITH ADMIN OPTION')")
         need = 'ADMIN OPTION on it'

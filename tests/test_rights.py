@@ -10,8 +10,8 @@ restores. MariaDB runs on this machine's own server, as a user with exactly the 
 from __future__ import annotations
 
 import secrets
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 from conftest import ADMIN_ENV, Site, sh
