@@ -625,6 +625,7 @@ def test_a_failing_statement_stops_the_restore_names_it_and_leaves_the_database(
     assert result.returncode == 1
     assert 'psql exited 3' in result.stderr
     assert 'no_such_function' in result.stderr  # the statement is named
+    assert f'left behind: PostgreSQL database {name}, as far as it loaded' in result.stderr
     # The new database stays for inspection, with what came before the error and nothing after.
     tables = "SELECT count(*) FROM pg_class WHERE relname = 'members'"
     assert on(fresh_pg, name, tables) == '0\n'
