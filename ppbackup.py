@@ -7505,7 +7505,17 @@ def restore_plan(
             if s.kind == 'membership' and s.roles[0] not in missing and not target.drill:
                 print(f'will grant the existing PostgreSQL role {s.roles[0]} to {s.roles[1]}')
     if has_mysql and users in run.names:
-        existing = {account.lower() for account in mysql_users_now(target)}
+        try:
+            existing = {account.lower() for account in mysql_users_now(target)}
+        except BackupError as error:
+            me = mysql_query('SELECT CURRENT_USER()', target).strip()
+            raise BackupError(
+                f'the run holds MariaDB users, and restoring them needs reading mysql.user, '
+                f'CREATE USER and GRANT OPTION, which {me} lacks: restore as root (sudo mariadb), '
+                f'or name only PostgreSQL databases with --database; {NOTHING_CHANGED}',
+                step='restore',
+                detail=error.detail,
+            ) from error
         for account in mysql_accounts_named(run, users, gnupghome):
             if account.lower() not in existing:
                 print(f'will add MariaDB user {account}')
@@ -7517,7 +7527,10 @@ NOTHING_CHANGED = 'nothing was changed'
 
 
 def check_restore_rights(
-    entries: Sequence[Mapping[str, Any]], statements: Sequence[RoleStatement], target: Target
+    entries: Sequence[Mapping[str, Any]],
+    statements: Sequence[RoleStatement],
+    target: Target,
+    users_held: bool = False,
 ) -> None:
     """Given what a restore will load and the roles file's statements, ask each server what the
     restoring account may do there and raise BackupError, naming the right that is missing, before
@@ -7527,6 +7540,14 @@ def check_restore_rights(
     for entry in entries:
         if entry['kind'] == 'mysql':
             check_mysql_rights(target.name_for(entry['database']), target)
+    if users_held and any(entry['kind'] == 'mysql' for entry in entries):
+        me = mysql_query('SELECT CURRENT_USER()', target).strip()
+        if 'CREATE USER' not in mysql_privileges_on('', target):
+            raise BackupError(
+                f'the run holds MariaDB users, and restoring them needs CREATE USER (and GRANT '
+                f'OPTION), which {me} lacks: restore as root (sudo mariadb); {NOTHING_CHANGED}',
+                step='restore',
+            )
 
 
 def _pg_roles_that(roles: Iterable[str], condition: str) -> list[str]:
@@ -7713,7 +7734,8 @@ def restore_run(
     lacks = run_lacks(run, index, entries)
     statements = restore_plan(run, index, entries, gnupghome, target)
     users = index.get('mariadb_users')
-    check_restore_rights(entries, statements, target)  # before anything changes
+    # Before anything changes.
+    check_restore_rights(entries, statements, target, users in run.names)
     if statements:
         me = target.pg_me
         if me is None or me.superuser or me.createrole:

@@ -291,3 +291,51 @@ def test_R6_the_mariadb_site_user_backs_up_whole_and_rolls_back_with_the_readme_
         for aside in mysql('mysql', asides).split():
             sh('mysql', '-e', f'DROP DATABASE `{aside}`', env=ADMIN_ENV, check=False)
         sh('mysql', '-e', f'DROP USER IF EXISTS {user}', env=ADMIN_ENV, check=False)
+
+
+def test_R6_an_owner_the_server_has_that_the_key_holder_cannot_act_as_is_refused(
+    site: Site, src: dict[str, str], dst: dict[str, str]
+) -> None:
+    day = backup(site, src)
+    on(dst, 'postgres', f'CREATE ROLE {SITE} LOGIN')  # there already, made by the admin
+    on(dst, 'postgres', 'CREATE ROLE treasurer LOGIN CREATEDB CREATEROLE')
+    try:
+        before = state(dst)
+        code, out, err = holder(
+            site, day, {**dst, 'PGUSER': 'treasurer'}, '--database', DB, '--as', 'x'
+        )
+        assert code == 1, out + err
+        assert f'owned by {SITE}' in err and f'SET ROLE {SITE}' in err, err
+        assert 'nothing was changed' in err
+        assert state(dst) == before
+    finally:
+        reset(dst)
+
+
+def test_R6_a_mariadb_key_holder_without_create_is_told_before_anything_changes(
+    site: Site,
+) -> None:
+    site.write_config(BACKUP_PSQL_DB=None)
+    assert site.run().returncode == 0
+    day = next(site.backups.glob('day*'))
+    name = f'ppbt_kh_{secrets.token_hex(3)}'
+    cnf = site.root / 'holder.cnf'
+    cnf.write_text(f'[client]\nuser={name}\npassword=kh-pw\n')
+    try:
+        mysql('mysql', f"CREATE USER `{name}`@`localhost` IDENTIFIED BY 'kh-pw'")
+        mysql('mysql', f'GRANT SELECT ON `{site.my_db}`.* TO `{name}`@`localhost`')
+        args = ('--database', site.my_db, '--as', f'{name}_copy', '--mysql-defaults', str(cnf))
+        code, out, err = holder(site, day, {}, *args)
+        assert code == 1, out + err
+        assert 'needs reading mysql.user, CREATE USER' in err and 'nothing was changed' in err, err
+        mysql('mysql', f'GRANT SELECT ON mysql.* TO `{name}`@`localhost`')
+        code, out, err = holder(site, day, {}, *args)
+        assert code == 1, out + err
+        assert f'needs CREATE on {name}_copy' in err and 'nothing was changed' in err, err
+        mysql('mysql', f'GRANT ALL ON `{name}_copy`.* TO `{name}`@`localhost`')
+        code, out, err = holder(site, day, {}, *args)
+        assert code == 1, out + err
+        assert 'needs CREATE USER' in err and 'nothing was changed' in err, err
+        assert mysql('mysql', f"SHOW DATABASES LIKE '{name}%'") == ''
+    finally:
+        sh('mysql', '-e', f'DROP USER IF EXISTS `{name}`@`localhost`', env=ADMIN_ENV, check=False)
