@@ -339,3 +339,27 @@ def test_R6_a_mariadb_key_holder_without_create_is_told_before_anything_changes(
         assert mysql('mysql', f"SHOW DATABASES LIKE '{name}%'") == ''
     finally:
         sh('mysql', '-e', f'DROP USER IF EXISTS `{name}`@`localhost`', env=ADMIN_ENV, check=False)
+
+
+def test_R6_roles_whose_statements_fail_are_removed_and_the_restore_says_so(
+    site: Site, src: dict[str, str], dst: dict[str, str]
+) -> None:
+    # A setting only a superuser may give (log_statement): the roles file fails part-way.
+    on(src, 'postgres', f"ALTER ROLE {SITE} SET log_statement = 'all'")
+    try:
+        day = backup(site, src)
+    finally:
+        on(src, 'postgres', f'ALTER ROLE {SITE} RESET log_statement')
+    on(dst, 'postgres', 'CREATE ROLE treasurer LOGIN CREATEDB CREATEROLE')
+    try:
+        before = state(dst)
+        code, out, err = holder(
+            site, day, {**dst, 'PGUSER': 'treasurer'}, '--database', DB, '--as', 'x'
+        )
+        assert code == 1, out + err
+        assert 'log_statement' in err, err
+        assert f'removed the PostgreSQL roles this restore had made: {READER}, {SITE}' in out
+        assert 'left behind' not in err
+        assert state(dst) == before
+    finally:
+        reset(dst)
