@@ -267,8 +267,8 @@ def test_R6_the_mariadb_site_user_backs_up_whole_and_rolls_back_with_the_readme_
         dump = next(site.latest.glob('*-mysql-*.sql.zst'))
         text = sh('zstd', '-dc', str(dump)).stdout
         assert 'PROCEDURE `tally`' in text and 'VIEW `few`' in text
-        # The definers are root's: loading them as the site's user would need SET USER (11) or
-        # SUPER (10.11). A site's own objects name its own user; here they go before the rollback.
+        # The definers are root's: loading them as the site's user would need SET USER. A site's
+        # own objects name its own user; here they go before the rollback.
         mysql(db, 'DROP VIEW few; DROP PROCEDURE tally')
         assert site.run().returncode == 0
         mysql(db, 'DELETE FROM members WHERE id > 1')  # the upgrade that went wrong
