@@ -5893,9 +5893,22 @@ PG_TABLES_SQL = (
     "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
     "AND n.nspname NOT LIKE 'pg\\_%'"
 )
-PG_CAN_CREATE_ROLES_SQL = (
-    'SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user'
+PG_RIGHTS_SQL = (
+    'SELECT rolsuper, rolcreaterole, rolcreatedb, '
+    "current_setting('server_version_num'), current_user FROM pg_roles WHERE rolname = current_user"
 )
+# What the restoring account holds on MariaDB, for one database name: its global privileges and
+# those of database-level grants whose pattern (`site\_before\_restore\_%`) matches that name.
+MYSQL_MY_PRIVILEGES_SQL = """
+SELECT DISTINCT PRIVILEGE_TYPE FROM (
+  SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES
+  UNION ALL SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES
+    WHERE {name} LIKE TABLE_SCHEMA
+) AS p WHERE GRANTEE IN (
+  CONCAT("'", SUBSTRING_INDEX(CURRENT_USER(), '@', 1), "'@'",
+         SUBSTRING_INDEX(CURRENT_USER(), '@', -1), "'"),
+  CONCAT("'", CURRENT_ROLE(), "'"))
+"""
 MYSQL_DEFINERS_SQL = """
 SELECT CONCAT(kind, ' ', name, ' (definer ', DEFINER, ')') FROM (
   SELECT 'view' AS kind, TABLE_NAME AS name, DEFINER FROM information_schema.VIEWS
@@ -5949,9 +5962,28 @@ class Target:
     renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # original db -> target db
     drill: bool = False  # onto the drill's own servers
     pg_loader: str = ''  # the role that loads dumps there: no superuser
+    pg_me: PgRights | None = None  # the restoring role's rights there, asked before any change
+    asides: dict[str, str] = dataclasses.field(default_factory=dict)  # target db -> aside name
+    self_granted: list[str] = dataclasses.field(default_factory=list)  # roles granted to pg_me
 
     def name_for(self, db: str) -> str:
         return self.as_name or db
+
+
+@dataclasses.dataclass(frozen=True)
+class PgRights:
+    """What the role a restore connects as may do on the target server, as the server says."""
+
+    user: str
+    superuser: bool
+    createrole: bool
+    createdb: bool
+    version: int  # server_version_num: 150000 for 15.0
+
+
+def aside_name(db: str) -> str:
+    """Given a database --replace replaces, return the name its old contents are kept under."""
+    return f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
 
 
 def pg_ident(name: str) -> str:
@@ -6991,6 +7023,17 @@ def mysql_users_now(target: Target) -> set[str]:
     return set(mysql_query(sql, target).splitlines())
 
 
+def pg_memberships_now() -> set[tuple[str, str]]:
+    """Return the target server's role memberships now, as (the role granted, its member)."""
+    rows = pg_query(
+        'SELECT r.rolname, m.rolname FROM pg_auth_members a JOIN pg_roles r ON r.oid = a.roleid '
+        'JOIN pg_roles m ON m.oid = a.member'
+    )
+    return {
+        (role, member) for role, _, member in (row.partition('\t') for row in rows.splitlines())
+    }
+
+
 def pg_globals(run: RunFiles, name: str, gnupghome: str | None) -> list[RoleStatement]:
     """Given the run's roles artifact, return its statements, parsed and written again."""
     path = run_file(run, name)
@@ -7010,13 +7053,17 @@ def restore_pg_roles(statements: Sequence[RoleStatement], target: Target) -> Non
     drill's own server no role gets SUPERUSER, REPLICATION or BYPASSRLS. Record what was made, as
     the server says. Raise BackupError if that fails."""
     before = pg_roles_now()
+    me = target.pg_me
     tablespaces = set(pg_query('SELECT spcname FROM pg_tablespace').splitlines())
     new_roles = {s.name for s in statements if s.kind == 'role' and s.name not in before}
+    memberships = pg_memberships_now()
     script = []
     for statement in statements:
         existing = tablespaces if statement.kind.startswith('tablespace') else before
         if statement.kind != 'membership' and statement.name in existing:
             continue
+        if statement.kind == 'membership' and statement.roles in memberships:
+            continue  # there already: granting it again would need ADMIN OPTION on 16 and later
         if (
             target.drill
             and statement.kind == 'membership'
@@ -7030,6 +7077,16 @@ def restore_pg_roles(statements: Sequence[RoleStatement], target: Target) -> Non
         if target.drill and statement.kind == 'role attributes':
             for power in PG_ROLE_POWERS:
                 sql = re.sub(rf'(?<= ){power}\b', f'NO{power}', sql)
+        if me is not None and not me.superuser:
+            # Only a superuser may name SUPERUSER, REPLICATION or BYPASSRLS at all, even as NO...:
+            # a new role has none of them, and check_pg_rights refused a role that needs one.
+            if statement.kind == 'role attributes':
+                sql = re.sub(r' NO(?:SUPERUSER|REPLICATION|BYPASSRLS)\b', '', sql)
+                if sql.endswith(' WITH;'):
+                    continue
+            # Granted by you: a grant recorded as another role's needs that role's rights.
+            if statement.kind == 'membership':
+                sql = re.sub(r' GRANTED BY ("(?:[^"]|"")*"|\S+);$', ';', sql)
         script.append(sql)
     log.info('restore roles: %d statements', len(script))
     argv, head = restricted_psql(PG_MAINTENANCE_DB)
@@ -7041,8 +7098,35 @@ def restore_pg_roles(statements: Sequence[RoleStatement], target: Target) -> Non
             timeout=600,
             input_bytes=head + '\n'.join(script).encode() + b'\n',
         )
-    finally:
+    except BackupError:
+        # Nothing is loaded yet, so nothing belongs to the roles made a moment ago: remove them.
+        made = sorted(pg_roles_now() - before)
+        for role in made:
+            with contextlib.suppress(BackupError):
+                pg_query(f'DROP ROLE {pg_ident(role)}')
         target.roles += sorted(pg_roles_now() - before)
+        if made:
+            print(f'removed the PostgreSQL roles this restore had made: {", ".join(made)}')
+        raise
+    target.roles += sorted(pg_roles_now() - before)
+    if me is not None and not me.superuser:
+        grant_self(target.roles, me, target)
+
+
+def grant_self(roles: Sequence[str], me: PgRights, target: Target) -> None:
+    """Given the roles a restore made as a CREATEROLE role, grant them to that role, so that it
+    may make them owners (ALTER ... OWNER TO needs SET ROLE on the new owner, and membership on
+    15) and act as their owner afterwards. On 16 and later CREATEROLE gives ADMIN OPTION on the
+    roles it creates, but SET and INHERIT only as createrole_self_grant says."""
+    options = ' WITH SET TRUE, INHERIT TRUE' if me.version >= 160000 else ''
+    for role in roles:
+        pg_query(f'GRANT {pg_ident(role)} TO {pg_ident(me.user)}{options}')
+        target.self_granted.append(role)
+    if roles:
+        print(
+            f'granted the new roles to {me.user}, to set owners: {", ".join(roles)} '
+            f'(REVOKE them when done)'
+        )
 
 
 def make_room_pg(db: str, target: Target) -> None:
@@ -7060,7 +7144,7 @@ def make_room_pg(db: str, target: Target) -> None:
             'it. Use --as NAME for another name, or --replace --database to rename it aside first',
             step='restore',
         )
-    aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
+    aside = target.asides.get(db) or aside_name(db)
     pg_query(f'ALTER DATABASE {pg_ident(db)} RENAME TO {pg_ident(aside)}')
     log.warning('PostgreSQL database %s renamed aside to %s', db, aside)
     print(f'kept the old {db} aside as {aside}')
@@ -7089,7 +7173,7 @@ def make_room_mysql(db: str, target: Target) -> None:
         )
     if tables:
         # MariaDB cannot rename a database: copy it aside with its routines, then start afresh.
-        aside = f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
+        aside = target.asides.get(db) or aside_name(db)
         mysql_query(f'CREATE DATABASE {backtick(aside)}', target)
         defaults = mysql_defaults_args(target.mysql_defaults)
         dump = [
@@ -7103,13 +7187,21 @@ def make_room_mysql(db: str, target: Target) -> None:
             '--',
             db,
         ]
-        with Pipeline(f'copy {db} aside', 'restore') as pipe:
-            dumper = pipe.start(dump, stdout=subprocess.PIPE)
-            client = mysql_client(target.mysql_defaults, reads_backup=True)
-            pipe.start([*client, '--', aside], stdin=dumper.stdout)
-            assert dumper.stdout is not None
-            dumper.stdout.close()
-            pipe.check()
+        try:
+            with Pipeline(f'copy {db} aside', 'restore') as pipe:
+                dumper = pipe.start(dump, stdout=subprocess.PIPE)
+                client = mysql_client(target.mysql_defaults, reads_backup=True)
+                pipe.start([*client, '--', aside], stdin=dumper.stdout)
+                assert dumper.stdout is not None
+                dumper.stdout.close()
+                pipe.check()
+        except BackupError:
+            print(
+                f'left behind: MariaDB database {aside}, a partial copy of {db} ({db} itself is '
+                'unchanged)',
+                file=sys.stderr,
+            )
+            raise
         mysql_query(f'DROP DATABASE {backtick(db)}', target)
         print(f'kept the old {db} aside as {aside}')
     if not tables and exists.strip() != '0':
@@ -7691,12 +7783,217 @@ def restore_plan(
             if s.kind == 'membership' and s.roles[0] not in missing and not target.drill:
                 print(f'will grant the existing PostgreSQL role {s.roles[0]} to {s.roles[1]}')
     if has_mysql and users in run.names:
-        existing = {account.lower() for account in mysql_users_now(target)}
+        try:
+            existing = {account.lower() for account in mysql_users_now(target)}
+        except BackupError as error:
+            me = mysql_query('SELECT CURRENT_USER()', target).strip()
+            raise BackupError(
+                f'the run holds MariaDB users, and restoring them needs reading mysql.user, '
+                f'CREATE USER and GRANT OPTION, which {me} lacks: restore as root (sudo mariadb), '
+                f'or name only PostgreSQL databases with --database; {NOTHING_CHANGED}',
+                step='restore',
+                detail=error.detail,
+            ) from error
         for account in mysql_accounts_named(run, users, gnupghome):
             if account.lower() not in existing:
                 print(f'will add MariaDB user {account}')
     sys.stdout.flush()
     return statements
+
+
+NOTHING_CHANGED = 'nothing was changed'
+
+
+def check_restore_rights(
+    entries: Sequence[Mapping[str, Any]],
+    statements: Sequence[RoleStatement],
+    target: Target,
+    users_held: bool = False,
+) -> None:
+    """Given what a restore will load and the roles file's statements, ask each server what the
+    restoring account may do there and raise BackupError, naming the right that is missing, before
+    anything is changed (see README "Restore, as a key holder")."""
+    if any(entry['kind'] == 'psql' for entry in entries):
+        check_pg_rights(entries, statements, target)
+    for entry in entries:
+        if entry['kind'] == 'mysql':
+            check_mysql_rights(target.name_for(entry['database']), target)
+    if users_held and any(entry['kind'] == 'mysql' for entry in entries):
+        me = mysql_query('SELECT CURRENT_USER()', target).strip()
+        if 'CREATE USER' not in mysql_privileges_on('', target):
+            raise BackupError(
+                f'the run holds MariaDB users, and restoring them needs CREATE USER (and GRANT '
+                f'OPTION), which {me} lacks: restore as root (sudo mariadb); {NOTHING_CHANGED}',
+                step='restore',
+            )
+
+
+def _pg_roles_that(roles: Iterable[str], condition: str) -> list[str]:
+    """Given role names and an SQL condition on pg_roles (``oid`` is the role), return those of the
+    roles that exist and meet it."""
+    names = sorted(set(roles))
+    if not names:
+        return []
+    listed = ', '.join(sql_literal(name) for name in names)
+    sql = f'SELECT rolname FROM pg_roles WHERE rolname IN ({listed}) AND ({condition}) ORDER BY 1'
+    return pg_query(sql).split()
+
+
+def check_pg_rights(
+    entries: Sequence[Mapping[str, Any]], statements: Sequence[RoleStatement], target: Target
+) -> None:
+    """See check_restore_rights: PostgreSQL. A superuser may do everything a restore does; any other
+    role needs CREATEDB (each dump creates its database), CREATEROLE for roles the server lacks,
+    and never gets a role SUPERUSER, REPLICATION or BYPASSRLS or a tablespace; --replace renames
+    the old database aside, which needs its owner and CREATEDB."""
+    fields = pg_query(PG_RIGHTS_SQL).strip().split('\t')
+    if len(fields) != 5 or not fields[3].isdigit():
+        raise BackupError(
+            f"PostgreSQL: cannot read your own role's rights ({fields})", step='restore'
+        )
+    me = target.pg_me = PgRights(
+        fields[4], fields[0] == 't', fields[1] == 't', fields[2] == 't', int(fields[3])
+    )
+    if me.superuser or target.drill:
+        return
+    who = f'the PostgreSQL role {me.user}'
+    names = [target.name_for(e['database']) for e in entries if e['kind'] == 'psql']
+    if not me.createdb:
+        raise BackupError(
+            f'{who} lacks CREATEDB, which restoring {", ".join(names)} needs (a dump creates its '
+            f"database; --replace renames the old one aside): ask the server's admin for "
+            f'ALTER ROLE {pg_ident(me.user)} CREATEDB, or restore as a superuser; {NOTHING_CHANGED}',
+            step='restore',
+        )
+    for name in names:
+        row = pg_query(
+            "SELECT pg_get_userbyid(datdba), pg_has_role(datdba, 'USAGE') FROM pg_database "
+            f'WHERE datname = {sql_literal(name)}'
+        ).strip()
+        if target.replace and row and row.split('\t')[1] != 't':
+            raise BackupError(
+                f'--replace renames the PostgreSQL database {name} aside, which needs its owner '
+                f'and CREATEDB: it belongs to {row.split(chr(9))[0]}, not to {me.user}: ask its '
+                f'owner or a superuser to run the restore; {NOTHING_CHANGED}',
+                step='restore',
+            )
+        if target.replace:
+            target.asides[name] = aside_name(name)
+    if not statements:
+        return
+    missing = pg_missing_roles(statements)
+    if missing and not me.createrole:
+        raise BackupError(
+            f'the roles {", ".join(missing[:10])} are missing on this server and {who} cannot '
+            'create roles (CREATEROLE): run the restore as a superuser (or a role with CREATEROLE '
+            'and CREATEDB), or use --no-owner --no-privileges (everything then belongs to you); '
+            + NOTHING_CHANGED,
+            step='restore',
+        )
+    powers: dict[str, list[str]] = {}
+    for s in statements:
+        if s.kind == 'role attributes' and s.name in missing:
+            found = [power for power in sorted(PG_ROLE_POWERS) if f' {power}' in s.sql]
+            if found:
+                powers[s.name] = found
+    if powers:
+        named = '; '.join(f'{role} needs {", ".join(found)}' for role, found in powers.items())
+        raise BackupError(
+            f'roles this restore would create need what only a superuser can give ({named}); '
+            f'{who} is not a superuser, and CREATEROLE never gives SUPERUSER, REPLICATION or '
+            'BYPASSRLS: restore as a superuser, have a superuser create those roles first, or '
+            f'use --no-owner --no-privileges; {NOTHING_CHANGED}',
+            step='restore',
+        )
+    spaces = set(pg_query('SELECT spcname FROM pg_tablespace').split())
+    new_spaces = [s.name for s in statements if s.kind == 'tablespace' and s.name not in spaces]
+    if new_spaces:
+        raise BackupError(
+            f'the tablespaces {", ".join(new_spaces)} are missing on this server, and only a '
+            f'superuser may create one ({who} is not): have a superuser create them (or run the '
+            f'restore); {NOTHING_CHANGED}',
+            step='restore',
+        )
+    # Memberships in a role that is there already: 16 and later need ADMIN OPTION on it, 15
+    # needs it not to be a superuser role.
+    there = pg_memberships_now()
+    existing = {
+        s.roles[0]
+        for s in statements
+        if s.kind == 'membership' and s.roles not in there and me.createrole
+    } - set(missing)
+    if me.version >= 160000:
+        refused = _pg_roles_that(existing, "NOT pg_has_role(oid, 'USAGE WITH ADMIN OPTION')")
+        need = 'ADMIN OPTION on it'
+    else:
+        refused = _pg_roles_that(existing, 'rolsuper')
+        need = 'a superuser (it is one)'
+    if refused:
+        raise BackupError(
+            f'the roles file grants the existing role(s) {", ".join(refused)} to others, which '
+            f'needs {need}; {who} lacks that: restore as a superuser, or use --no-owner '
+            f'--no-privileges; {NOTHING_CHANGED}',
+            step='restore',
+        )
+    # A database's owner that exists already: setting it needs SET ROLE to it (membership on 15).
+    owners = {
+        str(e['owner'])
+        for e in entries
+        if e['kind'] == 'psql' and e.get('owner') and not target.no_owner
+    } - set(missing)
+    how = "'SET'" if me.version >= 160000 else "'MEMBER'"
+    for owner in _pg_roles_that(owners, f'NOT pg_has_role(oid, {how})'):
+        raise BackupError(
+            f'the database is owned by {owner}, a role this server has, and {who} may not act '
+            f'as it (SET ROLE {owner}), which setting that owner needs: ask a superuser for '
+            f'GRANT {pg_ident(owner)} TO {pg_ident(me.user)}, restore as a superuser, or use '
+            f'--no-owner --no-privileges; {NOTHING_CHANGED}',
+            step='restore',
+        )
+
+
+def mysql_privileges_on(name: str, target: Target) -> set[str]:
+    """Given a database name, return the privileges the restoring MariaDB account holds on it
+    (global grants and database-level grants whose pattern matches it)."""
+    sql = MYSQL_MY_PRIVILEGES_SQL.replace('{name}', sql_literal(name))
+    return {line.strip().upper() for line in mysql_query(sql, target).splitlines()}
+
+
+def check_mysql_rights(name: str, target: Target) -> None:
+    """See check_restore_rights: MariaDB. A new database needs CREATE on its name; --replace copies
+    the old one aside to a new name (CREATE there) and drops it (DROP on it)."""
+    exists = mysql_query(
+        f'SELECT COUNT(*) FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = {sql_literal(name)}',
+        target,
+    ).strip() not in ('', '0')
+    tables = exists and mysql_query(
+        f'SELECT COUNT(*) FROM information_schema.TABLES WHERE TABLE_SCHEMA = {sql_literal(name)}',
+        target,
+    ).strip() not in ('', '0')
+    if tables and not target.replace:
+        return  # make_room_mysql refuses it, saying why
+    me = mysql_query('SELECT CURRENT_USER()', target).strip()
+    needs: list[str] = []
+    if tables:
+        aside = target.asides[name] = aside_name(name)
+        if 'CREATE' not in mysql_privileges_on(aside, target):
+            needs.append(f'CREATE on the new database {aside}')
+        if 'DROP' not in mysql_privileges_on(name, target):
+            needs.append(f'DROP on {name}')
+    if (not exists or tables) and 'CREATE' not in mysql_privileges_on(name, target):
+        needs.append(f'CREATE on {name}')
+    if not needs:
+        return
+    if tables:
+        pattern = name.replace('_', '\\_').replace('%', '\\%') + '\\_before\\_restore\\_%'
+        how = (
+            f'--replace keeps the old {name} aside as a copy and then drops it, which needs '
+            f"{' and '.join(needs)}; {me} lacks that: ask the server's admin for GRANT ALL ON "
+            f'`{pattern}`.* TO {me} (and CREATE, DROP on {name})'
+        )
+    else:
+        how = f'restoring MariaDB database {name} needs {needs[0]}, which {me} lacks'
+    raise BackupError(f'{how}; {NOTHING_CHANGED}', step='restore')
 
 
 def restore_run(
@@ -7715,17 +8012,11 @@ def restore_run(
     lacks = run_lacks(run, index, entries)
     statements = restore_plan(run, index, entries, gnupghome, target)
     users = index.get('mariadb_users')
+    # Before anything changes.
+    check_restore_rights(entries, statements, target, users in run.names)
     if statements:
-        missing = pg_missing_roles(statements)
-        can_create = pg_query(PG_CAN_CREATE_ROLES_SQL).strip() == 't'
-        if missing and not can_create:
-            raise BackupError(
-                f'the roles {", ".join(missing[:10])} are missing on this server and you cannot '
-                'create roles: run the restore as a superuser (or a role with CREATEROLE), or '
-                'use --no-owner --no-privileges (everything then belongs to you)',
-                step='restore',
-            )
-        if can_create:
+        me = target.pg_me
+        if me is None or me.superuser or me.createrole:
             restore_pg_roles(statements, target)
         if target.pg_loader:  # the drill's own loader owns nothing: it acts as the site's roles
             for role in target.roles:
@@ -7740,6 +8031,37 @@ def restore_run(
     if any(entry['kind'] == 'mysql' for entry in entries) and users in run.names:
         restore_mysql_users(run, users, gnupghome, target)
     return lacks
+
+
+def say_left_behind(target: Target) -> None:
+    """Given a failed restore's target, print on stderr what it made and left (as the servers say
+    now): the database whose load failed stays for inspection."""
+    for kind, name in target.databases:
+        try:
+            if kind == 'psql':
+                there = pg_query(f'SELECT 1 FROM pg_database WHERE datname = {sql_literal(name)}')
+            else:
+                there = mysql_query(
+                    'SELECT 1 FROM information_schema.SCHEMATA WHERE SCHEMA_NAME = '
+                    + sql_literal(name),
+                    target,
+                )
+        except BackupError:
+            there = '?'
+        if there.strip():
+            server = 'PostgreSQL' if kind == 'psql' else 'MariaDB'
+            print(
+                f'left behind: {server} database {name}, as far as it loaded, for inspection '
+                '(drop it before you try again)',
+                file=sys.stderr,
+            )
+    for role in target.roles:
+        print(f'left behind: PostgreSQL role {role}, made by this restore', file=sys.stderr)
+    for role in target.self_granted:
+        print(f'left behind: the grant of {role} to {target.pg_me.user if target.pg_me else "you"}',
+              file=sys.stderr)  # fmt: skip
+    for user in target.users:
+        print(f'left behind: MariaDB user {user}, made by this restore', file=sys.stderr)
 
 
 def command_restore(
@@ -7760,7 +8082,11 @@ def command_restore(
     index = read_index(run, gnupghome)
     if files is not None and os.path.lexists(files):  # refused before any database is touched
         os.close(open_restore_folder(files)[0])  # it exists: this checks it, and makes nothing
-    lacks = restore_run(run, index, gnupghome, target, only)
+    try:
+        lacks = restore_run(run, index, gnupghome, target, only)
+    except BackupError:
+        say_left_behind(target)
+        raise
     for kind, name in target.databases:
         print(f'restored {"PostgreSQL" if kind == "psql" else "MariaDB"} database {name}')
     for role in target.roles:

@@ -1,6 +1,6 @@
 """Restore onto brand-new servers, as a key holder would after the web host is gone, and the drill.
 
-A fresh PostgreSQL 15 cluster and a fresh MariaDB server are made per module in a temporary folder
+A fresh PostgreSQL cluster (the newest server here) and a fresh MariaDB server are made per module in a temporary folder
 (PostgreSQL as an unprivileged Unix user of its own, since it refuses root), with a schema of the
 kind real sites have on this machine's running servers as the source. Everything made is removed
 afterwards, even on failure.
@@ -26,16 +26,22 @@ from sshd import free_port
 
 import ppbackup
 
-PG_BIN = Path('/usr/lib/postgresql/15/bin')
+# The newest PostgreSQL server this machine has: 15 on Debian 12, 17 in .ci/trixie's chroot.
+PG_BIN = max(
+    (path.parent for path in Path('/usr/lib/postgresql').glob('*/bin/initdb')),
+    key=lambda path: int(path.parent.name) if path.parent.name.isdigit() else 0,
+    default=Path('/usr/lib/postgresql/15/bin'),
+)
 SUFFIX = secrets.token_hex(4)
 OWNER, READER, LOGIN = f'ppbt_own_{SUFFIX}', f'ppbt_read_{SUFFIX}', f'ppbt_app_{SUFFIX}'
 PG_DB, MY_DB, MY_USER = f'ppbt_pgr_{SUFFIX}', f'ppbt_myr_{SUFFIX}', f'ppbt_myu_{SUFFIX}'
 EVERY_BYTE = bytes(range(256)).hex()
 
 
-@pytest.fixture(scope='module')
-def fresh_pg() -> Iterator[dict[str, str]]:
-    """A new PostgreSQL 15 cluster on a socket in a temporary folder; yields the libpq settings."""
+@contextlib.contextmanager
+def pg_cluster() -> Iterator[dict[str, str]]:
+    """A new PostgreSQL cluster (PG_BIN) on a socket in a temporary folder, its superuser
+    ``postgres``; yields the libpq settings. Stopped and removed afterwards."""
     user = f'ppbtpg{secrets.token_hex(3)}'
     sh('useradd', '--system', '--no-create-home', '--shell', '/usr/sbin/nologin', user)
     folder = Path(tempfile.mkdtemp(prefix='ppbt_pgsrv_'))
@@ -57,6 +63,13 @@ def fresh_pg() -> Iterator[dict[str, str]]:
         )  # fmt: skip
         shutil.rmtree(folder, ignore_errors=True)
         subprocess.run(['userdel', user], capture_output=True, check=False)
+
+
+@pytest.fixture(scope='module')
+def fresh_pg() -> Iterator[dict[str, str]]:
+    """A new PostgreSQL cluster on a socket in a temporary folder; yields the libpq settings."""
+    with pg_cluster() as env:
+        yield env
 
 
 @pytest.fixture(scope='module')
@@ -612,6 +625,7 @@ def test_a_failing_statement_stops_the_restore_names_it_and_leaves_the_database(
     assert result.returncode == 1
     assert 'psql exited 3' in result.stderr
     assert 'no_such_function' in result.stderr  # the statement is named
+    assert f'left behind: PostgreSQL database {name}, as far as it loaded' in result.stderr
     # The new database stays for inspection, with what came before the error and nothing after.
     tables = "SELECT count(*) FROM pg_class WHERE relname = 'members'"
     assert on(fresh_pg, name, tables) == '0\n'
