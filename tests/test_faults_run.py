@@ -266,7 +266,12 @@ def files_containing(
 ) -> list[str]:
     found = []
     for root in roots:
+        device = root.stat().st_dev
         for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+            # Not into another filesystem mounted below (a chroot's /proc: its kmsg blocks a read).
+            dirnames[:] = [
+                name for name in dirnames if _device(Path(dirpath) / name) in (device, None)
+            ]
             for name in filenames:
                 path = Path(dirpath) / name
                 if skip(path):
@@ -282,6 +287,13 @@ def files_containing(
                 except OSError:
                     continue
     return found
+
+
+def _device(path: Path) -> int | None:
+    try:
+        return path.lstat().st_dev
+    except OSError:
+        return None
 
 
 def sha256(path: Path) -> str:
