@@ -8190,6 +8190,7 @@ def grant_differences(
 DRILL_OS_USER = 'ppbackup-drill'  # as root, the drill's servers run as this system user
 DRILL_PG_LOADER = 'ppdrill'  # the drill loads as this role: no superuser, so SQL stays SQL
 DRILL_START_TIMEOUT = 120.0
+DRILL_LOG = '.ppbackup-drill.log'  # in the key holder's home, 0600: the last failed drill's details
 
 
 def _server_program(name: str, folders: Sequence[str] = ('/usr/sbin', '/usr/bin')) -> str:
@@ -8275,7 +8276,11 @@ class DrillServers:
     def server(self, what: str, argv: Sequence[str]) -> None:
         """Start a server in a pipeline of its own, stopped (SIGTERM, then SIGKILL) on leaving."""
         pipe = self.stack.enter_context(Pipeline(what, 'drill'))
-        pipe.start([*self.as_user, *argv], stdout=subprocess.DEVNULL)
+        pipe.start([*self.as_user, *argv], stdout=subprocess.DEVNULL, env=self.server_env())
+
+    def server_env(self) -> dict[str, str]:
+        # The servers' own temporary files stay in the drill's folder, whoever's TMPDIR this is.
+        return {**os.environ, 'TMPDIR': str(self.folder)}
 
     def wait_ready(self, what: str, probe: Sequence[str]) -> None:
         deadline = time.monotonic() + DRILL_START_TIMEOUT
@@ -8300,6 +8305,7 @@ class DrillServers:
             [*self.as_user, str(bin_dir / 'initdb'), '--no-sync', '-D', str(data), '-U', 'postgres',
              '--auth=trust', '-E', 'UTF8', '--locale=C.UTF-8'],
             what='initdb for the drill', step='drill', timeout=DRILL_START_TIMEOUT,
+            env=self.server_env(),
         )  # fmt: skip
         self.server(
             'the drill\'s PostgreSQL server',
@@ -8321,6 +8327,7 @@ class DrillServers:
             [*self.as_user, _server_program('mariadb-install-db'), '--no-defaults',
              f'--datadir={data}', '--auth-root-authentication-method=normal', '--skip-test-db'],
             what='mariadb-install-db for the drill', step='drill', timeout=DRILL_START_TIMEOUT,
+            env=self.server_env(),
         )  # fmt: skip
         run_command([*self.as_user, 'mkdir', '-m', '700', '--', str(files)], what='mkdir',
                     step='drill')  # fmt: skip
@@ -8377,6 +8384,7 @@ def command_drill(
     started = time.monotonic()
     problems: list[str] = []
     warnings: list[str] = []  # what the backup never held: named, not a failure
+    details: list[str] = []  # the servers' words on a failure: for the key holder's eyes only
     timings: dict[str, float] = {}
     target.drill = True
     run = find_run(source, config_arg, arrived_before)
@@ -8419,9 +8427,19 @@ def command_drill(
                 with Pipeline(f'tar {path.name}', 'drill') as pipe:
                     unpack_archive(pipe, path, gnupghome, None, checked, 'drill')
         except BackupError as error:
-            problems.append(f'{error} {mask_secrets(error.detail)[-600:]}'.strip())
+            problems.append(str(error))
+            details.append(f'{error}\n{mask_secrets(error.detail)}')
     except BackupError as error:
         problems.append(str(error))
+    if details:  # the servers' own words quote the backup's rows: never in a mail (P1)
+        log_path = Path.home() / DRILL_LOG
+        try:
+            write_file_atomically(log_path, '\n\n'.join(details).encode() + b'\n', time.time())
+            problems.append(
+                f'what the servers said is in {log_path} (not mailed: it may quote data)'
+            )
+        except BackupError as error:
+            problems.append(f'what the servers said could not be kept: {error}')
     outcome = 'FAILED' if problems else 'passed'
     if warnings:
         outcome += f' with {len(warnings)} WARNING(s)'

@@ -15,6 +15,7 @@ import secrets
 import shutil
 import subprocess
 import sys
+import tempfile
 import textwrap
 from pathlib import Path
 from typing import Any, Iterator
@@ -43,6 +44,23 @@ while IFS= read -r line; do
   esac
 done
 """
+
+
+# Where the drills of this test session make their servers' folders (TMPDIR for them): a check
+# that a drill left nothing looks here, never at other sessions' drills on the same machine.
+DRILL_TMP = Path(tempfile.gettempdir()) / f'ppbt-drills-{os.getpid()}'
+
+
+def drill_env() -> dict[str, str]:
+    """Return the environment a drill of this session runs with (its TMPDIR, made 0755)."""
+    DRILL_TMP.mkdir(mode=0o755, exist_ok=True)
+    DRILL_TMP.chmod(0o755)  # the drill's server user walks through it to its own folder
+    return {'TMPDIR': str(DRILL_TMP)}
+
+
+def drill_leftovers() -> list[str]:
+    """Return the drill folders this session's drills left (none, after every drill)."""
+    return sorted(str(path) for path in DRILL_TMP.glob('ppbackup-drill-*'))
 
 
 def sh(

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 
 import forge
 import pytest
-from conftest import Site, mysql, psql, sh
+from conftest import Site, drill_env, drill_leftovers, mysql, psql, sh
 from test_restore import fresh_mariadb, fresh_pg, my_on, on  # noqa: F401 (fixtures)
 
 
@@ -53,7 +53,7 @@ def holder(site: Site, *args: str, env: dict[str, str] | None = None) -> Any:
 
 
 def drill(site: Site, manifest: Path) -> subprocess.CompletedProcess[str]:
-    return holder(site, 'drill', str(manifest), '--mail', 'keeper@example.org')
+    return holder(site, 'drill', str(manifest), '--mail', 'keeper@example.org', env=drill_env())
 
 
 PG_ATTACKS = {
@@ -220,7 +220,7 @@ def test_A4_a_drill_of_sql_that_drops_a_real_database_or_runs_a_program_reaches_
         assert psql('postgres', f"SELECT 1 FROM pg_database WHERE datname = '{live_pg}'") == '1\n'
         assert mysql('', f"SHOW DATABASES LIKE '{live_my}'").strip() == live_my
         assert not canary.exists() and not (canary_dir / 'outfile').exists()
-        assert not list(Path(tempfile.gettempdir()).glob('ppbackup-drill-*'))  # servers gone
+        assert drill_leftovers() == []  # servers gone
     finally:
         sh('dropdb', '--if-exists', '--force', live_pg, check=False)
         mysql('', f'DROP DATABASE IF EXISTS `{live_my}`')
@@ -358,5 +358,6 @@ def test_A4_a_roles_file_granting_a_way_up_gives_the_drill_none(
     files = {'psql': forge.pg_dump_text(db, body), 'pg-roles': roles.encode()}
     drilled = drill(site, forged(site, tmp_path, files, databases=[pg_db_entry(db)]))
     assert drilled.returncode == 1 and 'drill: FAILED' in drilled.stdout, drilled.stdout
-    assert 'permission denied' in drilled.stdout or 'must be superuser' in drilled.stdout
+    said = (site.home / '.ppbackup-drill.log').read_text()
+    assert 'permission denied' in said or 'must be superuser' in said, said
     assert not canary.exists()

@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import tempfile
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import pytest
-from conftest import Site, mysql, psql, sh
+from conftest import Site, drill_env, drill_leftovers, mysql, psql, sh
 from sshd import free_port
 
 import ppbackup
@@ -405,7 +406,7 @@ def drill(site: Site, *_servers: object) -> subprocess.CompletedProcess[str]:
     servers of this module are not named to it (and must not be touched by it)."""
     return site.run(
         'drill', str(site.backups), '--gnupghome', str(site.keys.holder),
-        '--mail', 'keeper@example.org',
+        '--mail', 'keeper@example.org', extra_env=drill_env(),
     )  # fmt: skip
 
 
@@ -413,7 +414,7 @@ def scratch_left(pg: dict[str, str], cnf: Path) -> tuple[str, str, str]:
     """Return what a drill left: its temporary folders, and any database on the module's servers
     that is not the module's own (the drill must reach no server but its own)."""
     own = f"NOT IN ('postgres', 'template0', 'template1') AND datname NOT LIKE 'ppbt%'"
-    folders = sorted(str(p) for p in Path(tempfile.gettempdir()).glob('ppbackup-drill-*'))
+    folders = drill_leftovers()
     return (
         on(pg, 'postgres', f'SELECT datname FROM pg_database WHERE datname {own}')
         + ''.join(folders),
@@ -809,3 +810,23 @@ def test_R5_an_index_without_grants_is_an_older_runs_and_one_with_bad_grants_is_
         'psql db: grants on sequence c are new (restored "owner o; grants y", none at dump time)',
         'psql db: grants on view b did not come back (at dump time "owner o; grants x")',
     ]
+
+
+def test_P1_a_drill_mails_no_row_of_the_backup_when_a_statement_fails(site: Site) -> None:
+    """psql quotes the failing statement, and a server's error can quote a row: the drill's mail
+    (and its stdout, which cron mails) say what failed, and the servers' words go to a 0600 file
+    in the key holder's home."""
+    site.write_config(BACKUP_MYSQL_DB=None)
+    marker = f'ppbt-row-{secrets.token_hex(4)}'
+    psql(site.pg_db, f"INSERT INTO members VALUES (77, '{marker}', 'a row')")
+    # The dumper's output gains a statement that fails on a restore, quoting a row's value.
+    site.shim('pg_dump', '#!/bin/sh\n/usr/bin/pg_dump "$@" | sed "/^COPY public.members/i '
+              f"INSERT INTO nosuch VALUES ('{marker}');" + '"\n')  # fmt: skip
+    assert site.run().returncode == 0
+    result = drill(site)
+    assert result.returncode == 1, result.stdout
+    mail = site.mails()[-1]
+    assert 'FAILED' in mail['body'] and '.ppbackup-drill.log' in mail['body']
+    assert marker not in mail['body'] and marker not in result.stdout + result.stderr
+    log = site.home / '.ppbackup-drill.log'
+    assert marker in log.read_text() and stat.S_IMODE(log.stat().st_mode) == 0o600
