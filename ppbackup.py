@@ -3027,20 +3027,26 @@ class RsyncTransport(Transport):
         return [*rsync_base(self.config), '--dry-run', '--', empty + '/', self.config.remote]
 
     def check_setup(self) -> None:
-        """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it), or if the remote
-        is a local folder whose parent does not exist (rsync would fail with a bare change_dir#3)."""
+        """Raise BackupError if $RSYNC_RSH cannot be used (rsync_base builds it)."""
+        rsync_base(self.config)
+
+    def parent_missing(self, step: str) -> None:
+        """Raise BackupError if the remote is a local folder whose parent does not exist: rsync
+        would fail with a bare change_dir#3. Not a pre-flight check of the run: a remote that is
+        gone tonight still leaves tonight's backup in the local slots (T1)."""
         parent = missing_remote_parent(self.config)
         if parent is not None:
             raise BackupError(
                 f'BACKUP_REMOTE {self.config.remote} is a local folder whose parent {parent} does '
                 f'not exist: make it with mkdir -p {shlex.quote(str(parent))}',
-                step='prepare',
+                step=step,
             )
-        rsync_base(self.config)
 
     def probe(self) -> tuple[bool | None, str]:
-        if missing_remote_parent(self.config) is not None:
-            return None, ''  # check_setup named it, with the mkdir that mends it
+        try:
+            self.parent_missing('check')
+        except BackupError as error:
+            return False, f'remote: {error}'
         with tempfile.TemporaryDirectory() as empty:
             run_command(
                 self.argv_probe(empty),
@@ -3051,6 +3057,7 @@ class RsyncTransport(Transport):
         return True, f'remote {self.config.remote}: reachable'
 
     def _send(self, names: Sequence[str], ignore_times: bool) -> None:
+        self.parent_missing('sync')
         run_command(
             self.argv_send(ignore_times),
             what=f'rsync to {self.config.remote}',

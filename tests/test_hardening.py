@@ -748,8 +748,10 @@ def test_a_local_remote_without_its_parent_is_named_with_the_mkdir(site: Site) -
     assert_no_traceback(result)
     assert result.returncode == 1 and expected in result.stderr, result.stderr
     assert 'change_dir' not in result.stderr
-    assert len(site.mails()) == 1 and 'FAILED at prepare' in site.subjects()[0]
+    assert len(site.mails()) == 1 and 'FAILED at sync' in site.subjects()[0]
     assert expected in site.mails()[0]['body']
+    # A remote that is gone tonight still leaves tonight's backup in the local slots (T1).
+    assert list(site.backups.glob('day*/*.sha256'))
     parent.mkdir(parents=True)  # as the sentence says: then check and the run pass
     assert site.run('check').returncode == 0
     assert site.run().returncode == 0
