@@ -4737,49 +4737,19 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
             raise ConfigError(f'{source}: not a regular file', step='decrypt')
         check_encrypted_input(source, source_fd)
         target = decrypt_target(output, source_info)
-        status_file = cleanup.enter_context(tempfile.TemporaryFile())
-        status_fd = status_file.fileno()
         if target:
             tmp = temp_name(target)
             out_fd = create_private_file(tmp)
             cleanup.callback(os.close, out_fd)
-        home = ['--homedir', gnupghome] if gnupghome else []
-        gpg_argv = [
-            'gpg',
-            *home,
-            '--batch',
-            '--no-tty',
-            '--status-fd',
-            str(status_fd),
-            '--decrypt',
-        ]
-        decompress = decompressor_for(source.name)
-        env = terminal_env()
         sink = out_fd if target else sys.stdout.fileno()
         try:
             with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
+                plain = Plaintext(pipe, source, gnupghome)
+                cleanup.callback(plain.close)
                 # gpg reads the file we opened and checked: no swap between check and use.
-                first = pipe.start(
-                    gpg_argv,
-                    stdin=source_fd,
-                    stdout=subprocess.PIPE if decompress else sink,
-                    env=env,
-                    pass_fds=(status_fd,),
-                )
-                if decompress:
-                    pipe.start(decompress, stdin=first.stdout, stdout=sink)
-                    assert first.stdout is not None
-                    first.stdout.close()
-                try:
-                    pipe.check()
-                except BackupError as error:
-                    status_file.seek(0)
-                    status = status_file.read().decode('utf-8', 'replace')
-                    if '[GNUPG:] DECRYPTION_OKAY' in status:
-                        raise  # gpg did its part: the decompressor failed, and says why
-                    raise decrypt_failure(source, error, status, gnupghome, env) from error
-            status_file.seek(0)
-            if b'[GNUPG:] DECRYPTION_OKAY' not in status_file.read():
+                plain.start(stdin=source_fd, stdout=sink)
+                decrypted = plain.check()  # gpg's failure said plainly; else the decompressor's
+            if not decrypted:
                 raise BackupError(
                     f'{source.name}: gpg did not report a whole, decrypted message: '
                     + ('the output was discarded' if target else 'do not use what was written'),
@@ -6376,17 +6346,11 @@ class Plaintext:
         between check and use); else the file by its name, with cat for a plaintext file."""
         decompress = decompressor_for(self.path.name)
         first_out = subprocess.PIPE if decompress else stdout
-        if stdin is not None:
+        if stdin is not None or self.path.name.endswith('.gpg'):
+            named = ['--', str(self.path)] if stdin is None else []
             first = self.pipe.start(
-                gpg_decrypt_argv(self.gnupghome, self.status.fileno()),
-                stdin=stdin,
-                stdout=first_out,
-                env=self.env,
-                pass_fds=(self.status.fileno(),),
-            )
-        elif self.path.name.endswith('.gpg'):
-            first = self.pipe.start(
-                [*gpg_decrypt_argv(self.gnupghome, self.status.fileno()), '--', str(self.path)],
+                [*gpg_decrypt_argv(self.gnupghome, self.status.fileno()), *named],
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
                 stdout=first_out,
                 env=self.env,
                 pass_fds=(self.status.fileno(),),
