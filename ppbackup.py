@@ -4744,49 +4744,19 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
             raise ConfigError(f'{source}: not a regular file', step='decrypt')
         check_encrypted_input(source, source_fd)
         target = decrypt_target(output, source_info)
-        status_file = cleanup.enter_context(tempfile.TemporaryFile())
-        status_fd = status_file.fileno()
         if target:
             tmp = temp_name(target)
             out_fd = create_private_file(tmp)
             cleanup.callback(os.close, out_fd)
-        home = ['--homedir', gnupghome] if gnupghome else []
-        gpg_argv = [
-            'gpg',
-            *home,
-            '--batch',
-            '--no-tty',
-            '--status-fd',
-            str(status_fd),
-            '--decrypt',
-        ]
-        decompress = decompressor_for(source.name)
-        env = terminal_env()
         sink = out_fd if target else sys.stdout.fileno()
         try:
             with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
+                plain = Plaintext(pipe, source, gnupghome)
+                cleanup.callback(plain.close)
                 # gpg reads the file we opened and checked: no swap between check and use.
-                first = pipe.start(
-                    gpg_argv,
-                    stdin=source_fd,
-                    stdout=subprocess.PIPE if decompress else sink,
-                    env=env,
-                    pass_fds=(status_fd,),
-                )
-                if decompress:
-                    pipe.start(decompress, stdin=first.stdout, stdout=sink)
-                    assert first.stdout is not None
-                    first.stdout.close()
-                try:
-                    pipe.check()
-                except BackupError as error:
-                    status_file.seek(0)
-                    status = status_file.read().decode('utf-8', 'replace')
-                    if '[GNUPG:] DECRYPTION_OKAY' in status:
-                        raise  # gpg did its part: the decompressor failed, and says why
-                    raise decrypt_failure(source, error, status, gnupghome, env) from error
-            status_file.seek(0)
-            if b'[GNUPG:] DECRYPTION_OKAY' not in status_file.read():
+                plain.start(stdin=source_fd, stdout=sink)
+                decrypted = plain.check()  # gpg's failure said plainly; else the decompressor's
+            if not decrypted:
                 raise BackupError(
                     f'{source.name}: gpg did not report a whole, decrypted message: '
                     + ('the output was discarded' if target else 'do not use what was written'),
@@ -6356,51 +6326,86 @@ def check_digest(run: RunFiles, name: str) -> Path:
     return run.folder / name
 
 
-def start_plaintext(
+def gpg_decrypt_argv(gnupghome: str | None, status_fd: int) -> list[str]:
+    """Given a GnuPG home (None: gpg's default) and the fd for gpg's status lines, return the argv
+    of ``gpg --decrypt`` as every reader of a backup runs it (the input follows, or is stdin)."""
+    home = ['--homedir', gnupghome] if gnupghome else []
+    return ['gpg', *home, '--batch', '--no-tty', '--status-fd', str(status_fd), '--decrypt']
+
+
+class Plaintext:
+    """A backup file read in a pipeline: gpg --decrypt (for .gpg) or cat, then its decompressor.
+    ``start`` starts them; ``check`` at the end waits for the pipeline and says plainly why gpg
+    could not decrypt (no matching key, a wrong passphrase, no way to ask for it)."""
+
+    def __init__(self, pipe: Pipeline, path: Path, gnupghome: str | None) -> None:
+        self.pipe = pipe
+        self.path = path
+        self.gnupghome = gnupghome
+        self.status = tempfile.TemporaryFile()  # gpg's status lines
+        self.env = terminal_env()  # a passphrase prompt reaches the key holder's terminal
+
+    def start(
+        self, stdin: int | None = None, stdout: int = subprocess.PIPE
+    ) -> subprocess.Popen[bytes]:
+        """Start gpg and the decompressor, writing the plaintext to ``stdout``; return the last
+        process. ``stdin``: an fd opened and checked by the caller, which gpg decrypts (no swap
+        between check and use); else the file by its name, with cat for a plaintext file."""
+        decompress = decompressor_for(self.path.name)
+        first_out = subprocess.PIPE if decompress else stdout
+        if stdin is not None or self.path.name.endswith('.gpg'):
+            named = ['--', str(self.path)] if stdin is None else []
+            first = self.pipe.start(
+                [*gpg_decrypt_argv(self.gnupghome, self.status.fileno()), *named],
+                stdin=subprocess.DEVNULL if stdin is None else stdin,
+                stdout=first_out,
+                env=self.env,
+                pass_fds=(self.status.fileno(),),
+            )
+        else:  # a plaintext file of latest/: no key needed
+            first = self.pipe.start(['cat', '--', str(self.path)], stdout=first_out)
+        if not decompress:
+            return first
+        last = self.pipe.start(decompress, stdin=first.stdout, stdout=stdout)
+        assert first.stdout is not None
+        first.stdout.close()  # the decompressor holds it now: gpg sees EPIPE if it stops early
+        return last
+
+    def check(self, broken: bool = False) -> bool:
+        """Wait for the pipeline (``broken``: its reader stopped early); return whether gpg said
+        it decrypted the file whole. Raise BackupError, saying plainly why gpg could not decrypt,
+        when gpg is what failed; else the pipeline's own failure (the decompressor's, a
+        loader's)."""
+        try:
+            self.pipe.check(downstream_broke=broken)
+        except BackupError as error:
+            text = self.close()
+            if ': gpg ' in str(error) and '[GNUPG:] DECRYPTION_OKAY' not in text:
+                failure = decrypt_failure(self.path, error, text, self.gnupghome, self.env)
+                failure.step = self.pipe.step
+                raise failure from error
+            raise
+        return '[GNUPG:] DECRYPTION_OKAY' in self.close()
+
+    def close(self) -> str:
+        """Close gpg's status lines (a reader that fails before ``check``); return them."""
+        if self.status.closed:
+            return ''
+        self.status.seek(0)
+        text = self.status.read().decode('utf-8', 'replace')
+        self.status.close()
+        return text
+
+
+def open_plaintext(
     pipe: Pipeline, path: Path, gnupghome: str | None
-) -> tuple[IO[bytes], IO[bytes]]:
+) -> tuple[IO[bytes], Plaintext]:
     """Given a backup file, start gpg (for .gpg) and the decompressor in ``pipe``; return the
-    stream of plaintext and gpg's status lines (for check_decrypted)."""
-    status = tempfile.TemporaryFile()
-    if path.name.endswith('.gpg'):
-        home = ['--homedir', gnupghome] if gnupghome else []
-        argv = ['gpg', *home, '--batch', '--no-tty', '--status-fd', str(status.fileno())]
-        # As decrypt: a passphrase prompt reaches the key holder's terminal (GPG_TTY).
-        first = pipe.start(
-            [*argv, '--decrypt', '--', str(path)],
-            stdout=subprocess.PIPE,
-            env=terminal_env(),
-            pass_fds=(status.fileno(),),
-        )
-    else:  # a plaintext file of latest/: no key needed
-        first = pipe.start(['cat', '--', str(path)], stdout=subprocess.PIPE)
-    assert first.stdout is not None
-    decompress = decompressor_for(path.name)
-    if not decompress:
-        return first.stdout, status
-    second = pipe.start(decompress, stdin=first.stdout, stdout=subprocess.PIPE)
-    first.stdout.close()  # the decompressor holds it now: gpg sees EPIPE if it stops early
-    assert second.stdout is not None
-    return second.stdout, status
-
-
-def check_decrypted(
-    pipe: Pipeline, path: Path, gnupghome: str | None, broken: bool, status: IO[bytes]
-) -> None:
-    """Wait for a plaintext pipeline; raise BackupError, saying plainly why gpg could not decrypt
-    (no matching key, a wrong passphrase, no way to ask for it) when gpg is what failed."""
-    try:
-        pipe.check(downstream_broke=broken)
-    except BackupError as error:
-        status.seek(0)
-        text = status.read().decode('utf-8', 'replace')
-        if ': gpg ' in str(error) and '[GNUPG:] DECRYPTION_OKAY' not in text:
-            failure = decrypt_failure(path, error, text, gnupghome, terminal_env())
-            failure.step = pipe.step
-            raise failure from error
-        raise
-    finally:
-        status.close()
+    stream of plaintext and what checks the pipeline at the end (its ``check``)."""
+    plain = Plaintext(pipe, path, gnupghome)
+    last = plain.start()
+    assert last.stdout is not None
+    return last.stdout, plain
 
 
 def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
@@ -6414,11 +6419,7 @@ def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
             step='restore',
         )
     path = check_digest(run, run.names[found[0]])
-    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
-        stream, status = start_plaintext(pipe, path, gnupghome)
-        data = stream.read(INDEX_MAX_BYTES + 1)
-        stream.close()
-        check_decrypted(pipe, path, gnupghome, len(data) > INDEX_MAX_BYTES, status)
+    data = read_plaintext(path, gnupghome, INDEX_MAX_BYTES)
     try:
         index = json.loads(data)
     except ValueError as error:
@@ -6547,6 +6548,23 @@ def feed(
         if broken:
             source.close()  # the decompressor and gpg stop too, instead of blocking on a pipe
     return broken
+
+
+def load_into(
+    what: str,
+    path: Path,
+    gnupghome: str | None,
+    argv: Sequence[str],
+    shown: str | None = None,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Given a backup file and a loader's argv (the mysql client in its sandbox), decrypt the file
+    and feed it to the loader (line by line through ``transform`` if given); ``shown``: the
+    progress line's name (else ``what``). Raise BackupError naming what failed, and why gpg did."""
+    with Pipeline(what, 'restore') as pipe:
+        source, plain = open_plaintext(pipe, path, gnupghome)
+        loader = pipe.start(argv, stdin=subprocess.PIPE)
+        plain.check(feed(pipe, source, loader, shown or what, transform))
 
 
 class PgDumpFilter:
@@ -6922,7 +6940,7 @@ def pg_load(
     loaders: list[tuple[int, int]] = []  # (process index, the dump's line its line 2 is)
     recent: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=16384)
     with Pipeline(what, 'restore') as pipe:
-        source, status = start_plaintext(pipe, path, gnupghome)
+        source, plain = open_plaintext(pipe, path, gnupghome)
 
         def start_loader(db: str, first_line: int) -> subprocess.Popen[bytes]:
             argv, head = restricted_psql(db)
@@ -6963,7 +6981,7 @@ def pg_load(
             if broken:
                 source.close()  # the decompressor and gpg stop too
         try:
-            check_decrypted(pipe, path, gnupghome, broken, status)
+            plain.check(broken)
         except BackupError as error:
             refused = _refused_line(pipe, loaders, recent)
             if refused:
@@ -6991,14 +7009,21 @@ def _refused_line(
     return None
 
 
+def read_plaintext(path: Path, gnupghome: str | None, limit: int) -> bytes:
+    """Given a backup file, return its plaintext, cut after ``limit`` + 1 bytes (the caller says
+    what a larger file is). Raise BackupError if it cannot be read."""
+    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
+        stream, plain = open_plaintext(pipe, path, gnupghome)
+        data = stream.read(limit + 1)
+        stream.close()
+        plain.check(broken=len(data) > limit)
+    return data
+
+
 def read_small(path: Path, gnupghome: str | None, what: str, limit: int = INDEX_MAX_BYTES) -> bytes:
     """Given a small backup file (a roles or users file), return its plaintext. Raise BackupError
     if it cannot be read or is larger than ``limit``."""
-    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
-        stream, status = start_plaintext(pipe, path, gnupghome)
-        data = stream.read(limit + 1)
-        stream.close()
-        check_decrypted(pipe, path, gnupghome, len(data) > limit, status)
+    data = read_plaintext(path, gnupghome, limit)
     if len(data) > limit:
         raise BackupError(f'{what}: larger than {human_size(limit)}: not ours', step='restore')
     return data
@@ -7250,13 +7275,8 @@ def restore_database(
         check_loader('mysql')
         make_room_mysql(name, target)
         target.databases.append((kind, name))
-        with Pipeline(f'mysql {db} -> {name}', 'restore') as pipe:
-            source, status = start_plaintext(pipe, path, gnupghome)
-            client = mysql_client(target.mysql_defaults, reads_backup=True)
-            loader = pipe.start([*client, '--', name], stdin=subprocess.PIPE)
-            check_decrypted(
-                pipe, path, gnupghome, feed(pipe, source, loader, f'mysql {name}'), status
-            )
+        client = mysql_client(target.mysql_defaults, reads_backup=True)
+        load_into(f'mysql {db} -> {name}', path, gnupghome, [*client, '--', name], f'mysql {name}')
     target.renamed[db] = name
     return name
 
@@ -7304,13 +7324,9 @@ def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target:
     before = mysql_users_now(target)
     log.info('restore MariaDB users from %s', path.name)
     try:
-        with Pipeline('mariadb users', 'restore') as pipe:
-            source, status = start_plaintext(pipe, path, gnupghome)
-            client = mysql_client(target.mysql_defaults, reads_backup=True)
-            loader = pipe.start(client, stdin=subprocess.PIPE)
-            users_filter = MysqlUsersFilter(target.renamed)
-            broken = feed(pipe, source, loader, 'mariadb users', users_filter)
-            check_decrypted(pipe, path, gnupghome, broken, status)
+        client = mysql_client(target.mysql_defaults, reads_backup=True)
+        users_filter = MysqlUsersFilter(target.renamed)
+        load_into('mariadb users', path, gnupghome, client, transform=users_filter)
     finally:
         target.users += sorted(mysql_users_now(target) - before)
 
@@ -7580,26 +7596,27 @@ def _extract_file(
 
 
 def unpack_archive(
-    pipe: Pipeline,
     path: Path,
     gnupghome: str | None,
     root: int | None,
     made: Extracted,
+    verb: str = 'extract',
     step: str = 'restore',
 ) -> None:
-    """Given a run's archive, decrypt it in ``pipe`` and read it with read_archive (into the
-    folder ``root``, or only checked); raise BackupError if gpg, the decompressor or a member
-    fails."""
-    stream, status = start_plaintext(pipe, path, gnupghome)
-    try:
-        read_archive(stream, path.name, root, made, step)
-    except ArchiveUnreadable:
-        check_decrypted(pipe, path, gnupghome, False, status)  # gpg's failure, if it is why
-        raise
-    except BaseException:
-        status.close()
-        raise
-    check_decrypted(pipe, path, gnupghome, False, status)
+    """Given a run's archive, decrypt it in a pipeline of its own (named ``verb`` and the file)
+    and read it with read_archive (into the folder ``root``, or only checked); raise BackupError
+    if gpg, the decompressor or a member fails."""
+    with Pipeline(f'{verb} {path.name}', step) as pipe:
+        stream, plain = open_plaintext(pipe, path, gnupghome)
+        try:
+            read_archive(stream, path.name, root, made, step)
+        except ArchiveUnreadable:
+            plain.check()  # gpg's failure, if it is why
+            raise
+        except BaseException:
+            plain.close()
+            raise
+        plain.check()
 
 
 def open_restore_folder(folder: Path) -> tuple[int, bool]:
@@ -7675,8 +7692,7 @@ def extract_archives(
         for name in index.get('archives', []):
             path = run_file(run, name)
             log.info('extract %s into %s', path.name, folder)
-            with Pipeline(f'extract {path.name}', 'restore') as pipe:
-                unpack_archive(pipe, path, gnupghome, root, made)
+            unpack_archive(path, gnupghome, root, made)
             print(f'files: {name} extracted into {folder}')
         finish_folders(root, made)
     except BaseException as error:
@@ -8430,9 +8446,7 @@ def command_drill(
                     warnings += lacking
             checked = Extracted()  # every member as a restore would take it, nothing written
             for name in index.get('archives', []):
-                path = run_file(run, name)
-                with Pipeline(f'tar {path.name}', 'drill') as pipe:
-                    unpack_archive(pipe, path, gnupghome, None, checked, 'drill')
+                unpack_archive(run_file(run, name), gnupghome, None, checked, 'tar', 'drill')
         except BackupError as error:
             problems.append(str(error))
             details.append(f'{error}\n{mask_secrets(error.detail)}')
