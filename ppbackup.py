@@ -11,9 +11,18 @@ One nightly cycle, every step checked:
    retention (each backup name to its own runs);
 4. mail the admins the outcome.
 
-Run ``ppbackup`` (same as ``ppbackup run``) from cron; ``ppbackup --help`` lists the other commands
-(check, status, verify, decrypt, demo, watch). The configuration is the shell-style
-``~/ppbackup.cfg`` (``KEY=value``); it is parsed and never executed.
+Three people run it, each with commands of their own:
+
+- the web host's admin: ``ppbackup`` (same as ``ppbackup run``) from cron, ``check``, ``status``,
+  ``verify [--remote]``, ``run --dry-run``, ``restore latest`` to roll back within 24 hours, and
+  ``demo``; the remote is rsync (a folder, or ssh to a write-only rrsync account) or rclone;
+- the backup host: ``watch DIR...``, which keeps what arrived out of the sender's reach, checks it,
+  applies retention by its own clock and exports when each run arrived (``first-seen.json``);
+- a key holder, with the private key: ``decrypt``, ``restore`` and the weekly ``drill``, on servers
+  of its own. After a break-in every run is the attacker's: a run is data, never instructions.
+
+The configuration is the shell-style ``~/ppbackup.cfg`` (``KEY=value``); it is parsed and never
+executed. ``ppbackup --help`` lists the commands, ``ppbackup COMMAND --help`` their options.
 
 Exit codes: 0 success, 1 the run failed, 2 bad configuration or usage, 3 a bug (with traceback),
 75 another run holds the lock, 130/143 interrupted by SIGINT/SIGTERM.
