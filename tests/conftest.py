@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -64,6 +65,24 @@ def sh(
         cwd=cwd,
         timeout=120,
     )
+
+
+def leave_this_second() -> None:
+    """Return once the wall clock has moved into the next whole second: a run started after this
+    commits in another second than every run before it (rsync's quick check compares whole
+    seconds). The condition itself, at most one second, on average half of one."""
+    now = int(time.time())
+    while int(time.time()) == now:
+        time.sleep(0.005)
+
+
+def wait_no_processes(user: str, timeout: float = 5) -> None:
+    """Wait (bounded) until nothing runs as ``user`` any more: what userdel needs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(['pgrep', '-u', user], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.02)
 
 
 def gpg(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:

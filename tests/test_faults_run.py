@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from conftest import ADMIN_ENV, CANARY, REPO, Site, psql, sh
+from conftest import ADMIN_ENV, CANARY, REPO, Site, leave_this_second, psql, sh
 
 import ppbackup
 
@@ -436,8 +436,8 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
                     site.decrypt(path, site.root / 'whole.out')
     # Not the same second as a killed run's commit (rsync compares whole seconds): wait for the
     # clock to leave it, which the checks above have mostly done already.
-    while int(time.time()) == int(killed_at):
-        time.sleep(0.01)
+    if int(time.time()) == int(killed_at):
+        leave_this_second()
     assert_next_run_succeeds(site)
     verify = site.run('verify', '--remote')
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -613,7 +613,8 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
         control.chmod(0o644)
         assert as_nobody('cat', str(control)).returncode == 0, 'the check itself cannot work'
         for umask in (0o022, 0o000):
-            time.sleep(umask == 0)  # the second run in another second (rsync compares seconds)
+            if umask == 0:  # the second run in another second (rsync compares seconds)
+                leave_this_second()
             result = subprocess.run(
                 COMMAND,
                 env=site.env,
@@ -763,7 +764,7 @@ def test_N2_mail_status_matches_every_step(site: Site) -> None:
     assert site.subjects() == [SUCCEEDED]
     # The dump shrinks to a fraction: a warning, in the subject; the run still succeeds.
     psql(site.pg_db, 'DELETE FROM ballots WHERE id > 100;')
-    time.sleep(1)  # not the same second as the last run (rsync compares whole seconds)
+    leave_this_second()  # not the same second as the last run (rsync compares whole seconds)
     warned = site.run()
     assert warned.returncode == 0, warned.stderr
     subjects = site.subjects()
