@@ -18,7 +18,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -401,6 +401,44 @@ def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterato
     sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)
     subprocess.run(['chmod', '-R', 'u+rwX', str(tmp_path)], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+InProcess = Callable[..., 'subprocess.CompletedProcess[str]']
+
+
+@pytest.fixture
+def in_process(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcess]:
+    """``site.run`` without a new interpreter: ``ppbackup.main`` in this process, in the site's own
+    environment (the ``site`` fixture set $HOME, PATH and the rest with monkeypatch) and folder,
+    stdout and stderr captured. For what needs no faked clock, no signal and no other user.
+
+    What main changes in the process is put back: the umask and signal handlers (main itself),
+    ``extra_env`` (per call), and here the log handlers and the secrets it learnt to mask; no
+    child process group of it may be left."""
+    logger = ppbackup.log
+    saved = (list(logger.handlers), logger.level, logger.propagate, set(ppbackup._known_secrets))
+    monkeypatch.chdir(site.home)
+
+    def run(
+        *args: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        with monkeypatch.context() as env:
+            for key, value in (extra_env or {}).items():
+                env.setenv(key, value)
+            capsys.readouterr()  # only this call's output
+            code = ppbackup.main(list(args))
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(['ppbackup', *args], code, out, err)
+
+    yield run
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    ppbackup._known_secrets.clear()
+    ppbackup._known_secrets.update(saved[3])
+    assert ppbackup._live_groups == set(), 'main left a child process group behind'
 
 
 @pytest.fixture
