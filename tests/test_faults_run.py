@@ -251,9 +251,17 @@ class ProcSampler:
     """Read /proc/*/cmdline (and optionally /proc/*/environ) of every process every few ms, looking
     for ``needle``; also note which programs it saw, to prove it caught the interesting ones."""
 
-    def __init__(self, needle: str, environ: bool = False) -> None:
+    def __init__(
+        self,
+        needle: str,
+        environ: bool = False,
+        gate: Path | None = None,
+        wanted: tuple[str, ...] = (),
+    ) -> None:
         self.needle = needle.encode()
         self.environ = environ
+        # gate/NAME is made once a whole sample read a process of a wanted program (its path).
+        self.gate, self.wanted, self.sampled = gate, wanted, set[str]()
         self.hits: list[str] = []
         self.seen: set[str] = set()
         self.samples = 0
@@ -277,10 +285,14 @@ class ProcSampler:
                             os.path.basename(word.decode('utf-8', 'replace'))
                             for word in data.split(b'\0')[:3]
                         )
+                        self.sampled.update(w for w in self.wanted if w.encode() in data)
                     if self.needle in data:
                         shown = data[:300].replace(b'\0', b' ')
                         self.hits.append(f'/proc/{entry.name}/{part}: {shown!r}')
             self.samples += 1
+            if self.gate:
+                for path in self.sampled:
+                    (self.gate / os.path.basename(path)).touch()
             time.sleep(0.002)
 
     def __enter__(self) -> Self:
@@ -665,10 +677,18 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         mycnf = site.home / '.my.cnf'
         mycnf.write_text(f'[client]\nuser={user}\npassword={password}\n')
         mycnf.chmod(0o600)
-        # Slow dumpers, so that the sampler sees each of them with its arguments and environment.
-        site.shim('pg_dump', '#!/bin/sh\nsleep 0.3\nexec /usr/bin/pg_dump "$@"\n')
-        site.shim('mysqldump', '#!/bin/sh\nsleep 0.3\nexec /usr/bin/mysqldump "$@"\n')
-        with ProcSampler(password, environ=True) as sampler:
+        # Dumpers that wait until the sampler has read them, arguments and environment (bounded:
+        # 10 s), then become the real ones with both.
+        gate = site.root / 'sampled'
+        gate.mkdir()
+        for dumper in ('pg_dump', 'mysqldump'):
+            site.shim(
+                dumper,
+                f'#!/bin/sh\nn=0\nwhile [ ! -e {gate}/{dumper} ] && [ $n -lt 1000 ]; do\n'
+                f'  sleep 0.01; n=$((n + 1))\ndone\nexec /usr/bin/{dumper} "$@"\n',
+            )
+        wanted = (str(site.shims / 'pg_dump'), str(site.shims / 'mysqldump'))
+        with ProcSampler(password, environ=True, gate=gate, wanted=wanted) as sampler:
             result = site.run()
         assert result.returncode == 0, result.stderr
         assert {'pg_dump', 'mysqldump'} <= sampler.seen, sampler.seen
