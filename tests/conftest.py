@@ -17,8 +17,9 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -82,6 +83,24 @@ def sh(
         cwd=cwd,
         timeout=120,
     )
+
+
+def leave_this_second() -> None:
+    """Return once the wall clock has moved into the next whole second: a run started after this
+    commits in another second than every run before it (rsync's quick check compares whole
+    seconds). The condition itself, at most one second, on average half of one."""
+    now = int(time.time())
+    while int(time.time()) == now:
+        time.sleep(0.005)
+
+
+def wait_no_processes(user: str, timeout: float = 5) -> None:
+    """Wait (bounded) until nothing runs as ``user`` any more: what userdel needs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if subprocess.run(['pgrep', '-u', user], capture_output=True).returncode != 0:
+            return
+        time.sleep(0.02)
 
 
 def gpg(home: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -400,6 +419,44 @@ def site(tmp_path: Path, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> Iterato
     sh('gpgconf', '--homedir', str(gnupghome), '--kill', 'all', check=False)
     subprocess.run(['chmod', '-R', 'u+rwX', str(tmp_path)], check=False)
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+InProcess = Callable[..., 'subprocess.CompletedProcess[str]']
+
+
+@pytest.fixture
+def in_process(
+    site: Site, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[InProcess]:
+    """``site.run`` without a new interpreter: ``ppbackup.main`` in this process, in the site's own
+    environment (the ``site`` fixture set $HOME, PATH and the rest with monkeypatch) and folder,
+    stdout and stderr captured. For what needs no faked clock, no signal and no other user.
+
+    What main changes in the process is put back: the umask and signal handlers (main itself),
+    ``extra_env`` (per call), and here the log handlers and the secrets it learnt to mask; no
+    child process group of it may be left."""
+    logger = ppbackup.log
+    saved = (list(logger.handlers), logger.level, logger.propagate, set(ppbackup._known_secrets))
+    monkeypatch.chdir(site.home)
+
+    def run(
+        *args: str, extra_env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        with monkeypatch.context() as env:
+            for key, value in (extra_env or {}).items():
+                env.setenv(key, value)
+            capsys.readouterr()  # only this call's output
+            code = ppbackup.main(list(args))
+            out, err = capsys.readouterr()
+        return subprocess.CompletedProcess(['ppbackup', *args], code, out, err)
+
+    yield run
+    logger.handlers[:] = saved[0]
+    logger.setLevel(saved[1])
+    logger.propagate = saved[2]
+    ppbackup._known_secrets.clear()
+    ppbackup._known_secrets.update(saved[3])
+    assert ppbackup._live_groups == set(), 'main left a child process group behind'
 
 
 @pytest.fixture

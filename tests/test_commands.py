@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from conftest import REPO, Site, drop_databases, psql, sh
+from conftest import REPO, InProcess, Site, drop_databases, psql, sh
 
 import ppbackup
 
@@ -23,8 +23,8 @@ def tree(root: Path) -> dict[str, tuple[int, int, float]]:
     return found
 
 
-def test_help_lists_every_command(site: Site) -> None:
-    result = site.run('--help')
+def test_help_lists_every_command(site: Site, in_process: InProcess) -> None:
+    result = in_process('--help')
     assert result.returncode == 0
     for command in (
         'run',
@@ -61,8 +61,8 @@ def test_dry_run_prints_the_plan_and_writes_and_mails_nothing(site: Site) -> Non
     assert str(manifest) in out
 
 
-def test_check_passes_on_a_good_setup(site: Site) -> None:
-    result = site.run('check')
+def test_check_passes_on_a_good_setup(site: Site, in_process: InProcess) -> None:
+    result = in_process('check')
     assert result.returncode == 0, result.stdout
     assert 'all is well' in result.stdout
     assert f'ok    PostgreSQL database {site.pg_db}: reachable' in result.stdout
@@ -72,14 +72,16 @@ def test_check_passes_on_a_good_setup(site: Site) -> None:
     assert not (site.home / 'backups').exists() and site.mails() == []
 
 
-def test_check_fails_on_a_missing_key_an_unreachable_remote_and_a_database(site: Site) -> None:
+def test_check_fails_on_a_missing_key_an_unreachable_remote_and_a_database(
+    site: Site, in_process: InProcess
+) -> None:
     missing = '89ABCDEF0123456789ABCDEF0123456789ABCDEF'
     site.write_config(
         BACKUP_GPG_RECIPIENT=f'"{site.keys.alice} {missing}"',
         BACKUP_REMOTE='root@127.0.0.1:/nowhere',
         BACKUP_PSQL_DB='ppbt_nope',
     )
-    result = site.run('check', extra_env={'RSYNC_RSH': 'ssh -p 9'}, timeout=120)
+    result = in_process('check', extra_env={'RSYNC_RSH': 'ssh -p 9'})
     assert result.returncode == 1
     lines = result.stdout.splitlines()
     assert any(line.startswith('FAIL') and missing in line for line in lines)
@@ -112,22 +114,24 @@ def test_status_shows_slots_coverage_and_last_run(site: Site) -> None:
     assert data['last_result'] == 'succeeded' and data['last_transfer']
 
 
-def test_verify_with_no_backup_at_all_is_not_all_is_well(site: Site) -> None:
-    result = site.run('verify')
+def test_verify_with_no_backup_at_all_is_not_all_is_well(site: Site, in_process: InProcess) -> None:
+    result = in_process('verify')
     assert result.returncode == 1
     assert f'BAD  no backup found in {site.backups}' in result.stdout
 
 
-def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(site: Site) -> None:
-    assert site.run().returncode == 0
-    good = site.run('verify', '--remote')
+def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(
+    site: Site, in_process: InProcess
+) -> None:
+    assert in_process().returncode == 0
+    good = in_process('verify', '--remote')
     assert good.returncode == 0 and 'all is well' in good.stdout
     day = next(site.backups.glob('day*'))
     victim = next(day.glob('*psql*'))
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0x01
     victim.write_bytes(bytes(data))
-    bad = site.run('verify')
+    bad = in_process('verify')
     assert bad.returncode == 1
     assert f'BAD  {day.name}/{victim.name}: SHA-256 does not match' in bad.stdout
     # Put it back; now truncate the remote copy of another file.
@@ -135,8 +139,8 @@ def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(site:
     victim.write_bytes(bytes(data))
     remote_file = site.remote / 'backups' / day.name / next(day.glob('*files*')).name
     remote_file.write_bytes(remote_file.read_bytes()[:100])
-    assert site.run('verify').returncode == 0  # local copies are fine
-    bad_remote = site.run('verify', '--remote')
+    assert in_process('verify').returncode == 0  # local copies are fine
+    bad_remote = in_process('verify', '--remote')
     assert bad_remote.returncode == 1
     assert (
         f'remote copy of backups/{day.name}/{remote_file.name}: missing or differs'
@@ -144,10 +148,10 @@ def test_verify_catches_a_flipped_byte_locally_and_a_truncated_remote_copy(site:
     )
 
 
-def test_verify_catches_a_file_addressed_to_other_keys(site: Site) -> None:
-    assert site.run().returncode == 0
+def test_verify_catches_a_file_addressed_to_other_keys(site: Site, in_process: InProcess) -> None:
+    assert in_process().returncode == 0
     site.write_config(BACKUP_GPG_RECIPIENT=site.keys.alice)
-    result = site.run('verify')
+    result = in_process('verify')
     assert result.returncode == 1
     assert 'addressed to an unexpected key' in result.stdout
 
@@ -185,11 +189,13 @@ def test_decrypt_round_trips_a_dump_into_a_restorable_database(site: Site) -> No
     assert piped.returncode == 0 and piped.stdout == out.read_bytes()
 
 
-def test_decrypt_without_the_private_key_fails_with_a_sentence(site: Site) -> None:
-    assert site.run().returncode == 0
+def test_decrypt_without_the_private_key_fails_with_a_sentence(
+    site: Site, in_process: InProcess
+) -> None:
+    assert in_process().returncode == 0
     dump = next(site.backups.glob('day*/assoc-psql-*'))
     out = site.root / 'nope.sql'
-    result = site.run('decrypt', str(dump), '-o', str(out))  # the host's keyring: public keys only
+    result = in_process('decrypt', str(dump), '-o', str(out))  # the host's keyring: public only
     assert result.returncode == 1
     assert 'cannot decrypt: no matching private key' in result.stderr
     assert 'Traceback' not in result.stderr

@@ -7,7 +7,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
-from conftest import Site
+from conftest import InProcess, Site
 
 import ppbackup
 
@@ -57,11 +57,11 @@ BACKUP_DIR=/srv/enc
     assert config.mail_on_success is True
 
 
-def test_B1_shell_code_is_never_run(site: Site, tmp_path: Path) -> None:
+def test_B1_shell_code_is_never_run(site: Site, tmp_path: Path, in_process: InProcess) -> None:
     pwned = tmp_path / 'pwned'
     site.cfg.write_text(BASE + f'BACKUP_NAME=$(touch {pwned})\nBACKUP_REMOTE=`touch {pwned}`\n')
     site.cfg.chmod(0o600)
-    result = site.run()
+    result = in_process()
     assert result.returncode == 2
     assert 'ppbackup.cfg:5' in result.stderr and 'ppbackup.cfg:6' in result.stderr
     assert 'never runs the config' in result.stderr
@@ -82,9 +82,9 @@ def test_B2_every_mistake_is_reported_at_once_with_a_suggestion(site: Site) -> N
     assert 'BACKUP_LIMIT_MB: expected a whole number' in detail
 
 
-def test_B2_exit_code_is_2_and_nothing_is_touched(site: Site) -> None:
+def test_B2_exit_code_is_2_and_nothing_is_touched(site: Site, in_process: InProcess) -> None:
     site.cfg.write_text('BACKUP_NAME=x\nBACKUP_REMOTE=/r\nBACKUP_GPG_RECIPENT=x\n')
-    result = site.run()
+    result = in_process()
     assert result.returncode == 2
     assert 'did you mean BACKUP_GPG_RECIPIENT' in result.stderr
     assert not (site.home / 'backups').exists() and not (site.home / 'backups.insecure').exists()
@@ -121,38 +121,38 @@ def test_B3_option_lookalikes_are_refused_or_kept_as_names(site: Site) -> None:
     assert 'BACKUP_REMOTE: must not start with "-"' in detail
 
 
-def test_B4_a_config_others_can_write_is_refused(site: Site) -> None:
+def test_B4_a_config_others_can_write_is_refused(site: Site, in_process: InProcess) -> None:
     # In a folder that others can reach (the fixture's tree is 0700: nobody else could write there).
     with tempfile.TemporaryDirectory(prefix='ppbt-open-') as folder:
         os.chmod(folder, 0o755)
         config = Path(folder) / 'ppbackup.cfg'
         config.write_text(site.cfg.read_text())
         config.chmod(0o666)
-        result = site.run('--config', str(config))
+        result = in_process('--config', str(config))
     assert result.returncode == 2
     assert 'writable by group or others' in result.stderr
     assert 'can redirect the backups' in result.stderr
     assert not (site.home / 'backups').exists()
 
 
-def test_B4_a_config_owned_by_someone_else_is_refused(site: Site) -> None:
+def test_B4_a_config_owned_by_someone_else_is_refused(site: Site, in_process: InProcess) -> None:
     os.chown(site.cfg, 65534, 65534)
-    result = site.run()
+    result = in_process()
     assert result.returncode == 2
     assert 'owned by uid 65534, not by this user' in result.stderr
     assert not (site.home / 'backups').exists()
 
 
-def test_config_file_can_be_chosen(site: Site, tmp_path: Path) -> None:
+def test_config_file_can_be_chosen(site: Site, tmp_path: Path, in_process: InProcess) -> None:
     other = tmp_path / 'other.cfg'
     other.write_text(site.cfg.read_text().replace('BACKUP_NAME=assoc', 'BACKUP_NAME=other'))
     other.chmod(0o600)
     site.cfg.unlink()
-    assert site.run('--config', str(other), 'run').returncode == 0
+    assert in_process('--config', str(other), 'run').returncode == 0
     assert list(site.backups.glob('day*/other-*.sha256'))
-    result = site.run(extra_env={'PPBACKUP_CONFIG': str(other)})
+    result = in_process(extra_env={'PPBACKUP_CONFIG': str(other)})
     assert result.returncode == 0
-    missing = site.run('--config', str(tmp_path / 'nope.cfg'))
+    missing = in_process('--config', str(tmp_path / 'nope.cfg'))
     assert missing.returncode == 2 and 'cannot read config' in missing.stderr
 
 

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import pytest
-from conftest import ADMIN_ENV, CANARY, REPO, Site, psql, sh
+from conftest import ADMIN_ENV, CANARY, REPO, Site, leave_this_second, psql, sh
 
 import ppbackup
 
@@ -178,6 +178,41 @@ def wait_for(path: Path, proc: subprocess.Popen[str], timeout: float = 20) -> No
         time.sleep(0.01)
 
 
+def wait_until(
+    condition: Callable[[], bool], proc: subprocess.Popen[str], what: str, timeout: float = 20
+) -> None:
+    """Poll ``condition`` until it holds (an observed point of the run, never a guessed while)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            _, err = proc.communicate()
+            raise AssertionError(f'the run ended ({proc.returncode}) before {what}: {err}')
+        assert time.monotonic() < deadline, f'timeout waiting for {what}'
+        time.sleep(0.01)
+
+
+def encrypted_by_the_slot(site: Site, proc: subprocess.Popen[str], kind: str) -> Callable[[], bool]:
+    """The run's ``kind`` artifact lies encrypted by its slot (a temporary with bytes in it) and
+    no gpg of the run is encrypting any more."""
+
+    def done() -> bool:
+        pattern = f'day*/{ppbackup.TMP_PREFIX}{proc.pid}-*-assoc-{kind}-*.gpg'
+        written = [path for path in site.backups.glob(pattern) if path.stat().st_size > 0]
+        return bool(written) and not any(
+            '--encrypt' in line for line in live_in_sessions([proc.pid])
+        )
+
+    return done
+
+
+def compressing(proc: subprocess.Popen[str]) -> Callable[[], bool]:
+    """The hung dump's compressor runs: the run has settled into the dump's pipe."""
+    return lambda: any(
+        os.path.basename(line.split(': ', 1)[1].split(' ', 1)[0]) == 'zstd'
+        for line in live_in_sessions([proc.pid])
+    )
+
+
 def sleeping_dump(site: Site, program: str = 'pg_dump') -> Path:
     """Make ``program`` a dump that prints a line, drops a marker, then hangs (sleeps 30 s).
 
@@ -216,9 +251,17 @@ class ProcSampler:
     """Read /proc/*/cmdline (and optionally /proc/*/environ) of every process every few ms, looking
     for ``needle``; also note which programs it saw, to prove it caught the interesting ones."""
 
-    def __init__(self, needle: str, environ: bool = False) -> None:
+    def __init__(
+        self,
+        needle: str,
+        environ: bool = False,
+        gate: Path | None = None,
+        wanted: tuple[str, ...] = (),
+    ) -> None:
         self.needle = needle.encode()
         self.environ = environ
+        # gate/NAME is made once a whole sample read a process of a wanted program (its path).
+        self.gate, self.wanted, self.sampled = gate, wanted, set[str]()
         self.hits: list[str] = []
         self.seen: set[str] = set()
         self.samples = 0
@@ -242,10 +285,14 @@ class ProcSampler:
                             os.path.basename(word.decode('utf-8', 'replace'))
                             for word in data.split(b'\0')[:3]
                         )
+                        self.sampled.update(w for w in self.wanted if w.encode() in data)
                     if self.needle in data:
                         shown = data[:300].replace(b'\0', b' ')
                         self.hits.append(f'/proc/{entry.name}/{part}: {shown!r}')
             self.samples += 1
+            if self.gate:
+                for path in self.sampled:
+                    (self.gate / os.path.basename(path)).touch()
             time.sleep(0.002)
 
     def __enter__(self) -> Self:
@@ -343,7 +390,8 @@ def test_C2_lock_left_by_kill_9_does_not_block_the_next_run(
     marker = sleeping_dump(site)
     victim = start(site, sessions)
     wait_for(marker, victim)
-    time.sleep(0.3)  # the other artifacts are on their way too
+    # The other artifacts are on their way too: the MariaDB dump lies encrypted by the slot.
+    wait_until(encrypted_by_the_slot(site, victim, 'mysql'), victim, 'the mysql artifact')
     os.kill(victim.pid, signal.SIGKILL)
     victim.communicate(timeout=10)
     assert victim.returncode == -signal.SIGKILL
@@ -362,14 +410,34 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
     site: Site, sessions: list[int]
 ) -> None:
     baseline(site)
-    # Kill the run's process group at points spread over a whole run (about 0.9 s here).
-    for delay in (0.1, 0.3, 0.45, 0.6, 0.75, 0.9):
-        victim = start(site, sessions)
-        time.sleep(delay)
+    # Kill the run's process group at points spread over a whole run, each one observed in the
+    # steps it reports (-v): its run folder made (before any dump), a dump and an encryption at the
+    # start, in the middle and at the end, and the transfer (after the commit).
+    killed_at = time.time()
+    for step in (
+        'run folder',
+        'dump mysql',
+        'encrypt mysql',
+        'dump files',
+        'encrypt binaries',
+        'encrypt row counts',
+        'sync to',
+    ):
+        victim = start(site, sessions, '-v')
+        assert victim.stderr
+        seen = []
+        rundir = insecure(site) / f'{ppbackup.RUN_PREFIX}{victim.pid}'
+        if step == 'run folder':
+            wait_until(rundir.exists, victim, 'the run folder')
+        while step != 'run folder' and not (seen and seen[-1].startswith(f'ppbackup: {step}')):
+            line = victim.stderr.readline()
+            assert line, f'the run ended before {step!r}: {seen}'
+            seen.append(line)
         os.killpg(victim.pid, signal.SIGKILL)
+        killed_at = time.time()
         victim.communicate(timeout=10)
         # Real programs die of EOF or SIGPIPE once ppbackup is gone.
-        assert wait_until_gone([victim.pid], 5) == [], f'orphans after a kill at {delay} s'
+        assert wait_until_gone([victim.pid], 5) == [], f'orphans after a kill at {step!r}'
         # No file under its final name is half-written: each matches a manifest, or decrypts whole.
         for slot in site.backups.glob('*'):
             digests = {}
@@ -378,7 +446,10 @@ def test_K1_sigkill_at_any_point_next_run_succeeds_without_temporaries(
             for path in slot.glob('*.gpg'):
                 if not path.name.startswith('.') and digests.get(path.name) != sha256(path):
                     site.decrypt(path, site.root / 'whole.out')
-    time.sleep(1)  # not the same second as a killed run's commit (rsync compares whole seconds)
+    # Not the same second as a killed run's commit (rsync compares whole seconds): wait for the
+    # clock to leave it, which the checks above have mostly done already.
+    if int(time.time()) == int(killed_at):
+        leave_this_second()
     assert_next_run_succeeds(site)
     verify = site.run('verify', '--remote')
     assert verify.returncode == 0, verify.stdout + verify.stderr
@@ -426,16 +497,18 @@ def test_K2_sigterm_and_sigint_stop_children_and_remove_temporaries(
     problems = []
     # SIGTERM while the first dump hangs (the others still wait their turn); Ctrl-C (SIGINT to the
     # foreground group) while a later dump hangs and earlier artifacts lie encrypted by the slot.
-    for sig, hanging, pause in (
-        (signal.SIGTERM, ('mysqldump',), 0.2),
-        (signal.SIGINT, ('pg_dump',), 1.0),
+    for sig, hanging, earlier in (
+        (signal.SIGTERM, ('mysqldump',), ()),
+        (signal.SIGINT, ('pg_dump',), ('mysql',)),
     ):
         markers = [sleeping_dump(site, program) for program in hanging]
         mails_before = len(site.mails())
         proc = start(site, sessions)
         for marker in markers:
             wait_for(marker, proc)
-        time.sleep(pause)
+        wait_until(compressing(proc), proc, "the hung dump's compressor")
+        for kind in earlier:
+            wait_until(encrypted_by_the_slot(site, proc, kind), proc, f'the {kind} artifact')
         tar_before = tar_started.read_text() if tar_started.exists() else ''
         signalled = time.monotonic()
         os.killpg(proc.pid, sig)
@@ -552,7 +625,8 @@ def test_P2_plaintext_is_private_whatever_the_umask(site: Site) -> None:
         control.chmod(0o644)
         assert as_nobody('cat', str(control)).returncode == 0, 'the check itself cannot work'
         for umask in (0o022, 0o000):
-            time.sleep(umask == 0)  # the second run in another second (rsync compares seconds)
+            if umask == 0:  # the second run in another second (rsync compares seconds)
+                leave_this_second()
             result = subprocess.run(
                 COMMAND,
                 env=site.env,
@@ -603,10 +677,18 @@ def test_P3_passwords_never_on_a_command_line_environment_or_log(site: Site) -> 
         mycnf = site.home / '.my.cnf'
         mycnf.write_text(f'[client]\nuser={user}\npassword={password}\n')
         mycnf.chmod(0o600)
-        # Slow dumpers, so that the sampler sees each of them with its arguments and environment.
-        site.shim('pg_dump', '#!/bin/sh\nsleep 0.3\nexec /usr/bin/pg_dump "$@"\n')
-        site.shim('mysqldump', '#!/bin/sh\nsleep 0.3\nexec /usr/bin/mysqldump "$@"\n')
-        with ProcSampler(password, environ=True) as sampler:
+        # Dumpers that wait until the sampler has read them, arguments and environment (bounded:
+        # 10 s), then become the real ones with both.
+        gate = site.root / 'sampled'
+        gate.mkdir()
+        for dumper in ('pg_dump', 'mysqldump'):
+            site.shim(
+                dumper,
+                f'#!/bin/sh\nn=0\nwhile [ ! -e {gate}/{dumper} ] && [ $n -lt 1000 ]; do\n'
+                f'  sleep 0.01; n=$((n + 1))\ndone\nexec /usr/bin/{dumper} "$@"\n',
+            )
+        wanted = (str(site.shims / 'pg_dump'), str(site.shims / 'mysqldump'))
+        with ProcSampler(password, environ=True, gate=gate, wanted=wanted) as sampler:
             result = site.run()
         assert result.returncode == 0, result.stderr
         assert {'pg_dump', 'mysqldump'} <= sampler.seen, sampler.seen
@@ -702,7 +784,7 @@ def test_N2_mail_status_matches_every_step(site: Site) -> None:
     assert site.subjects() == [SUCCEEDED]
     # The dump shrinks to a fraction: a warning, in the subject; the run still succeeds.
     psql(site.pg_db, 'DELETE FROM ballots WHERE id > 100;')
-    time.sleep(1)  # not the same second as the last run (rsync compares whole seconds)
+    leave_this_second()  # not the same second as the last run (rsync compares whole seconds)
     warned = site.run()
     assert warned.returncode == 0, warned.stderr
     subjects = site.subjects()

@@ -25,7 +25,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import MAILX_SHIM, REPO, Site, make_key, sh
+from conftest import MAILX_SHIM, REPO, Site, leave_this_second, make_key, sh, wait_no_processes
 
 import ppbackup
 
@@ -310,11 +310,11 @@ def unix_site(site: Site, open_tree: Path) -> Iterator[UnixSite]:
             pids = sh('pgrep', '-u', name, check=False).stdout.split()
             if pids:
                 sh('kill', '-KILL', *pids, check=False)
+                wait_no_processes(name)  # userdel refuses a user who still runs something
             if sh('userdel', member_name, check=False).returncode in (0, 6) and sh(
                 'userdel', name, check=False
             ).returncode in (0, 6):
                 break
-            time.sleep(1)
 
 
 def extended(key_home: Path, fingerprint: str) -> str:
@@ -350,7 +350,7 @@ def test_S12_a_keyring_imported_under_umask_0002_passes_check_and_runs(
     assert refreshed.returncode == 0 and 'new signatures: 2' in refreshed.stderr, refreshed.stderr
     assert stat.S_IMODE(keyring.stat().st_mode) == 0o664
     assert unix_site.member_opens_for_writing(keyring) == 'EACCES'
-    time.sleep(1)  # the next run in another second
+    leave_this_second()  # the next run in another second (rsync compares whole seconds)
     again = unix_site.ppbackup()
     assert again.returncode == 0, again.stderr
     mails = sorted(unix_site.mails.glob('mail-*.json'))

@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
-from conftest import REPO, psql, scripted_pinentry, sh
+from conftest import REPO, psql, scripted_pinentry, sh, wait_no_processes
 from sshd import start_sshd, write_only_options
 
 PASSPHRASE = 'Tr3asurer pass phrase'
@@ -128,9 +128,9 @@ def remove_user(name: str) -> None:
         pids = sh('pgrep', '-u', name, check=False).stdout.split()
         if pids:
             sh('kill', '-KILL', *pids, check=False)
+            wait_no_processes(name)  # userdel refuses a user who still runs something
         if sh('userdel', name, check=False).returncode in (0, 6):  # 6: no such user
             break
-        time.sleep(1)
     Path('/var/mail', name).unlink(missing_ok=True)
 
 

@@ -77,6 +77,27 @@ def fresh_pg() -> Iterator[dict[str, str]]:
 def fresh_mariadb() -> Iterator[Path]:
     """A new MariaDB server on a socket and a free port in a temporary folder; yields an option
     file that names it."""
+    with mariadb_server() as cnf:
+        yield cnf
+
+
+@pytest.fixture
+def brand_new_pg() -> Iterator[dict[str, str]]:
+    """fresh_pg for one test only: what the module's other tests restored there is not on it."""
+    with pg_cluster() as env:
+        yield env
+
+
+@pytest.fixture
+def brand_new_mariadb() -> Iterator[Path]:
+    """fresh_mariadb for one test only."""
+    with mariadb_server() as cnf:
+        yield cnf
+
+
+@contextlib.contextmanager
+def mariadb_server() -> Iterator[Path]:
+    """Start a new MariaDB server (see fresh_mariadb); stop and remove it afterwards."""
     folder = Path(tempfile.mkdtemp(prefix='ppbt_mysrv_'))
     data, sock = folder / 'data', folder / 'mysqld.sock'
     cnf = folder / 'client.cnf'
@@ -304,9 +325,11 @@ def backed_up(site: Site, source: None) -> Site:
 
 
 def test_R1_R2_restore_onto_brand_new_servers_brings_everything_back(
-    backed_up: Site, fresh_pg: dict[str, str], fresh_mariadb: Path
+    backed_up: Site, brand_new_pg: dict[str, str], brand_new_mariadb: Path
 ) -> None:
-    site = backed_up
+    # Servers of its own: the module's shared ones hold the roles and users that other tests
+    # restored (their backups list this server's roles too), and "created" would be "exists".
+    site, fresh_pg, fresh_mariadb = backed_up, brand_new_pg, brand_new_mariadb
     day = next(site.backups.glob('day*'))
     files = site.root / 'restored-files'
     result = holder_run(
