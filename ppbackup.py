@@ -1271,12 +1271,6 @@ def _changers(path: Path, info: os.stat_result, trusted: set[int], what: str) ->
     return f'{path} is writable by {written} and {reach}{what}: {fix}'
 
 
-def who_else_can_change(path: Path, owners: Sequence[int]) -> str:
-    """Given a path and the uids that may own it, return a sentence saying who but its owner and
-    root could change it, and how, or '' if nobody can (or it is not there). See changers_of."""
-    return '; '.join(changers_of(path, owners))
-
-
 def changers_of(path: Path, owners: Sequence[int]) -> list[str]:
     """Given a path and the uids that may own it, return one sentence for each way that someone
     but its owner and root could change it (each says who, and the chmod that ends it).
@@ -5914,10 +5908,6 @@ PG_ENTRY_RE = re.compile(rb'^-- (?:Data for )?Name: (.*); Type: (.*); Schema: ')
 PG_DATABASE_NAME_RE = re.compile(rb'(?<=DATABASE )' + PG_IDENT)
 PG_OWNER_RE = re.compile(rb'^ALTER [A-Z ]+ .+ OWNER TO .+;\n?$')
 PG_DOLLAR_RE = re.compile(rb'\$[A-Za-z_]*\$')
-PG_ROLE_LINE_RE = re.compile(
-    rb'^(?:CREATE ROLE |ALTER ROLE |COMMENT ON ROLE |CREATE TABLESPACE |ALTER TABLESPACE '
-    rb'|COMMENT ON TABLESPACE )' + PG_IDENT + rb'[ ;]'
-)
 MYSQL_CREATE_USER_RE = re.compile(rb'^CREATE USER IF NOT EXISTS (`(?:[^`]|``)*`@`(?:[^`]|``)*`)')
 
 
@@ -5975,11 +5965,6 @@ def aside_name(db: str) -> str:
 def pg_ident(name: str) -> str:
     """Given a PostgreSQL name, return it as a quoted identifier."""
     return '"' + name.replace('"', '""') + '"'
-
-
-def _unquote_pg(raw: bytes) -> str:
-    text = raw.decode('utf-8', 'replace')
-    return text[1:-1].replace('""', '"') if text.startswith('"') else text
 
 
 FIRST_SEEN_FILE = 'first-seen.json'  # watch's record, beside the slots it keeps

@@ -7,7 +7,6 @@ exist (renamed or deleted), or a test named after a row that the document lacks,
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from conftest import REPO
 

@@ -26,7 +26,6 @@ fake: a person typing it).
 from __future__ import annotations
 
 import dataclasses
-import os
 import re
 import secrets
 import shutil
