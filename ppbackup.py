@@ -106,6 +106,11 @@ RSYNC_IO_TIMEOUT = 300
 KILL_GRACE = 5.0
 DUMPS_AT_ONCE = 1  # see make_all: measured on 2 cores, more only adds contention
 TMP_PREFIX = '.ppbackup-tmp-'
+ATOMIC_SUFFIX = '.tmp'
+# How a name is opened relative to a folder fd: never through a symlink, never blocking on a FIFO.
+_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+_OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
+_OPEN_PATH_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a configured folder: may be a link
 RUN_PREFIX = '.ppbackup-run-'
 LOCK_NAME = '.ppbackup.lock'
 STATE_SUFFIX = '.state.json'  # one state file per BACKUP_NAME: NAME.state.json
@@ -137,9 +142,9 @@ DATABASE_KINDS = tuple(TRAILERS)  # a database's own dump: a shrink is worth a w
 PG_ROLES = 'pg-roles'
 PG_ROLES_TRAILER = b'-- PostgreSQL database cluster dump complete'
 MYSQL_USERS = 'mariadb-users'
-ROWCOUNTS = 'rowcounts'
+RUN_INDEX = 'rowcounts'  # the run's index: what each artifact holds, with every table's row count
 MYSQL_USERS_SOURCE = '.ppbackup-mariadb-users.sql'
-ROWCOUNTS_SOURCE = '.ppbackup-rowcounts.json'
+RUN_INDEX_SOURCE = '.ppbackup-rowcounts.json'
 INDEX_FORMAT = 1
 COMPRESSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
     # name: (compress argv, decompress argv, file extension)
@@ -236,6 +241,21 @@ def mask_secrets(text: str) -> str:
     )
     text = SECRET_PATTERNS[2].sub(lambda m: m.group(1) + '***', text)
     return SECRET_PATTERNS[3].sub(lambda m: m.group(1) + '***' + m.group(3), text)
+
+
+def os_reason(error: OSError, folder: Path | None = None) -> str:
+    """Given an OSError (and the folder written to, where the errno may not say it), return its
+    reason for a sentence, with "(disk full)" when the disk is: the one OSError conversion."""
+    full = error.errno == errno.ENOSPC or (folder is not None and disk_full(folder))
+    return f'{error.strerror or error}' + (' (disk full)' if full else '')
+
+
+def disk_full(folder: Path) -> bool:
+    """Given a folder, return True if its filesystem has (almost) no space left."""
+    with contextlib.suppress(OSError):
+        info = os.statvfs(folder)
+        return info.f_bavail * info.f_frsize < BLOCK
+    return False
 
 
 def human_size(size: float) -> str:
@@ -464,30 +484,33 @@ VARIABLE_RE = re.compile(r'\$(?:\{([A-Za-z_][A-Za-z0-9_]*)\}|([A-Za-z_][A-Za-z0-
 
 @dataclasses.dataclass(frozen=True)
 class Config:
+    """The configuration as ``load_config`` made it: a field for each of KEYS (whose table holds
+    the defaults; none are repeated here), the file it came from and the user's home."""
+
     path: Path
     home: Path
     name: str
     remote: str
     recipients: tuple[str, ...]
-    files: tuple[str, ...] = ()
-    binaries: tuple[str, ...] = ()
-    mysql_dbs: tuple[str, ...] = ()
-    psql_dbs: tuple[str, ...] = ()
-    admin_emails: tuple[str, ...] = ()
-    only_one_day: bool = False
-    limit_mb: int = 0
-    compression: str = 'zstd'
-    backup_dir: Path = Path('~/backups')
-    insecure_dir: Path = Path('~/backups.insecure')
-    gnupghome: Path = Path('~/.gnupg')
-    mail_on_success: bool = True
-    dump_timeout: int = 21600
-    sync_timeout: int = 21600
-    sync_bwlimit: int = 0
-    syslog: bool = False
-    metrics_file: Path | None = None
-    ping_url: str = ''
-    client_env: tuple[tuple[str, str], ...] = ()  # CLIENT_VARIABLES set in the config
+    files: tuple[str, ...]
+    binaries: tuple[str, ...]
+    mysql_dbs: tuple[str, ...]
+    psql_dbs: tuple[str, ...]
+    admin_emails: tuple[str, ...]
+    only_one_day: bool
+    limit_mb: int
+    compression: str
+    backup_dir: Path
+    insecure_dir: Path
+    gnupghome: Path
+    mail_on_success: bool
+    dump_timeout: int
+    sync_timeout: int
+    sync_bwlimit: int
+    syslog: bool
+    metrics_file: Path | None
+    ping_url: str
+    client_env: tuple[tuple[str, str], ...]  # CLIENT_VARIABLES set in the config
 
 
 def _scan_value(text: str, pos: int, line: int, known: Mapping[str, str]) -> tuple[str, int, int]:
@@ -1060,7 +1083,7 @@ def stream_to_file(
         except OSError as error:
             if error.errno != errno.ENOSPC:
                 raise
-            raise BackupError(f'{what}: disk full while writing', step=step) from error
+            raise BackupError(f'{what}: cannot write: {os_reason(error)}', step=step) from error
         finally:
             progress.done(count)
             if sink and sink.stdin:
@@ -1493,7 +1516,7 @@ def packet_recipients(path: Path, gnupghome: Path) -> list[str]:
     return [keyid.upper() for keyid in keyids]
 
 
-def check_addressed_to(keyids: Sequence[str], recipients: Sequence[Recipient]) -> str:
+def addressed_to_problem(keyids: Sequence[str], recipients: Sequence[Recipient]) -> str:
     """Given packet key ids and the recipients, return '' if they match one to one, else why not."""
     unmatched = list(recipients)
     for keyid in keyids:
@@ -1511,14 +1534,14 @@ def check_addressed_to(keyids: Sequence[str], recipients: Sequence[Recipient]) -
 # ---------------------------------------------------------------------------------------------------
 
 
-def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
-    """Given a folder, create it if needed and make it ``mode``. Raise BackupError if it is a symlink
+def ensure_private_dir(path: Path) -> None:
+    """Given a folder, create it if needed and make it 0700. Raise BackupError if it is a symlink
     or not ours: plaintext must not land anywhere else."""
     try:
-        path.mkdir(mode=mode, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
         info = path.lstat()
     except OSError as error:
-        raise BackupError(f'cannot create {path}: {error.strerror}', step='prepare') from error
+        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
     if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise BackupError(
             f'{path} is a symlink or not a folder; refusing to follow it. Remove it and run again',
@@ -1526,9 +1549,9 @@ def ensure_private_dir(path: Path, mode: int = 0o700) -> None:
         )
     if info.st_uid != os.getuid():
         raise BackupError(f'{path} is owned by uid {info.st_uid}, not by this user', step='prepare')
-    if stat.S_IMODE(info.st_mode) != mode:
+    if stat.S_IMODE(info.st_mode) != 0o700:
         try:
-            os.chmod(path, mode)
+            os.chmod(path, 0o700)
         except OSError as error:
             raise BackupError(f'cannot chmod {path}: {error.strerror}', step='prepare') from error
 
@@ -1540,10 +1563,7 @@ def create_private_file(path: Path) -> int:
             path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
         )
     except OSError as error:
-        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-        raise BackupError(
-            f'cannot create {path}: {error.strerror}{hint}', step='prepare'
-        ) from error
+        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
 
 
 def temp_name(final: Path) -> Path:
@@ -1621,8 +1641,76 @@ def expire_plaintext(insecure_dir: Path) -> list[str]:
 
 def temp_target(name: str) -> str:
     """Given a temporary's name (see ``temp_name``), return the final name it was made for."""
-    parts = name[len(TMP_PREFIX) :].split('-', 2)
+    parts = name[len(TMP_PREFIX) :].removesuffix(ATOMIC_SUFFIX).split('-', 2)
     return parts[2] if name.startswith(TMP_PREFIX) and len(parts) == 3 else ''
+
+
+def atomic_temp_name(final: Path) -> Path:
+    """The temporary ``write_atomically`` writes: not *.prom (node_exporter's textfile collector
+    reads every *.prom file in its folder, a temporary too)."""
+    return temp_name(final).with_name(temp_name(final).name + ATOMIC_SUFFIX)
+
+
+def write_atomically(
+    folder: Path | int, name: str, data: bytes, *, mode: int = 0o600, mtime: float | None = None
+) -> None:
+    """Given a folder (a path, or an fd opened O_NOFOLLOW) and a name in it, replace that name with
+    ``data`` whole: the one atomic writer. Raise OSError; the temporary is gone by then.
+
+    Order: a new temporary beside it (O_EXCL, never through a symlink; a later run sweeps it if
+    we die), ``mode``, ``mtime``, fsync, rename over the name, fsync of the folder. A reader opens
+    the old inode or the new one, never half of one, and after a crash the name holds one of them.
+    """
+    dir_fd = folder if isinstance(folder, int) else os.open(folder, _OPEN_PATH_DIR)
+    tmp = atomic_temp_name(Path(name)).name
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, 'wb') as handle:
+            os.fchmod(fd, mode)  # our umask is 077; the metrics file is 0644
+            handle.write(data)
+            handle.flush()
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        if not isinstance(folder, int):
+            os.close(dir_fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Given a folder, make the renames and links in it durable."""
+    fd = os.open(folder, _OPEN_PATH_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digests(file: Path | int, names: Iterable[str] = ('sha256',)) -> dict[str, str]:
+    """Given a file (a path, or an fd read from its start) and hash names (sha256, md5, sha1),
+    return {name: hex digest}, the file read once, a block at a time: the one hasher."""
+    hashers = {name: hashlib.new(name) for name in names}
+    fd = file if isinstance(file, int) else os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, BLOCK):
+            for hasher in hashers.values():
+                hasher.update(block)
+    finally:
+        if not isinstance(file, int):
+            os.close(fd)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def sha256_of(file: Path | int) -> str:
+    return file_digests(file)['sha256']
 
 
 def sweep_temporaries(config: Config) -> list[str]:
@@ -1654,9 +1742,8 @@ def run_lock(config: Config) -> Iterator[None]:
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as error:  # out of inodes or space, read-only, a planted symlink...
-        hint = ' (disk full: no space or no inodes left)' if error.errno == errno.ENOSPC else ''
         raise BackupError(
-            f'cannot create the lock {lock_path}: {error.strerror}{hint}', step='lock'
+            f'cannot create the lock {lock_path}: {os_reason(error)}', step='lock'
         ) from error
     try:
         try:
@@ -1708,8 +1795,14 @@ def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
 
 
 # A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
+# The one set of names that runs and slots are read by, leniently (retention, verify, the sender)
+# and strictly (watch, restore: what arrived is untrusted).
 RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
-ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, ROWCOUNTS)
+SLOT_RE = re.compile(r'(day|wk)[0-9]+')
+SHA256_RE = re.compile(r'[0-9a-f]{64}')
+MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')  # sha256sum's "DIGEST  NAME"
+RUN_NAME_RE = re.compile(rf'(.+?)-(?:{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}')
+ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, RUN_INDEX)
 
 
 @functools.lru_cache(maxsize=8)
@@ -1838,9 +1931,9 @@ def plan_artifacts(
             Artifact(MYSQL_USERS, 'mariadb users', name, source, trailer=TRAILERS['mysql'])
         )
     if config.psql_dbs or config.mysql_dbs:
-        name = artifact_name(config, 'rowcounts', run_id, f'.json{ext}')
-        source = ('cat', '--', str(rundir / ROWCOUNTS_SOURCE))
-        artifacts.append(Artifact(ROWCOUNTS, 'row counts', name, source))
+        name = artifact_name(config, RUN_INDEX, run_id, f'.json{ext}')
+        source = ('cat', '--', str(rundir / RUN_INDEX_SOURCE))
+        artifacts.append(Artifact(RUN_INDEX, 'row counts', name, source))  # the metrics label
     return artifacts
 
 
@@ -2408,7 +2501,7 @@ def dump_generated(
     try:
         return dump_artifact(artifact, config, rundir)
     finally:  # latest/ keeps the compressed copy only
-        for source in (MYSQL_USERS_SOURCE, ROWCOUNTS_SOURCE):
+        for source in (MYSQL_USERS_SOURCE, RUN_INDEX_SOURCE):
             remove_path(rundir / source)
 
 
@@ -2467,7 +2560,7 @@ def write_run_index(
         'archives': [a.filename for a in artifacts if a.kind in ('files', 'binaries')],
         'lacks': list(lacks),
     }
-    with os.fdopen(create_private_file(rundir / ROWCOUNTS_SOURCE), 'w') as handle:
+    with os.fdopen(create_private_file(rundir / RUN_INDEX_SOURCE), 'w') as handle:
         json.dump(index, handle, indent=1, sort_keys=True)
 
 
@@ -2509,9 +2602,8 @@ def dump_artifact(
             env=client_environ(config) if artifact.trailer else None,
         )
     except OSError as error:
-        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
         raise BackupError(
-            f'{artifact.label}: cannot write {path}: {error.strerror}{hint}',
+            f'{artifact.label}: cannot write {path}: {os_reason(error)}',
             step=f'dump {artifact.label}',
         ) from error
     finally:
@@ -2531,23 +2623,14 @@ def dump_artifact(
     return path, streamed.raw_bytes, warnings
 
 
-def disk_full(folder: Path) -> bool:
-    """Given a folder, return True if its filesystem has (almost) no space left."""
-    with contextlib.suppress(OSError):
-        info = os.statvfs(folder)
-        return info.f_bavail * info.f_frsize < BLOCK
-    return False
-
-
 @contextlib.contextmanager
 def _gpg_write_errors(label: str, step: str, folder: Path) -> Iterator[None]:
     """Turn an OSError from python-gnupg's copying thread (gpg died under it) into a BackupError."""
     try:
         yield
     except OSError as error:
-        hint = ' (disk full)' if disk_full(folder) else ''
         raise BackupError(
-            f'{label}: gpg failed while encrypting: {error.strerror or error}{hint}', step=step
+            f'{label}: gpg failed while encrypting: {os_reason(error, folder)}', step=step
         ) from error
 
 
@@ -2609,11 +2692,11 @@ def encrypt_artifact(
         tail = mask_secrets('\n'.join((result.stderr or '').splitlines()[-STDERR_TAIL_LINES:]))
         hint = ' (disk full)' if 'No space left' in tail or disk_full(encrypted.parent) else ''
         raise BackupError(f'{label}: gpg failed: {result.status}{hint}', step=step, detail=tail)
-    mismatch = check_addressed_to(packet_recipients(encrypted, Path(gpg.gnupghome)), recipients)
+    mismatch = addressed_to_problem(packet_recipients(encrypted, Path(gpg.gnupghome)), recipients)
     if mismatch:
         raise BackupError(f'{label}: ciphertext {mismatch}; refusing it', step=step)
     with open(encrypted, 'rb') as handle:
-        digest = hashlib.file_digest(handle, 'sha256').hexdigest()
+        digest = sha256_of(handle.fileno())
         # On disk before rotation may delete an older copy (the plaintext needs no such care).
         os.fsync(handle.fileno())
     return encrypted.stat().st_size, digest
@@ -2641,31 +2724,6 @@ def manifest_name(config: Config, run_id: str) -> str:
     return f'{config.name}-{run_id}{MANIFEST_SUFFIX}'
 
 
-def fsync_dir(folder: Path) -> None:
-    """Given a folder, make the renames in it durable."""
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_file_atomically(path: Path, data: bytes, mtime: float) -> None:
-    """Given bytes, write them to a temporary name, fsync, stamp ``mtime`` and rename into place."""
-    tmp = temp_name(path)
-    fd = create_private_file(tmp)
-    try:
-        with os.fdopen(fd, 'wb') as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.utime(tmp, (mtime, mtime))
-        os.replace(tmp, path)
-    except OSError as error:
-        remove_path(tmp)
-        raise BackupError(f'cannot write {path}: {error.strerror}', step='commit') from error
-
-
 def iter_manifest(path: Path) -> Iterator[tuple[str, str]]:
     """Given a manifest, yield its (file name, sha256) lines, streamed: whatever its size, only one
     bounded line is in memory at a time; a longer line is skipped."""
@@ -2676,8 +2734,8 @@ def iter_manifest(path: Path) -> Iterator[tuple[str, str]]:
                     pass  # the rest of an over-long line: not a name ppbackup wrote
                 continue
             text = line.decode('utf-8', 'replace').rstrip('\n').removesuffix('\r')
-            match = re.match(r'^([0-9a-f]{64}) [ *](.+)$', text)
-            if match:
+            match = MANIFEST_LINE_RE.fullmatch(text)
+            if match and match.group(2):
                 yield match.group(2), match.group(1)
 
 
@@ -2725,7 +2783,7 @@ def all_slots(backup_dir: Path) -> list[Path]:
         (
             p
             for p in backup_dir.iterdir()
-            if re.fullmatch(r'(day|wk)[0-9]+', p.name) and p.is_dir() and not p.is_symlink()
+            if SLOT_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
         ),
         key=lambda p: (p.name[0], len(p.name), p.name),
     )
@@ -2961,7 +3019,7 @@ def file_list(names: Sequence[str]) -> bytes:
     return ''.join(name + '\n' for name in names).encode()
 
 
-def transfer(transport: Transport, report: Report, written: set[Path], verify: bool) -> None:
+def transfer(transport: Transport, report: Report, written: set[Path]) -> None:
     """Send this run's files (and what the remote lacks), then check them and everything just
     sent against the manifests; send a differing copy once more. Raise BackupError if one still
     differs, naming the remote."""
@@ -2970,8 +3028,6 @@ def transfer(transport: Transport, report: Report, written: set[Path], verify: b
         sorted(transport.name_of(f'{path.parent.name}/{path.name}') for path in written)
     )
     report.transfer = transport.summary(checked, None)[0]
-    if not verify:
-        return
     report.step = 'verify remote'
     check = transport.mismatches(checked)
     if check.bad:
@@ -3217,17 +3273,6 @@ def manifest_files(config: Config) -> dict[str, str]:
                     data[f'{slot.name}/{name}'] = digest
             manifests[f'{slot.name}/{run.manifest.name}'] = ''
     return {**data, **manifests}
-
-
-def file_digests(path: Path, hash_types: set[str]) -> dict[str, str]:
-    """Given a file and hash names (sha256, md5, sha1), return their hex digests, reading the
-    file once, a block at a time."""
-    hashers = {name: hashlib.new(name) for name in hash_types}
-    with open(path, 'rb') as handle:
-        while block := handle.read(BLOCK):
-            for hasher in hashers.values():
-                hasher.update(block)
-    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
 
 
 class RcloneTransport(Transport):
@@ -3496,41 +3541,24 @@ def prometheus_text(families: Sequence[tuple[str, str, Sequence[Sample]]]) -> st
     return '\n'.join(lines) + '\n'
 
 
-def _metrics_temp(path: Path) -> Path:
-    # Not *.prom: node_exporter's textfile collector reads every *.prom file, a temporary too.
-    return path.with_name(f'.{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp')
-
-
 def write_metrics(path: Path, text: str) -> None:
     """Given the metrics file and its text, replace the file whole. Raise BackupError naming the
     path if it cannot be written.
 
-    Order: write a new temporary beside it (never through a symlink), make it 0644 (node_exporter
-    runs as another user), fsync, rename over the file. A reader opens the old inode or the new
-    one, never half of one. The folder is not fsynced: a crash may lose this update, and the
-    next run writes the file again."""
-    tmp = _metrics_temp(path)
+    0644: node_exporter runs as another user. A reader opens the old inode or the new one, never
+    half of one (see ``write_atomically``)."""
     try:
-        fd = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
-        )
-        with os.fdopen(fd, 'w', encoding='utf-8') as handle:
-            os.fchmod(fd, 0o644)  # our umask is 077
-            handle.write(text)
-            handle.flush()
-            os.fsync(fd)
-        os.replace(tmp, path)
+        write_atomically(path.parent, path.name, text.encode(), mode=0o644)
     except OSError as error:
-        remove_path(tmp)
         raise BackupError(
-            f'cannot write the metrics file {path}: {error.strerror or error}', step='metrics'
+            f'cannot write the metrics file {path}: {os_reason(error)}', step='metrics'
         ) from error
 
 
 def metrics_folder_problem(path: Path) -> str:
     """Given the metrics file, return '' if a temporary can be made beside it (as write_metrics
     does), else why not. Writes nothing else."""
-    tmp = _metrics_temp(path)
+    tmp = atomic_temp_name(path)
     try:
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
         os.unlink(tmp)
@@ -3722,11 +3750,10 @@ def load_state(config: Config) -> dict[str, Any]:
 
 
 def save_state(config: Config, state: Mapping[str, Any]) -> None:
-    with contextlib.suppress(BackupError):
-        write_file_atomically(
-            state_path(config),
-            json.dumps(state, indent=1, sort_keys=True).encode(),
-            time.time(),
+    path = state_path(config)
+    with contextlib.suppress(OSError):
+        write_atomically(
+            path.parent, path.name, json.dumps(state, indent=1, sort_keys=True).encode()
         )
 
 
@@ -3834,7 +3861,7 @@ def make_all(
     # Grants likewise: PostgreSQL's catalogs are readable by any user, MariaDB's grant tables only
     # if the backup user was given them (else a warning said so, and the index has none).
     grants: dict[str, dict[str, str]] = {}
-    generated = (MYSQL_USERS, ROWCOUNTS)
+    generated = (MYSQL_USERS, RUN_INDEX)
     main = [artifact for artifact in artifacts if artifact.kind not in generated]
     late = [artifact for artifact in artifacts if artifact.kind in generated]
     with (
@@ -3976,12 +4003,12 @@ def commit_slots(
         if week_dir:
             slots.append((week_dir, [item for item in made if item.artifact.weekly]))
         for slot, items in slots:
-            write_file_atomically(
-                slot / manifest,
+            write_atomically(
+                slot,
+                manifest,
                 manifest_bytes({item.encrypted_name: item.sha256 for item in items}),
-                stamp,
+                mtime=stamp,
             )
-            fsync_dir(slot)
             written.add(slot / manifest)
             report.slots.append(slot.name)
     except BaseException as error:
@@ -3991,9 +4018,8 @@ def commit_slots(
             error.step = 'commit'
         if not isinstance(error, OSError):
             raise
-        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
         raise BackupError(
-            f'cannot commit the run into {error.filename or day_dir}: {error.strerror}{hint}; '
+            f'cannot commit the run into {error.filename or day_dir}: {os_reason(error)}; '
             'the slots keep their earlier runs',
             step='commit',
         ) from error
@@ -4021,7 +4047,7 @@ def replace_latest(config: Config, rundir: Path, made: Sequence[Made], stamp: fl
     remove_path(rundir)
 
 
-def run_backup(config: Config, report: Report, *, verify_remote: bool = True) -> None:
+def run_backup(config: Config, report: Report) -> None:
     """Run the whole cycle. Raise BackupError at the first failed step. Retention comes last, once
     the transfer was checked: a run that fails at any step removes nothing."""
     when = dt.datetime.fromtimestamp(report.started)
@@ -4065,7 +4091,7 @@ def run_backup(config: Config, report: Report, *, verify_remote: bool = True) ->
     )
     report.step = 'sync'
     log.info('sync to %s', config.remote)
-    transfer(transport_for(config), report, written, verify_remote)
+    transfer(transport_for(config), report, written)
     state['last_transfer'] = time.time()
     save_state(config, state)
     # Only now, with this run whole here and checked on the remote, may earlier runs go; the mail
@@ -4088,10 +4114,7 @@ def _run_and_record(config: Config, report: Report) -> int:
         report.error = error
         code = EXIT_FAILED
     except OSError as error:  # disk full, read-only folder...: name the path
-        hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-        report.error = BackupError(
-            f'{error.filename or ""}: {error.strerror}{hint}', step=report.step
-        )
+        report.error = BackupError(f'{error.filename or ""}: {os_reason(error)}', step=report.step)
         code = EXIT_FAILED
     except Interrupted as interrupt:
         kill_all_children()
@@ -4141,10 +4164,7 @@ def command_run(config: Config, dry_run: bool) -> int:
         if isinstance(error, BackupError):
             report.error = error
         else:
-            hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
-            report.error = BackupError(
-                f'{error.filename or ""}: {error.strerror}{hint}', step='lock'
-            )
+            report.error = BackupError(f'{error.filename or ""}: {os_reason(error)}', step='lock')
         code = EXIT_FAILED
         _record_outcome(config, report, code, load_state(config))  # read only: never saved there
     if report.error:
@@ -4496,7 +4516,7 @@ def command_status(config: Config, as_json: bool) -> int:
     return EXIT_OK
 
 
-def check_tree(
+def tree_problems(
     root: Path, recipients: Sequence[Recipient] | None, gnupghome: Path | None
 ) -> list[str]:
     """Given a folder of slots, check every manifest's files: present, SHA-256, and (with
@@ -4515,9 +4535,7 @@ def check_tree(
                 if not path.is_file():
                     problems.append(f'{slot.name}/{name}: missing')
                     continue
-                with open(path, 'rb') as handle:
-                    actual = hashlib.file_digest(handle, 'sha256').hexdigest()
-                if actual != digest:
+                if sha256_of(path) != digest:
                     problems.append(
                         f'{slot.name}/{name}: SHA-256 does not match the manifest '
                         '(altered or truncated)'
@@ -4525,7 +4543,7 @@ def check_tree(
                     continue
                 if recipients is not None and gnupghome is not None:
                     try:
-                        mismatch = check_addressed_to(
+                        mismatch = addressed_to_problem(
                             packet_recipients(path, gnupghome), recipients
                         )
                     except BackupError as error:
@@ -4563,7 +4581,7 @@ def command_verify(config: Config, remote: bool) -> int:
     """Check every local slot (and with --remote the remote copies) without a private key."""
     gpg = open_gnupg(config.gnupghome)
     recipients, _ = resolve_recipients(gpg, config.recipients)
-    problems = check_tree(config.backup_dir, recipients, config.gnupghome)
+    problems = tree_problems(config.backup_dir, recipients, config.gnupghome)
     try:
         with run_lock(config):  # a run in progress has files no manifest names yet
             problems += uncommitted_report(config)
@@ -4810,11 +4828,6 @@ WATCH_MAIL_NAME_WIDTH = 40
 WATCH_MAIL_PROBLEMS = 20
 WATCH_MAIL_LINE_WIDTH = 300
 MANIFEST_MAX_BYTES = 1 << 20
-SLOT_RE = re.compile(r'(day|wk)[0-9]+')
-MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')
-RUN_NAME_RE = re.compile(r'(.+?)-(?:[0-9]{2}xx|[0-9]{8}-[0-9]{6}(?:-[0-9]+)?)\.sha256')
-_OPEN_FILE = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
-_OPEN_DIR = os.O_RDONLY | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def _cut(text: str, width: int) -> str:
@@ -4876,28 +4889,6 @@ class OpenFolder:
         os.close(self.fd)
 
 
-def _sha256_fd(fd: int) -> str:
-    digest = hashlib.sha256()
-    os.lseek(fd, 0, os.SEEK_SET)
-    while block := os.read(fd, BLOCK):
-        digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_replace(dir_fd: int, name: str, data: bytes, mode: int) -> None:
-    """Given a folder fd, put ``data`` under ``name`` there atomically with ``mode``: a temporary
-    name, fsync, rename over, fsync of the folder."""
-    tmp = f'{TMP_PREFIX}{os.getpid()}-{name}'
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600, dir_fd=dir_fd)
-    with os.fdopen(fd, 'wb') as handle:
-        os.fchmod(fd, mode)
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-    os.fsync(dir_fd)
-
-
 def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
     """Given an open manifest, return ({plain file name: sha256}, problems), each problem named."""
     data = b''
@@ -4949,6 +4940,11 @@ class TreeReport:
         flood of long ones must not make a subject too long for mailx's argv, H8)."""
         names = _a_few(sorted(self.names), WATCH_MAIL_NAMES, WATCH_MAIL_NAME_WIDTH)
         return f'{self.folder} ({names or "no backup name seen"})'
+
+
+# A file of a run as watch opened it: (its fd, its stat through that fd, its SHA-256).
+OpenedFile = tuple[int, os.stat_result, str]
+Opened = Mapping[str, OpenedFile]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5233,7 +5229,7 @@ class WatchTree:
             return
         data = state_bytes(self.runs.values())
         if data != self.state_as_read:
-            _write_replace(self.kept_fd, WATCH_STATE, data, 0o600)
+            write_atomically(self.kept_fd, WATCH_STATE, data)
             self.state_as_read = data
         self.export_first_seen()
 
@@ -5281,7 +5277,7 @@ class WatchTree:
             with os.fdopen(fd, 'rb') as handle:
                 if stat.S_IMODE(os.fstat(fd).st_mode) == mode and handle.read() == data:
                     return
-        _write_replace(tree_fd, WATCH_FIRST_SEEN, data, mode)
+        write_atomically(tree_fd, WATCH_FIRST_SEEN, data, mode=mode)
 
     # -- hashing -----------------------------------------------------------------------------------
 
@@ -5294,7 +5290,7 @@ class WatchTree:
         before = self._hash_key(os.fstat(fd))
         if before in self.digest_of:
             return self.digest_of[before]
-        digest = _sha256_fd(fd)
+        digest = sha256_of(fd)
         if self._hash_key(os.fstat(fd)) == before:  # not written to while it was read
             self.digest_of[before] = digest
         return digest
@@ -5362,7 +5358,7 @@ class WatchTree:
         if key in self.runs:
             self.recheck_kept_run(self.runs[key], where, slot_fd)
             return
-        opened: dict[str, tuple[int, os.stat_result, str]] = {}
+        opened: dict[str, OpenedFile] = {}
         problems: list[str] = []
         try:
             try:
@@ -5470,12 +5466,7 @@ class WatchTree:
 
     # -- keep: a checked run goes out of the sender's reach ----------------------------------------
 
-    def keep_run(
-        self,
-        key: RunKey,
-        listed: Mapping[str, str],
-        opened: Mapping[str, tuple[int, os.stat_result, str]],
-    ) -> None:
+    def keep_run(self, key: RunKey, listed: Mapping[str, str], opened: Opened) -> None:
         """Make a checked run unchangeable from the receiving account and link it into kept/.
 
         The order, and why a crash at any instant (kill -9, ENOSPC) leaves a safe state:
@@ -5519,12 +5510,7 @@ class WatchTree:
             os.fsync(kept_slot_fd)
         self._record(key, listed, opened)
 
-    def _record(
-        self,
-        key: RunKey,
-        listed: Mapping[str, str],
-        opened: Mapping[str, tuple[int, os.stat_result, str]],
-    ) -> None:
+    def _record(self, key: RunKey, listed: Mapping[str, str], opened: Opened) -> None:
         self.runs[key] = KeptRun(
             key,
             manifest_sha256=opened[key.manifest][2],
@@ -5569,18 +5555,16 @@ class WatchTree:
     def _copy_file(fd: int, name: str, digest: str, kept_slot_fd: int) -> None:
         tmp = f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}'
         out = os.open(
-            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444, dir_fd=kept_slot_fd
+            tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o444, dir_fd=kept_slot_fd
         )
         try:
-            hasher = hashlib.sha256()
             os.lseek(fd, 0, os.SEEK_SET)
             while block := os.read(fd, BLOCK):
-                hasher.update(block)
                 view = memoryview(block)
                 while view:
                     view = view[os.write(out, view) :]
             os.fsync(out)
-            if hasher.hexdigest() != digest:
+            if sha256_of(out) != digest:  # the copy, read back: what is kept is what was checked
                 raise BackupError(f'{name} changed while it was copied; not kept', step='watch')
             os.link(tmp, name, src_dir_fd=kept_slot_fd, dst_dir_fd=kept_slot_fd)
         finally:
@@ -5802,9 +5786,8 @@ def command_watch(
             for key in tree.report.kept_now:
                 log.info('%s: %s %s', folder, 'would keep' if dry_run else 'kept', key)
         except OSError as error:  # unreadable, read-only, full: say where, and go on with the rest
-            hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
             tree.report.problems.append(
-                f'{folder}: {error.filename or ""}: {error.strerror}{hint}; watch needs read access'
+                f'{folder}: {error.filename or ""}: {os_reason(error)}; watch needs read access'
                 ' to incoming/ and its own kept/ (see README, "watch")'
             )
             reports.append(tree.report)
@@ -6021,7 +6004,7 @@ def _first_seen_problem(record: object) -> str:
             _utc(seen)
         except (OverflowError, ValueError, OSError):
             return f'{shown(key)}: "first_seen" is not a time'
-        if not isinstance(digest, str) or not re.fullmatch(r'[0-9a-f]{64}', digest):
+        if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest):
             return f'{shown(key)}: "sha256" is not a SHA-256'
     return ''
 
@@ -6100,7 +6083,7 @@ def _manifest_digest(slot: Path, name: str) -> str:
     finally:
         os.close(slot_fd)
     try:
-        return _sha256_fd(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ''
+        return sha256_of(fd) if stat.S_ISREG(os.fstat(fd).st_mode) else ''
     finally:
         os.close(fd)
 
@@ -6126,7 +6109,7 @@ def _open_run(slot: Path, name: str, seen: str, digest: str = '') -> RunFiles:
         try:
             if not stat.S_ISREG(os.fstat(fd).st_mode):
                 raise BackupError(f'{where}: not a regular file; not a manifest', step='restore')
-            if digest and _sha256_fd(fd) != digest:
+            if digest and sha256_of(fd) != digest:
                 raise BackupError(f'{where}: changed while it was chosen', step='restore')
             os.lseek(fd, 0, os.SEEK_SET)
             digests, problems = _read_manifest_fd(fd, where)
@@ -6284,10 +6267,10 @@ def run_file(run: RunFiles, plain: str) -> Path:
     once its SHA-256 matches the manifest. Raise BackupError if the run lacks it or it is altered."""
     if plain not in run.names:
         raise BackupError(f'{shown(plain)} is missing from {run.label}', step='restore')
-    return check_digest(run, run.names[plain])
+    return verified_path(run, run.names[plain])
 
 
-def check_digest(run: RunFiles, name: str) -> Path:
+def verified_path(run: RunFiles, name: str) -> Path:
     """Given a file of a run, return its path once its SHA-256 matches the manifest. Raise
     BackupError if it is missing, not a plain file of the run's folder, or altered."""
     if plain_name_problem(name):
@@ -6309,7 +6292,7 @@ def check_digest(run: RunFiles, name: str) -> Path:
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise BackupError(f'{name} is missing from {run.folder}', step='restore')
-        if name in run.digests and _sha256_fd(fd) != run.digests[name]:
+        if name in run.digests and sha256_of(fd) != run.digests[name]:
             raise BackupError(
                 f'{name}: SHA-256 does not match the manifest (altered or truncated); '
                 'fetch it again from the remote',
@@ -6405,14 +6388,14 @@ def open_plaintext(
 def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
     """Given a run, return its index (what each file holds, row counts). Raise BackupError if the
     run has none or it cannot be read."""
-    found = [name for name in run.names if f'-{ROWCOUNTS}-' in name and '.json' in name]
+    found = [name for name in run.names if f'-{RUN_INDEX}-' in name and '.json' in name]
     if not found:
         raise BackupError(
-            f'{run.label}: no row counts file (*-{ROWCOUNTS}-*.json) in this run: it was made '
+            f'{run.label}: no row counts file (*-{RUN_INDEX}-*.json) in this run: it was made '
             'by an older ppbackup, or the file was lost; restore its dumps by hand (README)',
             step='restore',
         )
-    path = check_digest(run, run.names[found[0]])
+    path = verified_path(run, run.names[found[0]])
     data = read_plaintext(path, gnupghome, INDEX_MAX_BYTES)
     try:
         index = json.loads(data)
@@ -6505,7 +6488,6 @@ def index_problem(index: object, listed: set[str] | None) -> str:
 
 
 def feed(
-    pipe: Pipeline,
     source: IO[bytes],
     sink: subprocess.Popen[bytes],
     what: str,
@@ -6558,7 +6540,7 @@ def load_into(
     with Pipeline(what, 'restore') as pipe:
         source, plain = open_plaintext(pipe, path, gnupghome)
         loader = pipe.start(argv, stdin=subprocess.PIPE)
-        plain.check(feed(pipe, source, loader, shown or what, transform))
+        plain.check(feed(source, loader, shown or what, transform))
 
 
 class PgDumpFilter:
@@ -7244,7 +7226,7 @@ def restore_database(
     name = target.name_for(db)
     if entry['file'] not in run.names:
         raise BackupError(f'the dump of {kind} {db} ({entry["file"]}) is missing', step='restore')
-    path = check_digest(run, run.names[entry['file']])
+    path = verified_path(run, run.names[entry['file']])
     log.info('restore %s %s as %s from %s', kind, db, name, path.name)
     if kind == 'psql':
         make_room_pg(name, target)
@@ -7543,10 +7525,9 @@ def read_archive(
                         made.kinds[name] = 'file'
                         here.add(name)
                 except OSError as error:
-                    hint = ' (disk full)' if error.errno == errno.ENOSPC else ''
                     raise BackupError(
                         f'{label}: member {shown(info.name)}: cannot extract it: '
-                        f'{error.strerror}{hint}',
+                        f'{os_reason(error)}',
                         step=step,
                     ) from error
         while block := stream.read(BLOCK):  # what follows the end of the archive is read too
@@ -8412,7 +8393,7 @@ def command_drill(
         label = f'{index.get("name", "?")} ({run.label})'
         for name in run.digests:
             try:
-                check_digest(run, name)
+                verified_path(run, name)
             except BackupError as error:
                 problems.append(str(error))
         kinds = {entry['kind'] for entry in index.get('databases', [])}
@@ -8449,11 +8430,11 @@ def command_drill(
     if details:  # the servers' own words quote the backup's rows: never in a mail (P1)
         log_path = Path.home() / DRILL_LOG
         try:
-            write_file_atomically(log_path, '\n\n'.join(details).encode() + b'\n', time.time())
+            write_atomically(log_path.parent, log_path.name, '\n\n'.join(details).encode() + b'\n')
             problems.append(
                 f'what the servers said is in {log_path} (not mailed: it may quote data)'
             )
-        except BackupError as error:
+        except OSError as error:
             problems.append(f'what the servers said could not be kept: {error}')
     outcome = 'FAILED' if problems else 'passed'
     if warnings:
@@ -8490,7 +8471,7 @@ def command_drill(
 # ---------------------------------------------------------------------------------------------------
 
 
-def _demo_databases(work: Path) -> tuple[list[str], list[str], Callable[[], None]]:
+def _demo_databases() -> tuple[list[str], list[str], Callable[[], None]]:
     """Create a small demo database where a server is reachable; return (psql, mysql, cleanup)."""
     name = f'ppbackup_demo_{os.getpid()}'
     psql: list[str] = []
@@ -8568,7 +8549,7 @@ def command_demo() -> int:
         (data / 'index.html').write_text('<h1>Demo association</h1>\n')
         (data / 'members.csv').write_text('id,name\n1,Ada\n2,Grace\n3,Émilie\n')
         (data / 'uploads' / 'photo.bin').write_bytes(os.urandom(256 * 1024))
-        psql, mysql, cleanup_dbs = _demo_databases(work)
+        psql, mysql, cleanup_dbs = _demo_databases()
         print(
             'databases: '
             + (

@@ -343,7 +343,7 @@ class Site:
             assert after.get(path) == identity, f'{path} changed'
         if not new_files_allowed:  # failed before the slots were written: nothing new at all
             assert sorted(after) == sorted(before)
-        assert ppbackup.check_tree(self.backups, None, None) == []
+        assert ppbackup.tree_problems(self.backups, None, None) == []
         assert self.temporaries() == []
         lock = self.home / 'backups.insecure' / '.ppbackup.lock'
         if lock.exists():

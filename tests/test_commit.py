@@ -104,7 +104,7 @@ def test_case2_a_run_that_fails_at_sync_removes_nothing_and_says_what_it_kept(
     assert 'Earlier backups were left untouched' in body
     # wk1 holds Monday 18:00 and Tuesday, each whole under its own manifest.
     assert len(runs_in(site.backups / 'wk1')) == 2
-    assert ppbackup.check_tree(site.backups, None, None) == []
+    assert ppbackup.tree_problems(site.backups, None, None) == []
     # Once the remote is back, the next run sends both and only then applies retention.
     site.write_config(BACKUP_REMOTE=remote)
     run_ok(site, faketime=at('2027-01-05', '05:00:00'))
@@ -291,5 +291,5 @@ def test_sigterm_during_the_transfer_exits_143_and_leaves_no_child(site: Site) -
     assert 'interrupted by SIGTERM' in err
     assert not Path(f'/proc/{pid}').exists() or 'Z' in Path(f'/proc/{pid}/stat').read_text()
     # SIGTERM after the commit: the run was kept whole, nothing was removed.
-    assert ppbackup.check_tree(site.backups, None, None) == []
+    assert ppbackup.tree_problems(site.backups, None, None) == []
     assert 'removed by retention' not in site.mails()[-1]['body']

@@ -454,7 +454,7 @@ def test_F3_rotation_property_many_days_with_random_faults(site: Site) -> None:
         slot = site.backups / f'day{when_date.tm_wday + 1}'
         stamp = time.strftime('%Y%m%d-%H%M', when_date)
         assert list(slot.glob(f'assoc-{stamp}*.sha256'))
-        assert ppbackup.check_tree(site.backups, None, None) == []
+        assert ppbackup.tree_problems(site.backups, None, None) == []
     for name in ('pg_dump', 'zstd', 'gpg', 'rsync'):
         (site.shims / name).unlink(missing_ok=True)
     slots = [path.name for path in site.backups.iterdir()]
@@ -477,10 +477,10 @@ def test_F4_rewriting_a_day_file_never_truncates_its_week_twin(site: Site) -> No
     # Next Monday rewrites day1's files under the same names; same hour.
     assert site.run(faketime='@2027-01-11 03:00:00').returncode == 0
     assert site.snapshot(site.backups / 'wk1') == week1
-    assert ppbackup.check_tree(site.backups, None, None) == []
+    assert ppbackup.tree_problems(site.backups, None, None) == []
     # A rerun in the same hour replaces the day files and the week links together.
     assert site.run(faketime='@2027-01-11 03:30:00').returncode == 0
-    assert ppbackup.check_tree(site.backups, None, None) == []
+    assert ppbackup.tree_problems(site.backups, None, None) == []
     assert site.snapshot(site.backups / 'wk1') == week1
 
 

@@ -59,7 +59,7 @@ def test_T3_a_full_remote_disk_fails_the_run_and_keeps_the_local_slots(
     body = site.mails()[0]['body']
     assert 'rsync exited 11' in body or 'rsync exited 12' in body or 'rsync exited 23' in body
     assert 'No space left' in body
-    assert ppbackup.check_tree(site.backups, None, None) == []
+    assert ppbackup.tree_problems(site.backups, None, None) == []
     # psql, mysql, files, binaries, and the PostgreSQL roles, MariaDB users and row counts
     assert len(list(site.backups.glob('day*/*.gpg'))) == 7
 
