@@ -156,6 +156,11 @@ COMPRESSORS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
 }
 MANIFEST_MAX_ENTRIES = 10000  # a run writes a handful; more is not a manifest ppbackup wrote
 MANIFEST_MAX_LINE = 8192  # a longer line is skipped, never held whole
+
+
+MANIFEST_MAX_BYTES = 1 << 20
+
+
 # What must never reach a mail or a log even when a program prints it: a value after a key that
 # looks like a password (typos too: a .my.cnf "pasword=" comes back as "unknown variable"), the
 # value of any option line a client echoes back, "identified by", and a URL's password. "(using
@@ -170,6 +175,11 @@ SECRET_WORDS = ('pass', 'pwd', 'secret', 'token')
 MIN_SECRET_LENGTH = 3  # a shorter "password" would mask every "a" in a message
 
 log = logging.getLogger('ppbackup')
+
+
+# ---------------------------------------------------------------------------------------------------
+# Errors: one type a failed step raises, naming the step; what a message may never say.
+# ---------------------------------------------------------------------------------------------------
 
 
 class BackupError(Exception):
@@ -201,6 +211,21 @@ class Interrupted(BaseException):
     def __init__(self, signum: int) -> None:
         super().__init__(signal.Signals(signum).name)
         self.signum = signum
+
+
+def os_reason(error: OSError, folder: Path | None = None) -> str:
+    """Given an OSError (and the folder written to, where the errno may not say it), return its
+    reason for a sentence, with "(disk full)" when the disk is: the one OSError conversion."""
+    full = error.errno == errno.ENOSPC or (folder is not None and disk_full(folder))
+    return f'{error.strerror or error}' + (' (disk full)' if full else '')
+
+
+def disk_full(folder: Path) -> bool:
+    """Given a folder, return True if its filesystem has (almost) no space left."""
+    with contextlib.suppress(OSError):
+        info = os.statvfs(folder)
+        return info.f_bavail * info.f_frsize < BLOCK
+    return False
 
 
 _known_secrets: set[str] = set()
@@ -241,21 +266,6 @@ def mask_secrets(text: str) -> str:
     )
     text = SECRET_PATTERNS[2].sub(lambda m: m.group(1) + '***', text)
     return SECRET_PATTERNS[3].sub(lambda m: m.group(1) + '***' + m.group(3), text)
-
-
-def os_reason(error: OSError, folder: Path | None = None) -> str:
-    """Given an OSError (and the folder written to, where the errno may not say it), return its
-    reason for a sentence, with "(disk full)" when the disk is: the one OSError conversion."""
-    full = error.errno == errno.ENOSPC or (folder is not None and disk_full(folder))
-    return f'{error.strerror or error}' + (' (disk full)' if full else '')
-
-
-def disk_full(folder: Path) -> bool:
-    """Given a folder, return True if its filesystem has (almost) no space left."""
-    with contextlib.suppress(OSError):
-        info = os.statvfs(folder)
-        return info.f_bavail * info.f_frsize < BLOCK
-    return False
 
 
 def human_size(size: float) -> str:
@@ -800,8 +810,10 @@ def _check_values(values: Mapping[str, Any]) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------
 # Processes: every child goes through here. Argv lists only; each pipeline gets its own process group
-# so that a timeout or a signal stops all of it; every exit status is checked.
+# so that a timeout or a signal stops all of it; every exit status is checked. GnuPG (python-gnupg)
+# runs its gpg inside the caller's Pipeline, so that it is timed and killed like any other child.
 # ---------------------------------------------------------------------------------------------------
+
 
 _live_groups: set[int] = set()
 _live_lock = threading.Lock()
@@ -1119,24 +1131,7 @@ class Progress:
             self.update(count)
 
 
-# ---------------------------------------------------------------------------------------------------
-# Keys: every recipient is resolved to one fingerprint and checked before the first dump.
-# ---------------------------------------------------------------------------------------------------
-
 _thread_pipeline = threading.local()
-
-
-def python_gnupg_problem(version: str) -> str:
-    """Given python-gnupg's version string, return '' if ppbackup works with it, else what to do."""
-    numbers = tuple(int(part) for part in re.findall(r'[0-9]+', version)[:3])
-    if numbers >= MIN_PYTHON_GNUPG:
-        return ''
-    need = '.'.join(map(str, MIN_PYTHON_GNUPG))
-    return (
-        f'python-gnupg {version or "(unknown version)"} is too old: ppbackup needs {need} or '
-        "later. Install your distribution's (apt-get install python3-gnupg on Debian 12 or "
-        'later, Ubuntu 24.04 or later) or pip install -U python-gnupg'
-    )
 
 
 class GnuPG(gnupg.GPG):  # type: ignore[misc]
@@ -1171,55 +1166,152 @@ class GnuPG(gnupg.GPG):  # type: ignore[misc]
             _live_groups.discard(proc.pid)
 
 
-@dataclasses.dataclass(frozen=True)
-class Recipient:
-    spec: str
-    fingerprint: str
-    uid: str
-    expires: dt.datetime | None
-    encryption_keyids: frozenset[str]
-    keygrips: frozenset[str]
+# ---------------------------------------------------------------------------------------------------
+# Files: private by construction, symlinks never followed, one atomic writer, one hasher, the lock.
+# ---------------------------------------------------------------------------------------------------
 
 
-def open_gnupg(gnupghome: Path) -> GnuPG:
-    """Given a GnuPG home, return a GnuPG handle. Raise BackupError if gpg or the home is unusable."""
-    if not shutil.which('gpg'):
-        raise BackupError('gpg is not installed or not on PATH; install gnupg', step='keys')
+def ensure_private_dir(path: Path) -> None:
+    """Given a folder, create it if needed and make it 0700. Raise BackupError if it is a symlink
+    or not ours: plaintext must not land anywhere else."""
     try:
-        info = gnupghome.stat()
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        info = path.lstat()
     except OSError as error:
+        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
         raise BackupError(
-            f'GnuPG home {gnupghome} is missing or unreadable: {error}; import the '
-            "recipients' public keys there, or set BACKUP_GNUPGHOME",
-            step='keys',
-        ) from error
-    # root reads any folder, so look at the mode too: a home chmod-ed 000 is a broken set-up.
-    if (
-        not stat.S_ISDIR(info.st_mode)
-        or (info.st_mode & 0o500) != 0o500
-        or not os.access(gnupghome, os.R_OK | os.X_OK)
-    ):
-        raise BackupError(
-            f'GnuPG home {gnupghome} is not a readable folder (mode '
-            f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it',
-            step='keys',
+            f'{path} is a symlink or not a folder; refusing to follow it. Remove it and run again',
+            step='prepare',
         )
-    check_gnupg_home(gnupghome)
+    if info.st_uid != os.getuid():
+        raise BackupError(f'{path} is owned by uid {info.st_uid}, not by this user', step='prepare')
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        try:
+            os.chmod(path, 0o700)
+        except OSError as error:
+            raise BackupError(f'cannot chmod {path}: {error.strerror}', step='prepare') from error
+
+
+def create_private_file(path: Path) -> int:
+    """Given a path, create it new (never through a symlink), 0600, and return its fd."""
     try:
-        gpg = GnuPG(gpgbinary='gpg', gnupghome=str(gnupghome))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise BackupError(f'gpg cannot use {gnupghome}: {error}', step='keys') from error
-    gpg.buffer_size = BLOCK  # python-gnupg's 16 KiB default makes encryption CPU-bound in Python
-    return gpg
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+    except OSError as error:
+        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
 
 
-@dataclasses.dataclass(frozen=True)
-class _Writers:
-    """Who but a path's owner and root its mode lets write it: one of its mode's classes."""
+def temp_name(final: Path) -> Path:
+    """Given a final path, return a unique temporary path beside it that a later run sweeps."""
+    return final.with_name(f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}')
 
-    text: str  # 'members of group site', 'others', ...
-    kind: str  # 'group' (members of gid), 'others' (everyone outside gid), 'anyone'
-    gid: int
+
+def temp_target(name: str) -> str:
+    """Given a temporary's name (see ``temp_name``), return the final name it was made for."""
+    parts = name[len(TMP_PREFIX) :].removesuffix(ATOMIC_SUFFIX).split('-', 2)
+    return parts[2] if name.startswith(TMP_PREFIX) and len(parts) == 3 else ''
+
+
+def atomic_temp_name(final: Path) -> Path:
+    """The temporary ``write_atomically`` writes: not *.prom (node_exporter's textfile collector
+    reads every *.prom file in its folder, a temporary too)."""
+    return temp_name(final).with_name(temp_name(final).name + ATOMIC_SUFFIX)
+
+
+def write_atomically(
+    folder: Path | int, name: str, data: bytes, *, mode: int = 0o600, mtime: float | None = None
+) -> None:
+    """Given a folder (a path, or an fd opened O_NOFOLLOW) and a name in it, replace that name with
+    ``data`` whole: the one atomic writer. Raise OSError; the temporary is gone by then.
+
+    Order: a new temporary beside it (O_EXCL, never through a symlink; a later run sweeps it if
+    we die), ``mode``, ``mtime``, fsync, rename over the name, fsync of the folder. A reader opens
+    the old inode or the new one, never half of one, and after a crash the name holds one of them.
+    """
+    dir_fd = folder if isinstance(folder, int) else os.open(folder, _OPEN_PATH_DIR)
+    tmp = atomic_temp_name(Path(name)).name
+    try:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+        with os.fdopen(fd, 'wb') as handle:
+            os.fchmod(fd, mode)  # our umask is 077; the metrics file is 0644
+            handle.write(data)
+            handle.flush()
+            if mtime is not None:
+                os.utime(fd, (mtime, mtime))
+            os.fsync(fd)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        os.fsync(dir_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        raise
+    finally:
+        if not isinstance(folder, int):
+            os.close(dir_fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """Given a folder, make the renames and links in it durable."""
+    fd = os.open(folder, _OPEN_PATH_DIR)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def file_digests(file: Path | int, names: Iterable[str] = ('sha256',)) -> dict[str, str]:
+    """Given a file (a path, or an fd read from its start) and hash names (sha256, md5, sha1),
+    return {name: hex digest}, the file read once, a block at a time: the one hasher."""
+    hashers = {name: hashlib.new(name) for name in names}
+    fd = file if isinstance(file, int) else os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        while block := os.read(fd, BLOCK):
+            for hasher in hashers.values():
+                hasher.update(block)
+    finally:
+        if not isinstance(file, int):
+            os.close(fd)
+    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
+
+
+def sha256_of(file: Path | int) -> str:
+    return file_digests(file)['sha256']
+
+
+def remove_path(path: Path) -> None:
+    """Given a path, remove it (a folder recursively) without following symlinks; ignore missing."""
+    with contextlib.suppress(FileNotFoundError):
+        if path.is_symlink() or not path.is_dir():
+            path.unlink()
+        else:
+            shutil.rmtree(path)
+
+
+def _open_in(dir_fd: int, name: str, flags: int = _OPEN_FILE) -> int:
+    """Given a folder fd and a name in it, open it without following a symlink; raise OSError."""
+    return os.open(name, flags, dir_fd=dir_fd)
+
+
+class OpenFolder:
+    """A subfolder's fd, opened O_NOFOLLOW relative to its parent's fd (and made 0700 first if
+    ``create``), for a ``with`` block that closes it. It opens when made, not when entered: an
+    OSError from making it is the folder's, one from inside the block is the block's."""
+
+    def __init__(self, parent_fd: int, name: str, create: bool = False) -> None:
+        if create:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o700, dir_fd=parent_fd)
+        self.fd = _open_in(parent_fd, name, _OPEN_DIR)
+
+    def __enter__(self) -> int:
+        return self.fd
+
+    def __exit__(self, *_: object) -> None:
+        os.close(self.fd)
 
 
 def _group_name(gid: int) -> str:
@@ -1338,6 +1430,289 @@ def changers_of(path: Path, owners: Sequence[int]) -> list[str]:
     except OSError as error:
         return [f'{path}: a folder on the way cannot be looked at: {error}']
     return [problem for problem in problems if problem]
+
+
+@contextlib.contextmanager
+def run_lock(config: Config) -> Iterator[None]:
+    """Hold the run lock (flock, released by the kernel if we die). Raise LockedError if taken."""
+    ensure_private_dir(config.insecure_dir)
+    lock_path = config.insecure_dir / LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as error:  # out of inodes or space, read-only, a planted symlink...
+        raise BackupError(
+            f'cannot create the lock {lock_path}: {os_reason(error)}', step='lock'
+        ) from error
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as error:
+            raise LockedError(
+                f'another ppbackup run holds {lock_path}; nothing was done', step='lock'
+            ) from error
+        yield
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Runs and slots: run ids, slot names, and manifests read and written. One set of names serves
+# the lenient reader (the web host reading its own) and the strict one (what arrived is untrusted).
+# ---------------------------------------------------------------------------------------------------
+
+
+# A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
+# The one set of names that runs and slots are read by, leniently (retention, verify, the sender)
+# and strictly (watch, restore: what arrived is untrusted).
+RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
+SLOT_RE = re.compile(r'(day|wk)[0-9]+')
+SHA256_RE = re.compile(r'[0-9a-f]{64}')
+MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')  # sha256sum's "DIGEST  NAME"
+RUN_NAME_RE = re.compile(rf'(.+?)-(?:{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}')
+ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, RUN_INDEX)
+
+
+def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
+    """Given the run's time, return (day slot, week slot or None with ONLY_ONE_DAY)."""
+    if config.only_one_day:
+        return 'day0', None
+    return f'day{when.isoweekday()}', f'wk{when.isocalendar().week}'
+
+
+@functools.lru_cache(maxsize=8)
+def _own_names(name: str) -> re.Pattern[str]:
+    return re.compile(
+        rf'{re.escape(name)}-(?:(?P<manifest>{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}'
+        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar|json)'
+        rf'(?:{"|".join(re.escape(ext) for _, _, ext in COMPRESSORS.values() if ext)})?'
+        r'(?:\.gpg)?)',
+        re.DOTALL,
+    )
+
+
+def run_id_of(name: str, filename: str) -> str:
+    """Given a BACKUP_NAME and a file name, return the run id if the file is one that backup writes
+    (a manifest NAME-ID.sha256, an artifact NAME-KIND[-DB]-ID.EXT[.gpg] or its plaintext), else ''.
+    Retention, sweeping and latest/ touch only such files: configs sharing a folder keep apart."""
+    match = _own_names(name).fullmatch(filename)
+    return (match.group('manifest') or match.group('artifact')) if match else ''
+
+
+def choose_run_id(config: Config, when: dt.datetime, folders: Sequence[Path]) -> str:
+    """Given the run's start and the folders it writes to, return its id, YYYYMMDD-HHMMSS (local
+    time), with a -N suffix if a file of this backup in one of them already carries that id: an
+    earlier run's files are never renamed over, whatever the clock says."""
+    base = f'{when:%Y%m%d-%H%M%S}'
+    run_id, number = base, 1
+    while any(
+        (folder / f'{config.name}-{run_id}{MANIFEST_SUFFIX}').exists()
+        or any(folder.glob(f'{config.name}-*-{run_id}.*'))
+        for folder in folders
+        if folder.is_dir()
+    ):
+        number += 1
+        run_id = f'{base}-{number}'
+    return run_id
+
+
+def artifact_name(config: Config, kind: str, run_id: str, suffix: str) -> str:
+    """Given a kind (pg-roles, rowcounts...) and the run id, return its plaintext file name."""
+    return f'{config.name}-{kind}-{run_id}{suffix}'
+
+
+def manifest_name(config: Config, run_id: str) -> str:
+    return f'{config.name}-{run_id}{MANIFEST_SUFFIX}'
+
+
+def shown(name: str) -> str:
+    """Given a name from the received side, return it safe to print: as is if plain, else quoted."""
+    if name.isprintable() and name.strip() == name and name:
+        return name
+    return repr(name)
+
+
+def plain_name_problem(name: str) -> str:
+    """Given a file name from a manifest, return '' if it is a plain file name, else why not."""
+    if not name or name in ('.', '..'):
+        return 'an empty name, "." or ".."'
+    if '/' in name or '\0' in name or '\n' in name or '\r' in name:
+        return 'a path, not a file name (it holds "/", NUL or a line break)'
+    if name.startswith(('-', '.')):
+        return 'it starts with "-" or "."'
+    return ''
+
+
+def iter_manifest(path: Path) -> Iterator[tuple[str, str]]:
+    """Given a manifest, yield its (file name, sha256) lines, streamed: whatever its size, only one
+    bounded line is in memory at a time; a longer line is skipped."""
+    with open(path, 'rb') as handle:
+        while line := handle.readline(MANIFEST_MAX_LINE):
+            if not line.endswith(b'\n') and len(line) == MANIFEST_MAX_LINE:
+                while (rest := handle.readline(MANIFEST_MAX_LINE)) and not rest.endswith(b'\n'):
+                    pass  # the rest of an over-long line: not a name ppbackup wrote
+                continue
+            text = line.decode('utf-8', 'replace').rstrip('\n').removesuffix('\r')
+            match = MANIFEST_LINE_RE.fullmatch(text)
+            if match and match.group(2):
+                yield match.group(2), match.group(1)
+
+
+def read_manifest(path: Path) -> dict[str, str]:
+    """Given a manifest, return {file name: sha256}, at most MANIFEST_MAX_ENTRIES of them (a run
+    writes a handful): memory stays bounded even for a huge or hostile manifest."""
+    return dict(itertools.islice(iter_manifest(path), MANIFEST_MAX_ENTRIES))
+
+
+def manifest_bytes(entries: Mapping[str, str]) -> bytes:
+    return ''.join(f'{digest}  {name}\n' for name, digest in sorted(entries.items())).encode()
+
+
+def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
+    """Given an open manifest, return ({plain file name: sha256}, problems), each problem named."""
+    data = b''
+    while len(data) <= MANIFEST_MAX_BYTES and (block := os.read(fd, MANIFEST_MAX_BYTES + 1)):
+        data += block
+    if len(data) > MANIFEST_MAX_BYTES:
+        return {}, [f'{where}: larger than {MANIFEST_MAX_BYTES} bytes; not a manifest']
+    try:
+        text = data.decode('utf-8')
+    except UnicodeDecodeError:
+        return {}, [f'{where}: not UTF-8 text; not a manifest']
+    entries: dict[str, str] = {}
+    problems = []
+    # Only "\n" ends a line: a name holding "\r" or another separator stays one (refused) name.
+    for number, line in enumerate(text.split('\n'), 1):
+        if not line:
+            continue
+        match = MANIFEST_LINE_RE.fullmatch(line)
+        if not match:
+            problems.append(f'{where}:{number}: not a "SHA-256  name" line: {shown(line[:80])}')
+            continue
+        why = plain_name_problem(match.group(2))
+        if why:
+            problems.append(f'{where}:{number}: refuses the name {shown(match.group(2))}: {why}')
+            continue
+        entries[match.group(2)] = match.group(1)
+    if not entries and not problems:
+        problems.append(f'{where}: names no file')
+    return entries, problems
+
+
+@dataclasses.dataclass
+class SlotRun:
+    slot: Path
+    manifest: Path
+    files: list[str]
+    time: float
+
+
+def slot_runs(slot: Path) -> list[SlotRun]:
+    """Given a slot folder, return its runs (one per manifest), oldest first."""
+    runs = []
+    if slot.is_dir() and not slot.is_symlink():
+        for manifest in slot.glob('*' + MANIFEST_SUFFIX):
+            if manifest.name.startswith('.') or not manifest.is_file():
+                continue
+            runs.append(
+                SlotRun(slot, manifest, sorted(read_manifest(manifest)), manifest.lstat().st_mtime)
+            )
+    return sorted(runs, key=lambda run: run.time)
+
+
+def all_slots(backup_dir: Path) -> list[Path]:
+    """Given the backups folder, return its dayN/wkM slot folders."""
+    if not backup_dir.is_dir():
+        return []
+    return sorted(
+        (
+            p
+            for p in backup_dir.iterdir()
+            if SLOT_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
+        ),
+        key=lambda p: (p.name[0], len(p.name), p.name),
+    )
+
+
+def own_runs(config: Config, slot: Path) -> list[SlotRun]:
+    """Given a slot, return this backup's runs in it (manifests NAME-ID.sha256), oldest first."""
+    return [run for run in slot_runs(slot) if run_id_of(config.name, run.manifest.name)]
+
+
+def run_started(config: Config, run: SlotRun) -> dt.datetime:
+    """Given a run, return its start as its id says (the manifest's time for an hour-only id)."""
+    run_id = run_id_of(config.name, run.manifest.name) or ''
+    with contextlib.suppress(ValueError):
+        return dt.datetime.strptime(run_id[:15], '%Y%m%d-%H%M%S')
+    return dt.datetime.fromtimestamp(run.time)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Keys: every recipient is resolved to one fingerprint and checked before the first dump.
+# ---------------------------------------------------------------------------------------------------
+
+
+def python_gnupg_problem(version: str) -> str:
+    """Given python-gnupg's version string, return '' if ppbackup works with it, else what to do."""
+    numbers = tuple(int(part) for part in re.findall(r'[0-9]+', version)[:3])
+    if numbers >= MIN_PYTHON_GNUPG:
+        return ''
+    need = '.'.join(map(str, MIN_PYTHON_GNUPG))
+    return (
+        f'python-gnupg {version or "(unknown version)"} is too old: ppbackup needs {need} or '
+        "later. Install your distribution's (apt-get install python3-gnupg on Debian 12 or "
+        'later, Ubuntu 24.04 or later) or pip install -U python-gnupg'
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipient:
+    spec: str
+    fingerprint: str
+    uid: str
+    expires: dt.datetime | None
+    encryption_keyids: frozenset[str]
+    keygrips: frozenset[str]
+
+
+def open_gnupg(gnupghome: Path) -> GnuPG:
+    """Given a GnuPG home, return a GnuPG handle. Raise BackupError if gpg or the home is unusable."""
+    if not shutil.which('gpg'):
+        raise BackupError('gpg is not installed or not on PATH; install gnupg', step='keys')
+    try:
+        info = gnupghome.stat()
+    except OSError as error:
+        raise BackupError(
+            f'GnuPG home {gnupghome} is missing or unreadable: {error}; import the '
+            "recipients' public keys there, or set BACKUP_GNUPGHOME",
+            step='keys',
+        ) from error
+    # root reads any folder, so look at the mode too: a home chmod-ed 000 is a broken set-up.
+    if (
+        not stat.S_ISDIR(info.st_mode)
+        or (info.st_mode & 0o500) != 0o500
+        or not os.access(gnupghome, os.R_OK | os.X_OK)
+    ):
+        raise BackupError(
+            f'GnuPG home {gnupghome} is not a readable folder (mode '
+            f'{stat.S_IMODE(info.st_mode):o}); chmod 700 it',
+            step='keys',
+        )
+    check_gnupg_home(gnupghome)
+    try:
+        gpg = GnuPG(gpgbinary='gpg', gnupghome=str(gnupghome))
+    except (OSError, ValueError, RuntimeError) as error:
+        raise BackupError(f'gpg cannot use {gnupghome}: {error}', step='keys') from error
+    gpg.buffer_size = BLOCK  # python-gnupg's 16 KiB default makes encryption CPU-bound in Python
+    return gpg
+
+
+@dataclasses.dataclass(frozen=True)
+class _Writers:
+    """Who but a path's owner and root its mode lets write it: one of its mode's classes."""
+
+    text: str  # 'members of group site', 'others', ...
+    kind: str  # 'group' (members of gid), 'others' (everyone outside gid), 'anyone'
+    gid: int
 
 
 def check_gnupg_home(gnupghome: Path) -> None:
@@ -1530,236 +1905,236 @@ def addressed_to_problem(keyids: Sequence[str], recipients: Sequence[Recipient])
 
 
 # ---------------------------------------------------------------------------------------------------
-# Folders: private by construction, symlinks never followed, temporaries renamed into place.
+# Database clients: how ppbackup reaches a server, and what it asks of one, on either side.
 # ---------------------------------------------------------------------------------------------------
 
 
-def ensure_private_dir(path: Path) -> None:
-    """Given a folder, create it if needed and make it 0700. Raise BackupError if it is a symlink
-    or not ours: plaintext must not land anywhere else."""
-    try:
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
-        info = path.lstat()
-    except OSError as error:
-        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
-    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
-        raise BackupError(
-            f'{path} is a symlink or not a folder; refusing to follow it. Remove it and run again',
-            step='prepare',
-        )
-    if info.st_uid != os.getuid():
-        raise BackupError(f'{path} is owned by uid {info.st_uid}, not by this user', step='prepare')
-    if stat.S_IMODE(info.st_mode) != 0o700:
-        try:
-            os.chmod(path, 0o700)
-        except OSError as error:
-            raise BackupError(f'cannot chmod {path}: {error.strerror}', step='prepare') from error
+def pg_client(db: str) -> list[str]:
+    """Given a database, return psql's argv: no prompt, no psqlrc, unaligned tab-separated."""
+    return ['psql', '--no-password', '-X', '-q', '-A', '-t', '-F', '\t', f'--dbname={db}']
 
 
-def create_private_file(path: Path) -> int:
-    """Given a path, create it new (never through a symlink), 0600, and return its fd."""
-    try:
-        return os.open(
-            path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-        )
-    except OSError as error:
-        raise BackupError(f'cannot create {path}: {os_reason(error)}', step='prepare') from error
+def mysql_client(defaults: str | None, *, reads_backup: bool = False) -> list[str]:
+    """Given an optional option file naming the server, return the mysql client's argv start.
+
+    ``reads_backup``: the client is fed a backup's text, which after a break-in is the attacker's
+    (a run is data, never instructions): its sandbox mode refuses ``\\!``, ``system``, ``source``
+    and ``tee``, and ``--local-infile=0`` keeps LOAD DATA LOCAL from sending a file of ours."""
+    argv = ['mysql', *mysql_defaults_args(defaults), '--batch']
+    return [*argv, '--sandbox', '--local-infile=0'] if reads_backup else argv
 
 
-def temp_name(final: Path) -> Path:
-    """Given a final path, return a unique temporary path beside it that a later run sweeps."""
-    return final.with_name(f'{TMP_PREFIX}{os.getpid()}-{secrets.token_hex(4)}-{final.name}')
+DRILL_MYSQL_DEFAULTS = 'ppbackup-drill-client.cnf'  # the drill's option file for its own server
 
 
-def remove_path(path: Path) -> None:
-    """Given a path, remove it (a folder recursively) without following symlinks; ignore missing."""
-    with contextlib.suppress(FileNotFoundError):
-        if path.is_symlink() or not path.is_dir():
-            path.unlink()
-        else:
-            shutil.rmtree(path)
-
-
-def plaintext_expired(info: os.stat_result, now: float) -> bool:
-    """Given a plaintext file's stat, return True if every invocation must remove it now: dated more
-    than PLAINTEXT_EXPIRES ago, or ahead of the clock (written under a wrong clock: its real age is
-    unknown, and waiting for its date would keep it for as long as the clock was off)."""
-    return now - info.st_mtime > PLAINTEXT_EXPIRES or info.st_mtime - now > CLOCK_SLACK
-
-
-def expired_plaintext(insecure_dir: Path) -> list[Path]:
-    """Given the private folder, return the files in ``latest`` that expired (see above)."""
-    latest = insecure_dir / 'latest'
-    if insecure_dir.is_symlink() or latest.is_symlink() or not latest.is_dir():
+def mysql_defaults_args(defaults: str | None) -> list[str]:
+    """Given an optional option file naming the server, return the client options that read it:
+    the key holder's own (``--mysql-defaults``) on top of their usual ones, the drill's alone (a
+    ~/.my.cnf, perhaps the site's backup user, must not send the drill's clients elsewhere)."""
+    if not defaults:
         return []
-    now = time.time()
-    expired = []
-    for entry in sorted(latest.iterdir()):
-        with contextlib.suppress(FileNotFoundError):
-            if plaintext_expired(entry.lstat(), now):
-                expired.append(entry)
-    return expired
+    alone = os.path.basename(defaults) == DRILL_MYSQL_DEFAULTS
+    return [f'--defaults-{"file" if alone else "extra-file"}={defaults}']
 
 
-def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
-    """Given the private folder, remove from ``latest`` every file that expired (whichever backup it
-    belongs to: the bound is a promise for all plaintext), ``latest`` itself once empty, or all of
-    it if it is a planted symlink; return what went. Every invocation does this first, even one
-    that then fails."""
-    latest = insecure_dir / 'latest'
-    if insecure_dir.is_symlink() or not os.path.lexists(latest):
-        return []
-    if latest.is_symlink() or not latest.is_dir():
-        remove_path(latest)  # a planted symlink is removed, never followed
-        return [str(latest)]
-    removed = []
-    for entry in expired_plaintext(insecure_dir):
-        remove_path(entry)
-        removed.append(str(entry))
-    with contextlib.suppress(OSError):
-        latest.rmdir()  # only if empty: nothing left to roll back to
-        removed.append(str(latest))
-    return removed
+def sql_literal(text: str) -> str:
+    """Given text, return it as a standard SQL string literal."""
+    return "'" + text.replace("'", "''") + "'"
 
 
-def expire_plaintext(insecure_dir: Path) -> list[str]:
-    """Remove expired plaintext as ``remove_expired_plaintext`` does, and log each removal; raise
-    BackupError if one cannot go (a read-only or broken disk): the 24-hour bound is broken then,
-    and the admins must hear of it."""
+def backtick(name: str) -> str:
+    """Given a MariaDB identifier, return it quoted."""
+    return '`' + name.replace('`', '``') + '`'
+
+
+def pg_ident(name: str) -> str:
+    """Given a PostgreSQL name, return it as a quoted identifier."""
+    return '"' + name.replace('"', '""') + '"'
+
+
+PG_IDENT = rb'("(?:[^"]|"")*"|[^\s;"]+)'
+
+
+PG_COUNT_SQL = r"""
+SELECT n.nspname || '.' || c.relname,
+  (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
+    n.nspname, c.relname), false, true, '')))[1]::text
+FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'm') AND c.relpersistence <> 't'
+  AND (c.relkind <> 'm' OR c.relispopulated)
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
+  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+    AND d.objid = c.oid AND d.deptype = 'e')
+ORDER BY 1
+"""
+MYSQL_TABLES_SQL = (
+    'SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() '
+    "AND table_type = 'BASE TABLE' ORDER BY 1"
+)
+
+
+def parse_counts(lines: Iterable[str]) -> dict[str, int]:
+    """Given a client's "table<TAB>count" lines, return {table: count}."""
+    counts = {}
+    for line in lines:
+        name, _, count = line.rpartition('\t')
+        if name:
+            counts[name] = int(count)
+    return counts
+
+
+def mysql_count_query(tables: Sequence[str]) -> str:
+    """Given MariaDB tables, return one query giving each one's name and exact row count."""
+    return ' UNION ALL '.join(
+        f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
+    )
+
+
+# Each object's owner and grants, as {object: "owner R; grants A B ..."} in one JSON line: the
+# database, schemas, tables, views, sequences, columns, functions, types, default privileges and
+# large objects (what an extension made is the extension's). A NULL ACL is written as the default
+# it stands for and the items are sorted, so that a restore that brought the same grants back
+# reads the same. Names are not quoted: search_path is pg_catalog's (PG_GRANTS_SET).
+PG_GRANTS_SET = 'SET search_path = pg_catalog'
+PG_GRANTS_SQL = r"""
+SELECT coalesce(json_object_agg(o.what, 'owner ' || coalesce(pg_get_userbyid(o.owner), '-')
+    || '; grants ' || coalesce((SELECT string_agg(a::text, ' ' ORDER BY a::text)
+      FROM unnest(coalesce(o.acl, acldefault(o.def, o.owner))) AS a), '')
+    ORDER BY o.what), '{}')
+FROM (
+  SELECT 'database' AS what, datdba AS owner, datacl AS acl, 'd'::"char" AS def
+    FROM pg_database WHERE datname = current_database()
+  UNION ALL SELECT 'schema ' || n.nspname, n.nspowner, n.nspacl, 'n' FROM pg_namespace n
+    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_namespace'::regclass
+        AND e.objid = n.oid AND e.deptype = 'e')
+  UNION ALL SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
+      WHEN 'S' THEN 'sequence ' WHEN 'f' THEN 'foreign table ' ELSE 'table ' END
+      || n.nspname || '.' || c.relname, c.relowner, c.relacl,
+      (CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::"char"
+    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.relpersistence <> 't'
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
+        AND e.objid = c.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname, c.relowner,
+      a.attacl, 'c'
+    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+      JOIN pg_namespace n ON n.oid = c.relnamespace
+    WHERE a.attnum > 0 AND NOT a.attisdropped AND cardinality(a.attacl) > 0
+      AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relpersistence <> 't'
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
+        AND e.objid = c.oid AND e.deptype = 'e')
+  UNION ALL SELECT CASE p.prokind WHEN 'p' THEN 'procedure ' WHEN 'a' THEN 'aggregate '
+      ELSE 'function ' END || n.nspname || '.' || p.proname || '('
+      || pg_get_function_identity_arguments(p.oid) || ')', p.proowner, p.proacl, 'f'
+    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass
+        AND e.objid = p.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'type ' || n.nspname || '.' || t.typname, t.typowner, t.typacl, 'T'
+    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
+    WHERE (t.typtype IN ('d', 'e', 'r', 'm')
+        OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
+      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
+      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_type'::regclass
+        AND e.objid = t.oid AND e.deptype = 'e')
+  UNION ALL SELECT 'default privileges of ' || pg_get_userbyid(d.defaclrole)
+      || coalesce(' in schema ' || n.nspname, '') || ' on ' || CASE d.defaclobjtype
+      WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences' WHEN 'f' THEN 'functions'
+      WHEN 'T' THEN 'types' WHEN 'n' THEN 'schemas' ELSE d.defaclobjtype::text END,
+      d.defaclrole, d.defaclacl, 'r'
+    FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
+  UNION ALL SELECT 'large object ' || l.oid, l.lomowner, l.lomacl, 'L'
+    FROM pg_largeobject_metadata l
+) AS o
+"""
+MYSQL_DB_PRIVS_SQL = (
+    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = 'mysql' "
+    "AND TABLE_NAME = 'db' AND COLUMN_NAME LIKE '%\\_priv' ORDER BY ORDINAL_POSITION"
+)
+# The grants on the database's objects, as "object to `user`@`host`<TAB>privileges" lines (a grant
+# on a wildcard-escaped name of the database too); {privs} lists mysql.db's privilege columns.
+MYSQL_GRANTS_SQL = r"""
+SELECT CONCAT('database to `', User, '`@`', Host, '`'), CONCAT_WS(',', {privs})
+  FROM mysql.db WHERE {where}
+UNION ALL SELECT CONCAT('table ', Table_name, ' to `', User, '`@`', Host, '`'),
+  CONCAT('table ', Table_priv, '; columns ', Column_priv) FROM mysql.tables_priv WHERE {where}
+UNION ALL SELECT CONCAT('column ', Table_name, '.', Column_name, ' to `', User, '`@`', Host, '`'),
+  Column_priv FROM mysql.columns_priv WHERE {where}
+UNION ALL SELECT CONCAT(LOWER(Routine_type), ' ', Routine_name, ' to `', User, '`@`', Host, '`'),
+  Proc_priv FROM mysql.procs_priv WHERE {where}
+""".replace('{where}', "Db IN (DATABASE(), REPLACE(REPLACE(DATABASE(), '_', '\\_'), '%', '\\%'))")
+
+
+PG_RELATION_KINDS = ('table ', 'view ', 'materialized view ', 'foreign table ')
+PG_ACL_PRIVILEGES_RE = re.compile(r'=([A-Za-z*]*)/')
+
+
+def parse_pg_grants(lines: Sequence[str]) -> dict[str, str]:
+    """Given PG_GRANTS_SQL's output, return {object: owner and grants}. A relation's MAINTAIN
+    (PostgreSQL 17's "m", in its owner's defaults and in GRANT ALL there) is left out: a drill on a
+    newer server than the site's then reads what an older one did, for the same grants."""
+    text = ''.join(lines).strip()
     try:
-        removed = remove_expired_plaintext(insecure_dir)
-    except OSError as error:
-        raise BackupError(
-            f'cannot remove plaintext older than 24 hours: {error.filename or insecure_dir}: '
-            f'{error.strerror}; remove it by hand',
-            step='expire plaintext',
-        ) from error
-    for path in removed:
-        log.info('removed plaintext older than 24 hours: %s', path)
-    return removed
+        grants = json.loads(text or '{}')
+    except ValueError as error:
+        raise BackupError(f'the grants query gave no JSON: {text[:200]!r}', step='dump') from error
+    found = {}
+    for what, value in grants.items():
+        what, value = str(what), str(value)
+        if what.startswith(PG_RELATION_KINDS) or what.endswith(' on tables'):
+            value = PG_ACL_PRIVILEGES_RE.sub(
+                lambda match: '=' + re.sub(r'm\*?', '', match[1]) + '/', value
+            )
+        found[what] = value
+    return found
 
 
-def temp_target(name: str) -> str:
-    """Given a temporary's name (see ``temp_name``), return the final name it was made for."""
-    parts = name[len(TMP_PREFIX) :].removesuffix(ATOMIC_SUFFIX).split('-', 2)
-    return parts[2] if name.startswith(TMP_PREFIX) and len(parts) == 3 else ''
+def pg_grants(db: str) -> dict[str, str]:
+    """Given a restored PostgreSQL database, return its objects' owners and grants, for the drill
+    (a run takes them in its dump's snapshot: DumpSnapshot)."""
+    _, out = run_command(
+        [*pg_client(db), '-c', PG_GRANTS_SET, '-c', PG_GRANTS_SQL],
+        what=f'grants of {db}',
+        step='drill',
+        timeout=600,
+    )
+    return parse_pg_grants(out.splitlines())
 
 
-def atomic_temp_name(final: Path) -> Path:
-    """The temporary ``write_atomically`` writes: not *.prom (node_exporter's textfile collector
-    reads every *.prom file in its folder, a temporary too)."""
-    return temp_name(final).with_name(temp_name(final).name + ATOMIC_SUFFIX)
-
-
-def write_atomically(
-    folder: Path | int, name: str, data: bytes, *, mode: int = 0o600, mtime: float | None = None
-) -> None:
-    """Given a folder (a path, or an fd opened O_NOFOLLOW) and a name in it, replace that name with
-    ``data`` whole: the one atomic writer. Raise OSError; the temporary is gone by then.
-
-    Order: a new temporary beside it (O_EXCL, never through a symlink; a later run sweeps it if
-    we die), ``mode``, ``mtime``, fsync, rename over the name, fsync of the folder. A reader opens
-    the old inode or the new one, never half of one, and after a crash the name holds one of them.
-    """
-    dir_fd = folder if isinstance(folder, int) else os.open(folder, _OPEN_PATH_DIR)
-    tmp = atomic_temp_name(Path(name)).name
-    try:
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
-        with os.fdopen(fd, 'wb') as handle:
-            os.fchmod(fd, mode)  # our umask is 077; the metrics file is 0644
-            handle.write(data)
-            handle.flush()
-            if mtime is not None:
-                os.utime(fd, (mtime, mtime))
-            os.fsync(fd)
-        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-        os.fsync(dir_fd)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp, dir_fd=dir_fd)
-        raise
-    finally:
-        if not isinstance(folder, int):
-            os.close(dir_fd)
-
-
-def fsync_dir(folder: Path) -> None:
-    """Given a folder, make the renames and links in it durable."""
-    fd = os.open(folder, _OPEN_PATH_DIR)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def file_digests(file: Path | int, names: Iterable[str] = ('sha256',)) -> dict[str, str]:
-    """Given a file (a path, or an fd read from its start) and hash names (sha256, md5, sha1),
-    return {name: hex digest}, the file read once, a block at a time: the one hasher."""
-    hashers = {name: hashlib.new(name) for name in names}
-    fd = file if isinstance(file, int) else os.open(file, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.lseek(fd, 0, os.SEEK_SET)
-        while block := os.read(fd, BLOCK):
-            for hasher in hashers.values():
-                hasher.update(block)
-    finally:
-        if not isinstance(file, int):
-            os.close(fd)
-    return {name: hasher.hexdigest() for name, hasher in hashers.items()}
-
-
-def sha256_of(file: Path | int) -> str:
-    return file_digests(file)['sha256']
-
-
-def sweep_temporaries(config: Config) -> list[str]:
-    """Remove what killed runs of this backup left: temporaries, run folders, and files of a commit
-    that never got its manifest. Return what went. Only under the run lock; another BACKUP_NAME's
-    files in a shared folder are left alone (its own runs sweep them)."""
-    removed = []
-    if config.insecure_dir.is_dir() and not config.insecure_dir.is_symlink():
-        for entry in config.insecure_dir.iterdir():
-            if entry.name.startswith((RUN_PREFIX, TMP_PREFIX)):
-                remove_path(entry)
-                removed.append(str(entry))
-    if config.backup_dir.is_dir() and not config.backup_dir.is_symlink():
-        slots = all_slots(config.backup_dir)
-        for slot in [config.backup_dir, *slots]:
-            for entry in slot.iterdir():
-                if run_id_of(config.name, temp_target(entry.name)):
-                    remove_path(entry)
-                    removed.append(str(entry))
-        removed += sweep_uncommitted(config, slots)
-    return removed
-
-
-@contextlib.contextmanager
-def run_lock(config: Config) -> Iterator[None]:
-    """Hold the run lock (flock, released by the kernel if we die). Raise LockedError if taken."""
-    ensure_private_dir(config.insecure_dir)
-    lock_path = config.insecure_dir / LOCK_NAME
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-    except OSError as error:  # out of inodes or space, read-only, a planted symlink...
-        raise BackupError(
-            f'cannot create the lock {lock_path}: {os_reason(error)}', step='lock'
-        ) from error
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as error:
-            raise LockedError(
-                f'another ppbackup run holds {lock_path}; nothing was done', step='lock'
-            ) from error
-        yield
-    finally:
-        os.close(fd)
+def mysql_grants(ask: Callable[[str], Sequence[str]]) -> dict[str, str]:
+    """Given a way to run a query in a MariaDB database (returning its batch lines), return
+    {object to user: privileges} from the grant tables (MYSQL_GRANTS_SQL)."""
+    columns = [line for line in ask(MYSQL_DB_PRIVS_SQL) if line]
+    privs = ', '.join(
+        f"IF({backtick(column)} = 'Y', {sql_literal(column.removesuffix('_priv'))}, NULL)"
+        for column in columns
+    )
+    lines = ask(MYSQL_GRANTS_SQL.replace('{privs}', privs or "''"))
+    pairs = [line.partition('\t') for line in lines]
+    # Every privilege of the database written ALL, as GRANT ALL gives it: a drill on a newer server
+    # (with privileges the site's does not know) then reads the same for the same grant.
+    every = {column.removesuffix('_priv') for column in columns} - {'Grant'}
+    found = {}
+    for what, tab, privileges in pairs:
+        if not tab:
+            continue
+        given = set(privileges.split(','))
+        if what.startswith('database to ') and every and every <= given:
+            privileges = ','.join(['ALL', *sorted(given - every)])
+        found[what] = privileges
+    return found
 
 
 # ---------------------------------------------------------------------------------------------------
-# What one run makes: the artifacts, their slots and the manifest.
+# The web host's admin: `run` dumps, encrypts, commits, sends and reports; `check`, `status`,
+# `verify` and `run --dry-run` tell what it would do or did.
 # ---------------------------------------------------------------------------------------------------
+
+
+# -- Artifacts: what one run makes ------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1785,65 +2160,6 @@ class Made:
     sha256: str = ''
     warnings: list[str] = dataclasses.field(default_factory=list)
     compressed_bytes: int = 0  # the plaintext file in latest/, as the compressor left it
-
-
-def slot_names(config: Config, when: dt.datetime) -> tuple[str, str | None]:
-    """Given the run's time, return (day slot, week slot or None with ONLY_ONE_DAY)."""
-    if config.only_one_day:
-        return 'day0', None
-    return f'day{when.isoweekday()}', f'wk{when.isocalendar().week}'
-
-
-# A run id is YYYYMMDD-HHMMSS[-N]; HHxx is the hour-only id of runs made before run ids existed.
-# The one set of names that runs and slots are read by, leniently (retention, verify, the sender)
-# and strictly (watch, restore: what arrived is untrusted).
-RUN_ID_PATTERN = r'[0-9]{8}-[0-9]{6}(?:-[0-9]+)?|[0-9]{2}xx'
-SLOT_RE = re.compile(r'(day|wk)[0-9]+')
-SHA256_RE = re.compile(r'[0-9a-f]{64}')
-MANIFEST_LINE_RE = re.compile(r'([0-9a-f]{64}) [ *](.*)')  # sha256sum's "DIGEST  NAME"
-RUN_NAME_RE = re.compile(rf'(.+?)-(?:{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}')
-ARTIFACT_KINDS = ('mysql', 'psql', 'files', 'binaries', PG_ROLES, MYSQL_USERS, RUN_INDEX)
-
-
-@functools.lru_cache(maxsize=8)
-def _own_names(name: str) -> re.Pattern[str]:
-    return re.compile(
-        rf'{re.escape(name)}-(?:(?P<manifest>{RUN_ID_PATTERN}){re.escape(MANIFEST_SUFFIX)}'
-        rf'|(?:{"|".join(ARTIFACT_KINDS)})(?:-.+)?-(?P<artifact>{RUN_ID_PATTERN})\.(?:sql|tar|json)'
-        rf'(?:{"|".join(re.escape(ext) for _, _, ext in COMPRESSORS.values() if ext)})?'
-        r'(?:\.gpg)?)',
-        re.DOTALL,
-    )
-
-
-def run_id_of(name: str, filename: str) -> str:
-    """Given a BACKUP_NAME and a file name, return the run id if the file is one that backup writes
-    (a manifest NAME-ID.sha256, an artifact NAME-KIND[-DB]-ID.EXT[.gpg] or its plaintext), else ''.
-    Retention, sweeping and latest/ touch only such files: configs sharing a folder keep apart."""
-    match = _own_names(name).fullmatch(filename)
-    return (match.group('manifest') or match.group('artifact')) if match else ''
-
-
-def choose_run_id(config: Config, when: dt.datetime, folders: Sequence[Path]) -> str:
-    """Given the run's start and the folders it writes to, return its id, YYYYMMDD-HHMMSS (local
-    time), with a -N suffix if a file of this backup in one of them already carries that id: an
-    earlier run's files are never renamed over, whatever the clock says."""
-    base = f'{when:%Y%m%d-%H%M%S}'
-    run_id, number = base, 1
-    while any(
-        (folder / f'{config.name}-{run_id}{MANIFEST_SUFFIX}').exists()
-        or any(folder.glob(f'{config.name}-*-{run_id}.*'))
-        for folder in folders
-        if folder.is_dir()
-    ):
-        number += 1
-        run_id = f'{base}-{number}'
-    return run_id
-
-
-def artifact_name(config: Config, kind: str, run_id: str, suffix: str) -> str:
-    """Given a kind (pg-roles, rowcounts...) and the run id, return its plaintext file name."""
-    return f'{config.name}-{kind}-{run_id}{suffix}'
 
 
 def plan_artifacts(
@@ -2047,241 +2363,7 @@ def save_crontab(rundir: Path) -> None:
         handle.write(text)
 
 
-PG_COUNT_SQL = r"""
-SELECT n.nspname || '.' || c.relname,
-  (xpath('/row/c/text()', query_to_xml(format('SELECT count(*) AS c FROM %I.%I',
-    n.nspname, c.relname), false, true, '')))[1]::text
-FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relkind IN ('r', 'p', 'm') AND c.relpersistence <> 't'
-  AND (c.relkind <> 'm' OR c.relispopulated)
-  AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg\_%'
-  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
-    AND d.objid = c.oid AND d.deptype = 'e')
-ORDER BY 1
-"""
-MYSQL_TABLES_SQL = (
-    'SELECT table_name FROM information_schema.tables WHERE table_schema = DATABASE() '
-    "AND table_type = 'BASE TABLE' ORDER BY 1"
-)
-
-# Each object's owner and grants, as {object: "owner R; grants A B ..."} in one JSON line: the
-# database, schemas, tables, views, sequences, columns, functions, types, default privileges and
-# large objects (what an extension made is the extension's). A NULL ACL is written as the default
-# it stands for and the items are sorted, so that a restore that brought the same grants back
-# reads the same. Names are not quoted: search_path is pg_catalog's (PG_GRANTS_SET).
-PG_GRANTS_SET = 'SET search_path = pg_catalog'
-PG_GRANTS_SQL = r"""
-SELECT coalesce(json_object_agg(o.what, 'owner ' || coalesce(pg_get_userbyid(o.owner), '-')
-    || '; grants ' || coalesce((SELECT string_agg(a::text, ' ' ORDER BY a::text)
-      FROM unnest(coalesce(o.acl, acldefault(o.def, o.owner))) AS a), '')
-    ORDER BY o.what), '{}')
-FROM (
-  SELECT 'database' AS what, datdba AS owner, datacl AS acl, 'd'::"char" AS def
-    FROM pg_database WHERE datname = current_database()
-  UNION ALL SELECT 'schema ' || n.nspname, n.nspowner, n.nspacl, 'n' FROM pg_namespace n
-    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_namespace'::regclass
-        AND e.objid = n.oid AND e.deptype = 'e')
-  UNION ALL SELECT CASE c.relkind WHEN 'v' THEN 'view ' WHEN 'm' THEN 'materialized view '
-      WHEN 'S' THEN 'sequence ' WHEN 'f' THEN 'foreign table ' ELSE 'table ' END
-      || n.nspname || '.' || c.relname, c.relowner, c.relacl,
-      (CASE c.relkind WHEN 'S' THEN 's' ELSE 'r' END)::"char"
-    FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE c.relkind IN ('r', 'p', 'v', 'm', 'S', 'f') AND c.relpersistence <> 't'
-      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
-        AND e.objid = c.oid AND e.deptype = 'e')
-  UNION ALL SELECT 'column ' || n.nspname || '.' || c.relname || '.' || a.attname, c.relowner,
-      a.attacl, 'c'
-    FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
-      JOIN pg_namespace n ON n.oid = c.relnamespace
-    WHERE a.attnum > 0 AND NOT a.attisdropped AND cardinality(a.attacl) > 0
-      AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relpersistence <> 't'
-      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_class'::regclass
-        AND e.objid = c.oid AND e.deptype = 'e')
-  UNION ALL SELECT CASE p.prokind WHEN 'p' THEN 'procedure ' WHEN 'a' THEN 'aggregate '
-      ELSE 'function ' END || n.nspname || '.' || p.proname || '('
-      || pg_get_function_identity_arguments(p.oid) || ')', p.proowner, p.proacl, 'f'
-    FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-    WHERE n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_proc'::regclass
-        AND e.objid = p.oid AND e.deptype = 'e')
-  UNION ALL SELECT 'type ' || n.nspname || '.' || t.typname, t.typowner, t.typacl, 'T'
-    FROM pg_type t JOIN pg_namespace n ON n.oid = t.typnamespace
-    WHERE (t.typtype IN ('d', 'e', 'r', 'm')
-        OR t.typtype = 'c' AND (SELECT c.relkind FROM pg_class c WHERE c.oid = t.typrelid) = 'c')
-      AND n.nspname <> 'information_schema' AND n.nspname NOT LIKE 'pg\_%'
-      AND NOT EXISTS (SELECT FROM pg_depend e WHERE e.classid = 'pg_type'::regclass
-        AND e.objid = t.oid AND e.deptype = 'e')
-  UNION ALL SELECT 'default privileges of ' || pg_get_userbyid(d.defaclrole)
-      || coalesce(' in schema ' || n.nspname, '') || ' on ' || CASE d.defaclobjtype
-      WHEN 'r' THEN 'tables' WHEN 'S' THEN 'sequences' WHEN 'f' THEN 'functions'
-      WHEN 'T' THEN 'types' WHEN 'n' THEN 'schemas' ELSE d.defaclobjtype::text END,
-      d.defaclrole, d.defaclacl, 'r'
-    FROM pg_default_acl d LEFT JOIN pg_namespace n ON n.oid = d.defaclnamespace
-  UNION ALL SELECT 'large object ' || l.oid, l.lomowner, l.lomacl, 'L'
-    FROM pg_largeobject_metadata l
-) AS o
-"""
-MYSQL_DB_PRIVS_SQL = (
-    "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = 'mysql' "
-    "AND TABLE_NAME = 'db' AND COLUMN_NAME LIKE '%\\_priv' ORDER BY ORDINAL_POSITION"
-)
-# The grants on the database's objects, as "object to `user`@`host`<TAB>privileges" lines (a grant
-# on a wildcard-escaped name of the database too); {privs} lists mysql.db's privilege columns.
-MYSQL_GRANTS_SQL = r"""
-SELECT CONCAT('database to `', User, '`@`', Host, '`'), CONCAT_WS(',', {privs})
-  FROM mysql.db WHERE {where}
-UNION ALL SELECT CONCAT('table ', Table_name, ' to `', User, '`@`', Host, '`'),
-  CONCAT('table ', Table_priv, '; columns ', Column_priv) FROM mysql.tables_priv WHERE {where}
-UNION ALL SELECT CONCAT('column ', Table_name, '.', Column_name, ' to `', User, '`@`', Host, '`'),
-  Column_priv FROM mysql.columns_priv WHERE {where}
-UNION ALL SELECT CONCAT(LOWER(Routine_type), ' ', Routine_name, ' to `', User, '`@`', Host, '`'),
-  Proc_priv FROM mysql.procs_priv WHERE {where}
-""".replace('{where}', "Db IN (DATABASE(), REPLACE(REPLACE(DATABASE(), '_', '\\_'), '%', '\\%'))")
-
-
-PG_RELATION_KINDS = ('table ', 'view ', 'materialized view ', 'foreign table ')
-PG_ACL_PRIVILEGES_RE = re.compile(r'=([A-Za-z*]*)/')
-
-
-def parse_pg_grants(lines: Sequence[str]) -> dict[str, str]:
-    """Given PG_GRANTS_SQL's output, return {object: owner and grants}. A relation's MAINTAIN
-    (PostgreSQL 17's "m", in its owner's defaults and in GRANT ALL there) is left out: a drill on a
-    newer server than the site's then reads what an older one did, for the same grants."""
-    text = ''.join(lines).strip()
-    try:
-        grants = json.loads(text or '{}')
-    except ValueError as error:
-        raise BackupError(f'the grants query gave no JSON: {text[:200]!r}', step='dump') from error
-    found = {}
-    for what, value in grants.items():
-        what, value = str(what), str(value)
-        if what.startswith(PG_RELATION_KINDS) or what.endswith(' on tables'):
-            value = PG_ACL_PRIVILEGES_RE.sub(
-                lambda match: '=' + re.sub(r'm\*?', '', match[1]) + '/', value
-            )
-        found[what] = value
-    return found
-
-
-def pg_grants(db: str) -> dict[str, str]:
-    """Given a restored PostgreSQL database, return its objects' owners and grants, for the drill
-    (a run takes them in its dump's snapshot: DumpSnapshot)."""
-    _, out = run_command(
-        [*pg_client(db), '-c', PG_GRANTS_SET, '-c', PG_GRANTS_SQL],
-        what=f'grants of {db}',
-        step='drill',
-        timeout=600,
-    )
-    return parse_pg_grants(out.splitlines())
-
-
-def mysql_grants(ask: Callable[[str], Sequence[str]]) -> dict[str, str]:
-    """Given a way to run a query in a MariaDB database (returning its batch lines), return
-    {object to user: privileges} from the grant tables (MYSQL_GRANTS_SQL)."""
-    columns = [line for line in ask(MYSQL_DB_PRIVS_SQL) if line]
-    privs = ', '.join(
-        f"IF({backtick(column)} = 'Y', {sql_literal(column.removesuffix('_priv'))}, NULL)"
-        for column in columns
-    )
-    lines = ask(MYSQL_GRANTS_SQL.replace('{privs}', privs or "''"))
-    pairs = [line.partition('\t') for line in lines]
-    # Every privilege of the database written ALL, as GRANT ALL gives it: a drill on a newer server
-    # (with privileges the site's does not know) then reads the same for the same grant.
-    every = {column.removesuffix('_priv') for column in columns} - {'Grant'}
-    found = {}
-    for what, tab, privileges in pairs:
-        if not tab:
-            continue
-        given = set(privileges.split(','))
-        if what.startswith('database to ') and every and every <= given:
-            privileges = ','.join(['ALL', *sorted(given - every)])
-        found[what] = privileges
-    return found
-
-
-def pg_client(db: str) -> list[str]:
-    """Given a database, return psql's argv: no prompt, no psqlrc, unaligned tab-separated."""
-    return ['psql', '--no-password', '-X', '-q', '-A', '-t', '-F', '\t', f'--dbname={db}']
-
-
-def mysql_client(defaults: str | None, *, reads_backup: bool = False) -> list[str]:
-    """Given an optional option file naming the server, return the mysql client's argv start.
-
-    ``reads_backup``: the client is fed a backup's text, which after a break-in is the attacker's
-    (a run is data, never instructions): its sandbox mode refuses ``\\!``, ``system``, ``source``
-    and ``tee``, and ``--local-infile=0`` keeps LOAD DATA LOCAL from sending a file of ours."""
-    argv = ['mysql', *mysql_defaults_args(defaults), '--batch']
-    return [*argv, '--sandbox', '--local-infile=0'] if reads_backup else argv
-
-
-DRILL_MYSQL_DEFAULTS = 'ppbackup-drill-client.cnf'  # the drill's option file for its own server
-
-
-def mysql_defaults_args(defaults: str | None) -> list[str]:
-    """Given an optional option file naming the server, return the client options that read it:
-    the key holder's own (``--mysql-defaults``) on top of their usual ones, the drill's alone (a
-    ~/.my.cnf, perhaps the site's backup user, must not send the drill's clients elsewhere)."""
-    if not defaults:
-        return []
-    alone = os.path.basename(defaults) == DRILL_MYSQL_DEFAULTS
-    return [f'--defaults-{"file" if alone else "extra-file"}={defaults}']
-
-
-def sql_literal(text: str) -> str:
-    """Given text, return it as a standard SQL string literal."""
-    return "'" + text.replace("'", "''") + "'"
-
-
-def backtick(name: str) -> str:
-    """Given a MariaDB identifier, return it quoted."""
-    return '`' + name.replace('`', '``') + '`'
-
-
-def pg_row_counts(db: str) -> dict[str, int]:
-    """Given a restored PostgreSQL database, return {schema.table: exact row count} (partitioned
-    parents and populated materialized views included), for the drill; a run counts in its dump's
-    snapshot (DumpSnapshot). Raise BackupError if psql fails."""
-    _, out = run_command(
-        [*pg_client(db), '-c', PG_COUNT_SQL], what=f'row counts of {db}', step='drill', timeout=3600
-    )
-    return parse_counts(out.splitlines())
-
-
-def parse_counts(lines: Iterable[str]) -> dict[str, int]:
-    """Given a client's "table<TAB>count" lines, return {table: count}."""
-    counts = {}
-    for line in lines:
-        name, _, count = line.rpartition('\t')
-        if name:
-            counts[name] = int(count)
-    return counts
-
-
-def mysql_count_query(tables: Sequence[str]) -> str:
-    """Given MariaDB tables, return one query giving each one's name and exact row count."""
-    return ' UNION ALL '.join(
-        f'SELECT {sql_literal(table)}, COUNT(*) FROM {backtick(table)}' for table in tables
-    )
-
-
-def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
-    """Given a restored MariaDB database, return {table: exact row count}, for the drill. Raise
-    BackupError on failure."""
-    client = [*mysql_client(defaults), '--skip-column-names']
-    _, out = run_command(
-        [*client, '-e', MYSQL_TABLES_SQL, '--', db], what=f'tables of {db}', step='drill'
-    )
-    tables = [line for line in out.splitlines() if line]
-    if not tables:
-        return {}
-    query = mysql_count_query(tables)
-    _, out = run_command(
-        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='drill', timeout=3600
-    )
-    return parse_counts(out.splitlines())
+# -- Dumps: a consistent snapshot, the database's surroundings, and the run index -------------------
 
 
 class DumpSnapshot:
@@ -2623,6 +2705,9 @@ def dump_artifact(
     return path, streamed.raw_bytes, warnings
 
 
+# -- Encryption: to the resolved fingerprints only, checked in the ciphertext -----------------------
+
+
 @contextlib.contextmanager
 def _gpg_write_errors(label: str, step: str, folder: Path) -> Iterator[None]:
     """Turn an OSError from python-gnupg's copying thread (gpg died under it) into a BackupError."""
@@ -2720,86 +2805,219 @@ def encrypt_made(made: Made, config: Config, gpg: GnuPG, recipients: Sequence[Re
     return made
 
 
-def manifest_name(config: Config, run_id: str) -> str:
-    return f'{config.name}-{run_id}{MANIFEST_SUFFIX}'
+# -- Commit: a run enters its slots whole or not at all ---------------------------------------------
 
 
-def iter_manifest(path: Path) -> Iterator[tuple[str, str]]:
-    """Given a manifest, yield its (file name, sha256) lines, streamed: whatever its size, only one
-    bounded line is in memory at a time; a longer line is skipped."""
-    with open(path, 'rb') as handle:
-        while line := handle.readline(MANIFEST_MAX_LINE):
-            if not line.endswith(b'\n') and len(line) == MANIFEST_MAX_LINE:
-                while (rest := handle.readline(MANIFEST_MAX_LINE)) and not rest.endswith(b'\n'):
-                    pass  # the rest of an over-long line: not a name ppbackup wrote
-                continue
-            text = line.decode('utf-8', 'replace').rstrip('\n').removesuffix('\r')
-            match = MANIFEST_LINE_RE.fullmatch(text)
-            if match and match.group(2):
-                yield match.group(2), match.group(1)
-
-
-def read_manifest(path: Path) -> dict[str, str]:
-    """Given a manifest, return {file name: sha256}, at most MANIFEST_MAX_ENTRIES of them (a run
-    writes a handful): memory stays bounded even for a huge or hostile manifest."""
-    return dict(itertools.islice(iter_manifest(path), MANIFEST_MAX_ENTRIES))
-
-
-def manifest_bytes(entries: Mapping[str, str]) -> bytes:
-    return ''.join(f'{digest}  {name}\n' for name, digest in sorted(entries.items())).encode()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Retention: runs in slots, identified by their manifests, removed only after a successful run.
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class SlotRun:
-    slot: Path
-    manifest: Path
-    files: list[str]
-    time: float
-
-
-def slot_runs(slot: Path) -> list[SlotRun]:
-    """Given a slot folder, return its runs (one per manifest), oldest first."""
-    runs = []
-    if slot.is_dir() and not slot.is_symlink():
-        for manifest in slot.glob('*' + MANIFEST_SUFFIX):
-            if manifest.name.startswith('.') or not manifest.is_file():
-                continue
-            runs.append(
-                SlotRun(slot, manifest, sorted(read_manifest(manifest)), manifest.lstat().st_mtime)
-            )
-    return sorted(runs, key=lambda run: run.time)
-
-
-def all_slots(backup_dir: Path) -> list[Path]:
-    """Given the backups folder, return its dayN/wkM slot folders."""
-    if not backup_dir.is_dir():
-        return []
-    return sorted(
-        (
-            p
-            for p in backup_dir.iterdir()
-            if SLOT_RE.fullmatch(p.name) and p.is_dir() and not p.is_symlink()
-        ),
-        key=lambda p: (p.name[0], len(p.name), p.name),
+def make_all(
+    config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path, run_id: str
+) -> list[Made]:
+    """Dump every artifact, one after another, while the previous one is encrypted: each dump
+    already keeps both cores busy (dumper, server, zstd -T0), so two at once only contend, but gpg
+    uses one core and fits beside the next dump. Raise the first BackupError after all finished."""
+    pg_superuser, mysql_users, lacks = database_limits(config)
+    report.warnings += lacks
+    artifacts = plan_artifacts(
+        config, run_id, rundir, pg_superuser=pg_superuser, mysql_users=mysql_users
     )
+    if config.files:
+        save_crontab(rundir)
+    errors: list[BackupError] = []
+    encrypting: list[concurrent.futures.Future[Made]] = []
+    made: list[Made] = []
+    # The index and the MariaDB users are made once every dump succeeded. Each database's rows are
+    # counted in its dump's own snapshot (DumpSnapshot), right after the dump, so that a drill
+    # compares a restore with what the dump really held, and a dump that lost rows shows.
+    counts: dict[str, dict[str, int]] = {}
+    # Grants likewise: PostgreSQL's catalogs are readable by any user, MariaDB's grant tables only
+    # if the backup user was given them (else a warning said so, and the index has none).
+    grants: dict[str, dict[str, str]] = {}
+    generated = (MYSQL_USERS, RUN_INDEX)
+    main = [artifact for artifact in artifacts if artifact.kind not in generated]
+    late = [artifact for artifact in artifacts if artifact.kind in generated]
+    with (
+        concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps,
+        concurrent.futures.ThreadPoolExecutor(1) as encryptions,
+    ):
+        dumping = [
+            dumps.submit(
+                dump_artifact,
+                artifact,
+                config,
+                rundir,
+                counts,
+                grants if artifact.kind == 'psql' or mysql_users else None,
+            )
+            for artifact in main
+        ]
+
+        def encrypt_next(artifact: Artifact, future: concurrent.futures.Future[Any]) -> None:
+            try:
+                plain, raw_bytes, warnings = future.result()
+            except BackupError as error:
+                log.error('%s', error)
+                errors.append(error)
+                return
+            name = artifact.filename + '.gpg'
+            item = Made(
+                artifact,
+                plain,
+                raw_bytes,
+                temp_name(day_dir / name),
+                name,
+                warnings=warnings,
+                compressed_bytes=plain.stat().st_size,
+            )
+            encrypting.append(
+                encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
+            )
+
+        try:
+            for artifact, future in zip(main, dumping):
+                encrypt_next(artifact, future)
+            for artifact in late if not errors else []:
+                dumping.append(
+                    dumps.submit(
+                        dump_generated, artifact, artifacts, config, rundir, lacks, counts, grants
+                    )
+                )
+                encrypt_next(artifact, dumping[-1])
+            for encrypted in encrypting:
+                try:
+                    made.append(encrypted.result())
+                except BackupError as error:
+                    log.error('%s', error)
+                    errors.append(error)
+        except BaseException:
+            for pending in dumping:
+                pending.cancel()  # artifacts not started yet never start
+            for queued in encrypting:
+                queued.cancel()
+            kill_all_children()
+            raise
+    report.made = made
+    if errors:
+        first = errors[0]
+        if len(errors) > 1:
+            first.detail = '\n'.join([first.detail, *(f'also: {err}' for err in errors[1:])])
+        raise first
+    return made
 
 
-def own_runs(config: Config, slot: Path) -> list[SlotRun]:
-    """Given a slot, return this backup's runs in it (manifests NAME-ID.sha256), oldest first."""
-    return [run for run in slot_runs(slot) if run_id_of(config.name, run.manifest.name)]
+def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]:
+    """Given this run's artifacts and the last run's sizes, warn on a database dump under half its
+    size. Not the roles or users files: they follow the whole server's accounts, not the data."""
+    previous = state.get('raw_sizes', {})
+    warnings = []
+    for item in made:
+        before = previous.get(item.artifact.label)
+        if (
+            item.artifact.kind in DATABASE_KINDS
+            and before
+            and item.raw_bytes < before * SHRINK_WARN_RATIO
+        ):
+            warnings.append(
+                f'{item.artifact.label} shrank from {human_size(before)} to '
+                f'{human_size(item.raw_bytes)} since the last run: check the data'
+            )
+    return warnings
 
 
-def run_started(config: Config, run: SlotRun) -> dt.datetime:
-    """Given a run, return its start as its id says (the manifest's time for an hour-only id)."""
-    run_id = run_id_of(config.name, run.manifest.name) or ''
-    with contextlib.suppress(ValueError):
-        return dt.datetime.strptime(run_id[:15], '%Y%m%d-%H%M%S')
-    return dt.datetime.fromtimestamp(run.time)
+def commit_slots(
+    config: Config,
+    report: Report,
+    made: Sequence[Made],
+    when: dt.datetime,
+    run_id: str,
+    stamp: float,
+) -> set[Path]:
+    """Put the run's encrypted files into its day slot (and the weekly ones into its week slot),
+    then commit each slot by writing its manifest. Return every path this run wrote.
+
+    The order, and why a crash at any instant (kill -9, power loss, ENOSPC) is safe:
+    1. each ciphertext is already whole and fsynced under a temporary name in the day slot;
+    2. it gets its final name by link + unlink, and the weekly ones a hard link in the week slot:
+       names carry the run id, so no earlier run's file is ever renamed over, and a link that
+       would replace one fails instead (EEXIST);
+    3. fsync both slot folders: every name is durable before any manifest names it;
+    4. write the day manifest (temporary name, fsync, rename, fsync of the folder): the rename is
+       the day slot's commit point; then the same for the week manifest.
+    A slot holds this run only once its manifest is there; until then the run's files in it are
+    "uncommitted": no manifest names them, ``sweep_uncommitted`` removes them under the lock at the
+    next invocation (and here, on any failure), ``verify`` reports them, ``sync`` never sends them.
+    The earlier runs' files and manifests are never written to: they go only by retention, after
+    the transfer of this run was checked.
+    """
+    report.step = 'commit'
+    day_name, week_name = slot_names(config, when)
+    day_dir = config.backup_dir / day_name
+    week_dir = config.backup_dir / week_name if week_name else None
+    written: set[Path] = set()
+    manifest = manifest_name(config, run_id)
+    try:
+        if week_dir:
+            ensure_private_dir(week_dir)
+        for item in made:
+            final = day_dir / item.encrypted_name
+            os.utime(item.encrypted_tmp, (stamp, stamp))
+            os.link(item.encrypted_tmp, final)
+            written.add(final)
+            os.unlink(item.encrypted_tmp)
+            if week_dir and item.artifact.weekly:
+                # hard links: the weekly copy costs no disk
+                os.link(final, week_dir / item.encrypted_name)
+                written.add(week_dir / item.encrypted_name)
+        for slot in (day_dir, week_dir):
+            if slot:
+                fsync_dir(slot)
+        slots = [(day_dir, made)]
+        if week_dir:
+            slots.append((week_dir, [item for item in made if item.artifact.weekly]))
+        for slot, items in slots:
+            write_atomically(
+                slot,
+                manifest,
+                manifest_bytes({item.encrypted_name: item.sha256 for item in items}),
+                mtime=stamp,
+            )
+            written.add(slot / manifest)
+            report.slots.append(slot.name)
+    except BaseException as error:
+        # Roll back to the earlier state: a slot without this run's manifest drops its files.
+        sweep_uncommitted(config, [day_dir, *([week_dir] if week_dir else [])])
+        if isinstance(error, BackupError):
+            error.step = 'commit'
+        if not isinstance(error, OSError):
+            raise
+        raise BackupError(
+            f'cannot commit the run into {error.filename or day_dir}: {os_reason(error)}; '
+            'the slots keep their earlier runs',
+            step='commit',
+        ) from error
+    return written
+
+
+def replace_latest(config: Config, rundir: Path, made: Sequence[Made], stamp: float) -> None:
+    """Move this run's plaintext into ``latest``, aged from ``stamp``, then remove this backup's
+    earlier plaintext there (another BACKUP_NAME's files stay: each config replaces only its own)."""
+    latest = config.insecure_dir / 'latest'
+    if latest.is_symlink() or (os.path.lexists(latest) and not latest.is_dir()):
+        remove_path(latest)  # never followed
+    ensure_private_dir(latest)
+    mine = {item.plain_path.name for item in made}
+    for name in sorted(mine):
+        os.utime(rundir / name, (stamp, stamp))  # its age is what the expiry looks at
+        try:
+            os.rename(rundir / name, latest / name)
+        except FileNotFoundError:  # an invocation removed the empty latest/ meanwhile
+            ensure_private_dir(latest)
+            os.rename(rundir / name, latest / name)
+    for entry in latest.iterdir():
+        if entry.name not in mine and run_id_of(config.name, entry.name):
+            remove_path(entry)
+    remove_path(rundir)
+
+
+# -- Retention: runs in slots, identified by their manifests, removed only after a successful run ---
 
 
 def retention_plan(config: Config, when: dt.datetime, keep: set[Path]) -> list[Path]:
@@ -2900,9 +3118,87 @@ def sweep_uncommitted(config: Config, slots: Sequence[Path]) -> list[str]:
     return removed
 
 
-# ---------------------------------------------------------------------------------------------------
-# Transfer: rsync -a the backups folder, as the old script did, then prove the copy by checksum.
-# ---------------------------------------------------------------------------------------------------
+def plaintext_expired(info: os.stat_result, now: float) -> bool:
+    """Given a plaintext file's stat, return True if every invocation must remove it now: dated more
+    than PLAINTEXT_EXPIRES ago, or ahead of the clock (written under a wrong clock: its real age is
+    unknown, and waiting for its date would keep it for as long as the clock was off)."""
+    return now - info.st_mtime > PLAINTEXT_EXPIRES or info.st_mtime - now > CLOCK_SLACK
+
+
+def expired_plaintext(insecure_dir: Path) -> list[Path]:
+    """Given the private folder, return the files in ``latest`` that expired (see above)."""
+    latest = insecure_dir / 'latest'
+    if insecure_dir.is_symlink() or latest.is_symlink() or not latest.is_dir():
+        return []
+    now = time.time()
+    expired = []
+    for entry in sorted(latest.iterdir()):
+        with contextlib.suppress(FileNotFoundError):
+            if plaintext_expired(entry.lstat(), now):
+                expired.append(entry)
+    return expired
+
+
+def remove_expired_plaintext(insecure_dir: Path) -> list[str]:
+    """Given the private folder, remove from ``latest`` every file that expired (whichever backup it
+    belongs to: the bound is a promise for all plaintext), ``latest`` itself once empty, or all of
+    it if it is a planted symlink; return what went. Every invocation does this first, even one
+    that then fails."""
+    latest = insecure_dir / 'latest'
+    if insecure_dir.is_symlink() or not os.path.lexists(latest):
+        return []
+    if latest.is_symlink() or not latest.is_dir():
+        remove_path(latest)  # a planted symlink is removed, never followed
+        return [str(latest)]
+    removed = []
+    for entry in expired_plaintext(insecure_dir):
+        remove_path(entry)
+        removed.append(str(entry))
+    with contextlib.suppress(OSError):
+        latest.rmdir()  # only if empty: nothing left to roll back to
+        removed.append(str(latest))
+    return removed
+
+
+def expire_plaintext(insecure_dir: Path) -> list[str]:
+    """Remove expired plaintext as ``remove_expired_plaintext`` does, and log each removal; raise
+    BackupError if one cannot go (a read-only or broken disk): the 24-hour bound is broken then,
+    and the admins must hear of it."""
+    try:
+        removed = remove_expired_plaintext(insecure_dir)
+    except OSError as error:
+        raise BackupError(
+            f'cannot remove plaintext older than 24 hours: {error.filename or insecure_dir}: '
+            f'{error.strerror}; remove it by hand',
+            step='expire plaintext',
+        ) from error
+    for path in removed:
+        log.info('removed plaintext older than 24 hours: %s', path)
+    return removed
+
+
+def sweep_temporaries(config: Config) -> list[str]:
+    """Remove what killed runs of this backup left: temporaries, run folders, and files of a commit
+    that never got its manifest. Return what went. Only under the run lock; another BACKUP_NAME's
+    files in a shared folder are left alone (its own runs sweep them)."""
+    removed = []
+    if config.insecure_dir.is_dir() and not config.insecure_dir.is_symlink():
+        for entry in config.insecure_dir.iterdir():
+            if entry.name.startswith((RUN_PREFIX, TMP_PREFIX)):
+                remove_path(entry)
+                removed.append(str(entry))
+    if config.backup_dir.is_dir() and not config.backup_dir.is_symlink():
+        slots = all_slots(config.backup_dir)
+        for slot in [config.backup_dir, *slots]:
+            for entry in slot.iterdir():
+                if run_id_of(config.name, temp_target(entry.name)):
+                    remove_path(entry)
+                    removed.append(str(entry))
+        removed += sweep_uncommitted(config, slots)
+    return removed
+
+
+# -- Transfer: one interface, rsync or rclone, chosen once per run; every copy proved by checksum ---
 
 
 def rsync_base(config: Config, hard_links: bool = True) -> list[str]:
@@ -3429,9 +3725,7 @@ class RcloneTransport(Transport):
         ]
 
 
-# ---------------------------------------------------------------------------------------------------
-# Notification: exactly one mail per run, through mailx.
-# ---------------------------------------------------------------------------------------------------
+# -- Monitoring: one mail per run through mailx, a ping, a Prometheus text file ---------------------
 
 
 def send_mail(addresses: Sequence[str], subject: str, body: str) -> None:
@@ -3447,12 +3741,8 @@ def send_mail(addresses: Sequence[str], subject: str, body: str) -> None:
     )
 
 
-# ---------------------------------------------------------------------------------------------------
-# Monitoring: a ping per run, as healthchecks.io expects, and a Prometheus text file. Neither may
-# fail or hold up a backup: what goes wrong with them is a warning in the mail.
-# ---------------------------------------------------------------------------------------------------
-
-
+# A ping and a metrics file may neither fail nor hold up a backup: what goes wrong with them is a
+# warning in the mail.
 def ping_target(url: str, endpoint: str) -> str:
     """Given the ping URL and an endpoint ('' for success, 'start', 'fail', 'log'), return the URL
     to request: the endpoint extends the path, a query string stays as it was."""
@@ -3569,9 +3859,7 @@ def metrics_folder_problem(path: Path) -> str:
     return ''
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run.
-# ---------------------------------------------------------------------------------------------------
+# -- The run ----------------------------------------------------------------------------------------
 
 
 @dataclasses.dataclass
@@ -3838,215 +4126,6 @@ def preflight(config: Config, report: Report) -> GnuPG:
     return gpg
 
 
-def make_all(
-    config: Config, report: Report, gpg: GnuPG, rundir: Path, day_dir: Path, run_id: str
-) -> list[Made]:
-    """Dump every artifact, one after another, while the previous one is encrypted: each dump
-    already keeps both cores busy (dumper, server, zstd -T0), so two at once only contend, but gpg
-    uses one core and fits beside the next dump. Raise the first BackupError after all finished."""
-    pg_superuser, mysql_users, lacks = database_limits(config)
-    report.warnings += lacks
-    artifacts = plan_artifacts(
-        config, run_id, rundir, pg_superuser=pg_superuser, mysql_users=mysql_users
-    )
-    if config.files:
-        save_crontab(rundir)
-    errors: list[BackupError] = []
-    encrypting: list[concurrent.futures.Future[Made]] = []
-    made: list[Made] = []
-    # The index and the MariaDB users are made once every dump succeeded. Each database's rows are
-    # counted in its dump's own snapshot (DumpSnapshot), right after the dump, so that a drill
-    # compares a restore with what the dump really held, and a dump that lost rows shows.
-    counts: dict[str, dict[str, int]] = {}
-    # Grants likewise: PostgreSQL's catalogs are readable by any user, MariaDB's grant tables only
-    # if the backup user was given them (else a warning said so, and the index has none).
-    grants: dict[str, dict[str, str]] = {}
-    generated = (MYSQL_USERS, RUN_INDEX)
-    main = [artifact for artifact in artifacts if artifact.kind not in generated]
-    late = [artifact for artifact in artifacts if artifact.kind in generated]
-    with (
-        concurrent.futures.ThreadPoolExecutor(DUMPS_AT_ONCE) as dumps,
-        concurrent.futures.ThreadPoolExecutor(1) as encryptions,
-    ):
-        dumping = [
-            dumps.submit(
-                dump_artifact,
-                artifact,
-                config,
-                rundir,
-                counts,
-                grants if artifact.kind == 'psql' or mysql_users else None,
-            )
-            for artifact in main
-        ]
-
-        def encrypt_next(artifact: Artifact, future: concurrent.futures.Future[Any]) -> None:
-            try:
-                plain, raw_bytes, warnings = future.result()
-            except BackupError as error:
-                log.error('%s', error)
-                errors.append(error)
-                return
-            name = artifact.filename + '.gpg'
-            item = Made(
-                artifact,
-                plain,
-                raw_bytes,
-                temp_name(day_dir / name),
-                name,
-                warnings=warnings,
-                compressed_bytes=plain.stat().st_size,
-            )
-            encrypting.append(
-                encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
-            )
-
-        try:
-            for artifact, future in zip(main, dumping):
-                encrypt_next(artifact, future)
-            for artifact in late if not errors else []:
-                dumping.append(
-                    dumps.submit(
-                        dump_generated, artifact, artifacts, config, rundir, lacks, counts, grants
-                    )
-                )
-                encrypt_next(artifact, dumping[-1])
-            for encrypted in encrypting:
-                try:
-                    made.append(encrypted.result())
-                except BackupError as error:
-                    log.error('%s', error)
-                    errors.append(error)
-        except BaseException:
-            for pending in dumping:
-                pending.cancel()  # artifacts not started yet never start
-            for queued in encrypting:
-                queued.cancel()
-            kill_all_children()
-            raise
-    report.made = made
-    if errors:
-        first = errors[0]
-        if len(errors) > 1:
-            first.detail = '\n'.join([first.detail, *(f'also: {err}' for err in errors[1:])])
-        raise first
-    return made
-
-
-def shrink_warnings(made: Sequence[Made], state: Mapping[str, Any]) -> list[str]:
-    """Given this run's artifacts and the last run's sizes, warn on a database dump under half its
-    size. Not the roles or users files: they follow the whole server's accounts, not the data."""
-    previous = state.get('raw_sizes', {})
-    warnings = []
-    for item in made:
-        before = previous.get(item.artifact.label)
-        if (
-            item.artifact.kind in DATABASE_KINDS
-            and before
-            and item.raw_bytes < before * SHRINK_WARN_RATIO
-        ):
-            warnings.append(
-                f'{item.artifact.label} shrank from {human_size(before)} to '
-                f'{human_size(item.raw_bytes)} since the last run: check the data'
-            )
-    return warnings
-
-
-def commit_slots(
-    config: Config,
-    report: Report,
-    made: Sequence[Made],
-    when: dt.datetime,
-    run_id: str,
-    stamp: float,
-) -> set[Path]:
-    """Put the run's encrypted files into its day slot (and the weekly ones into its week slot),
-    then commit each slot by writing its manifest. Return every path this run wrote.
-
-    The order, and why a crash at any instant (kill -9, power loss, ENOSPC) is safe:
-    1. each ciphertext is already whole and fsynced under a temporary name in the day slot;
-    2. it gets its final name by link + unlink, and the weekly ones a hard link in the week slot:
-       names carry the run id, so no earlier run's file is ever renamed over, and a link that
-       would replace one fails instead (EEXIST);
-    3. fsync both slot folders: every name is durable before any manifest names it;
-    4. write the day manifest (temporary name, fsync, rename, fsync of the folder): the rename is
-       the day slot's commit point; then the same for the week manifest.
-    A slot holds this run only once its manifest is there; until then the run's files in it are
-    "uncommitted": no manifest names them, ``sweep_uncommitted`` removes them under the lock at the
-    next invocation (and here, on any failure), ``verify`` reports them, ``sync`` never sends them.
-    The earlier runs' files and manifests are never written to: they go only by retention, after
-    the transfer of this run was checked.
-    """
-    report.step = 'commit'
-    day_name, week_name = slot_names(config, when)
-    day_dir = config.backup_dir / day_name
-    week_dir = config.backup_dir / week_name if week_name else None
-    written: set[Path] = set()
-    manifest = manifest_name(config, run_id)
-    try:
-        if week_dir:
-            ensure_private_dir(week_dir)
-        for item in made:
-            final = day_dir / item.encrypted_name
-            os.utime(item.encrypted_tmp, (stamp, stamp))
-            os.link(item.encrypted_tmp, final)
-            written.add(final)
-            os.unlink(item.encrypted_tmp)
-            if week_dir and item.artifact.weekly:
-                # hard links: the weekly copy costs no disk
-                os.link(final, week_dir / item.encrypted_name)
-                written.add(week_dir / item.encrypted_name)
-        for slot in (day_dir, week_dir):
-            if slot:
-                fsync_dir(slot)
-        slots = [(day_dir, made)]
-        if week_dir:
-            slots.append((week_dir, [item for item in made if item.artifact.weekly]))
-        for slot, items in slots:
-            write_atomically(
-                slot,
-                manifest,
-                manifest_bytes({item.encrypted_name: item.sha256 for item in items}),
-                mtime=stamp,
-            )
-            written.add(slot / manifest)
-            report.slots.append(slot.name)
-    except BaseException as error:
-        # Roll back to the earlier state: a slot without this run's manifest drops its files.
-        sweep_uncommitted(config, [day_dir, *([week_dir] if week_dir else [])])
-        if isinstance(error, BackupError):
-            error.step = 'commit'
-        if not isinstance(error, OSError):
-            raise
-        raise BackupError(
-            f'cannot commit the run into {error.filename or day_dir}: {os_reason(error)}; '
-            'the slots keep their earlier runs',
-            step='commit',
-        ) from error
-    return written
-
-
-def replace_latest(config: Config, rundir: Path, made: Sequence[Made], stamp: float) -> None:
-    """Move this run's plaintext into ``latest``, aged from ``stamp``, then remove this backup's
-    earlier plaintext there (another BACKUP_NAME's files stay: each config replaces only its own)."""
-    latest = config.insecure_dir / 'latest'
-    if latest.is_symlink() or (os.path.lexists(latest) and not latest.is_dir()):
-        remove_path(latest)  # never followed
-    ensure_private_dir(latest)
-    mine = {item.plain_path.name for item in made}
-    for name in sorted(mine):
-        os.utime(rundir / name, (stamp, stamp))  # its age is what the expiry looks at
-        try:
-            os.rename(rundir / name, latest / name)
-        except FileNotFoundError:  # an invocation removed the empty latest/ meanwhile
-            ensure_private_dir(latest)
-            os.rename(rundir / name, latest / name)
-    for entry in latest.iterdir():
-        if entry.name not in mine and run_id_of(config.name, entry.name):
-            remove_path(entry)
-    remove_path(rundir)
-
-
 def run_backup(config: Config, report: Report) -> None:
     """Run the whole cycle. Raise BackupError at the first failed step. Retention comes last, once
     the transfer was checked: a run that fails at any step removes nothing."""
@@ -4191,88 +4270,7 @@ def command_run(config: Config, dry_run: bool) -> int:
     return code
 
 
-def print_plan(config: Config) -> int:
-    """Print what a run would do (commands, slots, removals) and write nothing."""
-    when = dt.datetime.now()
-    day_name, week_name = slot_names(config, when)
-    rundir = config.insecure_dir / f'{RUN_PREFIX}PID'
-    run_id = f'{when:%Y%m%d-%H%M%S}'
-    print(
-        f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written'
-    )
-    compressor = COMPRESSORS[config.compression][0]
-    # gpg's argv as the run builds it: python-gnupg's options, then gpg_encrypt_args. The keys
-    # are not listed (gpg's lock would touch the GnuPG home): the run resolves each recipient to
-    # its fingerprint, which a fingerprint in the config already is.
-    try:
-        gpg = open_gnupg(config.gnupghome)
-
-        def gpg_argv(args: list[str]) -> list[str]:
-            return list(gpg.make_args(args, False))
-
-        gpg_notes = []
-    except BackupError as error:
-
-        def gpg_argv(args: list[str]) -> list[str]:
-            return ['gpg', '--homedir', str(config.gnupghome), *args]
-
-        gpg_notes = [f'gpg cannot be used as it is: {error}']
-    if not all(FINGERPRINT_RE.match(spec) for spec in config.recipients):
-        gpg_notes.append('the run gives each --recipient as its fingerprint')
-    transport = transport_for(config)
-    print('commands:')
-    for artifact in plan_artifacts(config, run_id, rundir):
-        pipeline = shlex.join(artifact.argv) + (
-            ' | ' + shlex.join(compressor) if compressor else ''
-        )
-        print(f'  {mask_secrets(pipeline)} > {rundir.parent / "latest" / artifact.filename}')
-        if artifact.kind == 'psql':
-            print(
-                "    (plus --snapshot=ID: a psql session's, which counts each table's rows in it)"
-            )
-        elif artifact.kind == 'mysql':
-            print(
-                "    (a mysql session starts its snapshot just before, and counts each table's rows)"
-            )
-        final = config.backup_dir / day_name / (artifact.filename + '.gpg')
-        encrypted = final.with_name(f'{TMP_PREFIX}PID-RANDOM-{final.name}')  # see temp_name
-        args = gpg_encrypt_args(config.recipients, rundir / artifact.filename, encrypted)
-        print(f'  {shlex.join(gpg_argv(args))}')
-        for note in gpg_notes:
-            print(f'    ({note})')
-    for argv, given in transport.plan():
-        print(f'  {transport.shown(argv)}')
-        print(f'    ({given})')
-    print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
-    names = {
-        config.backup_dir / day_name / (a.filename + '.gpg')
-        for a in plan_artifacts(config, run_id, rundir)
-    }
-    names.add(config.backup_dir / day_name / manifest_name(config, run_id))
-    if week_name:
-        names |= {
-            config.backup_dir / week_name / (a.filename + '.gpg')
-            for a in plan_artifacts(config, run_id, rundir)
-            if a.weekly
-        }
-        names.add(config.backup_dir / week_name / manifest_name(config, run_id))
-    doomed = retention_plan(config, when, names)
-    print(f'rotation would remove {len(doomed)} file(s):')
-    for path in doomed:
-        print(f'  {path}')
-    for path in expired_plaintext(config.insecure_dir):
-        print(f'expired plaintext would be removed: {path}')
-    print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
-    if config.ping_url:
-        print(f'ping: {ping_shown(config.ping_url, "start")}, then /... or /.../fail')
-    if config.metrics_file:
-        print(f'metrics: {config.metrics_file}')
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------------------------------
-# The operator's commands.
-# ---------------------------------------------------------------------------------------------------
+# -- check, status, verify and the dry run ----------------------------------------------------------
 
 
 def command_check(config: Config) -> int:
@@ -4605,201 +4603,88 @@ def command_verify(config: Config, remote: bool) -> int:
     return EXIT_OK if not problems else EXIT_FAILED
 
 
-def decompressor_for(name: str) -> tuple[str, ...]:
-    """Given a backup file name, return the argv that decompresses it (empty for none)."""
-    base = name[:-4] if name.endswith('.gpg') else name
-    for _, (_, decompress, ext) in COMPRESSORS.items():
-        if ext and base.endswith(ext):
-            return decompress
-    return ()
-
-
-def check_encrypted_input(source: Path, fd: int) -> None:
-    """Given the open input, raise ConfigError unless it starts as a message encrypted to a public
-    key: a backup always does, and gpg would otherwise "decrypt" a merely stored (gpg --store) or
-    signed file without a word. Armored input is left to gpg's status check after decryption."""
-    head = os.pread(fd, 64, 0)
-    if head.lstrip().startswith(b'-----BEGIN PGP MESSAGE'):
-        return
-    if not head or not head[0] & 0x80:
-        raise ConfigError(f'{source}: not OpenPGP data; nothing was written', step='decrypt')
-    # The packet tag: new format keeps it in the low 6 bits, the old one in bits 2..5.
-    tag = head[0] & 0x3F if head[0] & 0x40 else (head[0] >> 2) & 0x0F
-    if tag != 1:  # 1: a public-key encrypted session key, the start of every backup
-        raise ConfigError(
-            f'{source}: not encrypted to a public key (OpenPGP packet type {tag}), so not a '
-            'ppbackup backup; refusing it, nothing was written',
-            step='decrypt',
-        )
-
-
-def decrypt_target(output: str | None, source_info: os.stat_result) -> Path | None:
-    """Given -o (None or "-" for stdout) and the input's stat, return the file to write, or None.
-
-    Plaintext may go only to a new file or over a regular file that is not the input itself: never
-    onto a device, a folder, a FIFO or through a symlink. Raise ConfigError otherwise.
-    """
-    if not output or output == '-':
-        return None
-    target = Path(output)
-    try:
-        info = target.lstat()
-    except FileNotFoundError:
-        if not target.parent.is_dir():
-            raise ConfigError(
-                f'-o {target}: the folder {target.parent} does not exist', step='decrypt'
-            ) from None
-        return target
-    except OSError as error:
-        raise ConfigError(f'-o {target}: {error.strerror}', step='decrypt') from error
-    if stat.S_ISLNK(info.st_mode):
-        what = 'a symlink; plaintext is never written through one'
-    elif stat.S_ISDIR(info.st_mode):
-        what = 'a folder; name the file to write'
-    elif not stat.S_ISREG(info.st_mode):
-        what = 'not a regular file (a device, FIFO or socket)'
-    elif (info.st_dev, info.st_ino) == (source_info.st_dev, source_info.st_ino):
-        what = 'the encrypted input itself; it would be lost'
-    else:
-        return target
-    raise ConfigError(f'-o {target} is {what}: refusing it, nothing was written', step='decrypt')
-
-
-def terminal_env() -> dict[str, str]:
-    """Return the environment for gpg: GPG_TTY set from our terminal when unset, so that a
-    passphrase prompt (pinentry) can reach the key holder (gpg's stdin is the file, not a tty)."""
-    env = dict(os.environ)
-    if env.get('GPG_TTY'):
-        return env
-    for fd in (0, 2, 1):
-        with contextlib.suppress(OSError):
-            if os.isatty(fd):
-                env['GPG_TTY'] = os.ttyname(fd)
-                return env
-    return env
-
-
-def secret_keyids(gnupghome: str | None) -> set[str]:
-    """Given a GnuPG home (None: gpg's default), return the long key ids of its secret (sub)keys."""
-    home = ['--homedir', gnupghome] if gnupghome else []
-    with contextlib.suppress(BackupError):
-        _, out = run_command(
-            ['gpg', *home, '--batch', '--no-tty', '--with-colons', '--list-secret-keys'],
-            what='gpg --list-secret-keys',
-            step='decrypt',
-            timeout=60,
-        )
-        return {
-            line.split(':')[4].upper()
-            for line in out.splitlines()
-            if line.startswith(('sec:', 'ssb:')) and len(line.split(':')) > 4
-        }
-    return set()
-
-
-def decrypt_failure(
-    source: Path, error: BackupError, status: str, gnupghome: str | None, env: Mapping[str, str]
-) -> BackupError:
-    """Given gpg's failure and its status lines, return the error that says which case it is:
-    no matching private key, a wrong passphrase, a passphrase nobody could be asked for, or a
-    damaged file. gpg says "No secret key" for all of them."""
-    home = gnupghome or os.environ.get('GNUPGHOME') or '~/.gnupg'
-    addressed = sorted(set(re.findall(r'^\[GNUPG:\] ENC_TO ([0-9A-Fa-f]{16})', status, re.M)))
-    held = sorted(set(keyid.upper() for keyid in addressed) & secret_keyids(gnupghome))
-    if not held:
-        return BackupError(
-            f'{source.name}: cannot decrypt: no matching private key in {home} (the file is for '
-            f"key id(s) {', '.join(addressed) or 'unknown'}). Run this where a recipient's "
-            'private key is, or name its GnuPG home with --gnupghome.',
-            step='decrypt',
-            detail=error.detail,
-        )
-    # gpg's error code (the low 16 bits) says what the "No secret key" hides: 11 a bad passphrase.
-    codes = [int(code) & 0xFFFF for code in re.findall(r'ERROR pkdecrypt_failed (\d+)', status)]
-    if 11 in codes:
-        return BackupError(
-            f'{source.name}: the passphrase for your private key {held[0]} was wrong; run again '
-            'and type it carefully.',
-            step='decrypt',
-            detail=error.detail,
-        )
-    if 'PINENTRY_LAUNCHED' in status or re.search(
-        r'(?i)ioctl|pinentry|cancel|no passphrase|timeout', error.detail
-    ):
-        tty = env.get('GPG_TTY')
-        where = f'GPG_TTY is {tty}' if tty else 'there is no terminal and GPG_TTY is unset'
-        return BackupError(
-            f'{source.name}: your private key {held[0]} is in {home}, but gpg could not ask for '
-            f'its passphrase ({where}). Run ppbackup decrypt in a terminal, or run '
-            '`export GPG_TTY=$(tty)` first; without a terminal, set a pinentry-program in '
-            'gpg-agent.conf that can reach you, or unlock the key in gpg-agent beforehand '
-            '(gpg-agent keeps it for its cache time).',
-            step='decrypt',
-            detail=error.detail,
-        )
-    return BackupError(
-        f'{source.name}: gpg could not decrypt it although your private key {held[0]} is in '
-        f'{home}: the file may be damaged; check it against its manifest (sha256sum -c).',
-        step='decrypt',
-        detail=error.detail,
+def print_plan(config: Config) -> int:
+    """Print what a run would do (commands, slots, removals) and write nothing."""
+    when = dt.datetime.now()
+    day_name, week_name = slot_names(config, when)
+    rundir = config.insecure_dir / f'{RUN_PREFIX}PID'
+    run_id = f'{when:%Y%m%d-%H%M%S}'
+    print(
+        f'ppbackup run --dry-run: {config.name} at {when:%Y-%m-%d %H:%M}; nothing will be written'
     )
-
-
-def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> int:
-    """Given a backup file, decrypt and decompress it to OUT or stdout; needs the private key.
-
-    OUT is written under a temporary name beside it and renamed into place only when gpg said the
-    file decrypted whole. Raise ConfigError for unusable input or output, BackupError if gpg fails.
-    """
+    compressor = COMPRESSORS[config.compression][0]
+    # gpg's argv as the run builds it: python-gnupg's options, then gpg_encrypt_args. The keys
+    # are not listed (gpg's lock would touch the GnuPG home): the run resolves each recipient to
+    # its fingerprint, which a fingerprint in the config already is.
     try:
-        # O_NONBLOCK: a FIFO given as the input must be refused below, not wait for a writer.
-        source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
-    except OSError as error:
-        raise ConfigError(f'{source}: cannot open it: {error.strerror}', step='decrypt') from error
-    tmp: Path | None = None
-    out_fd = -1
-    with contextlib.ExitStack() as cleanup:
-        cleanup.callback(os.close, source_fd)
-        source_info = os.fstat(source_fd)
-        if not stat.S_ISREG(source_info.st_mode):
-            raise ConfigError(f'{source}: not a regular file', step='decrypt')
-        check_encrypted_input(source, source_fd)
-        target = decrypt_target(output, source_info)
-        if target:
-            tmp = temp_name(target)
-            out_fd = create_private_file(tmp)
-            cleanup.callback(os.close, out_fd)
-        sink = out_fd if target else sys.stdout.fileno()
-        try:
-            with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
-                plain = Plaintext(pipe, source, gnupghome)
-                cleanup.callback(plain.close)
-                # gpg reads the file we opened and checked: no swap between check and use.
-                plain.start(stdin=source_fd, stdout=sink)
-                decrypted = plain.check()  # gpg's failure said plainly; else the decompressor's
-            if not decrypted:
-                raise BackupError(
-                    f'{source.name}: gpg did not report a whole, decrypted message: '
-                    + ('the output was discarded' if target else 'do not use what was written'),
-                    step='decrypt',
-                )
-            if tmp and target:
-                os.fsync(out_fd)
-                os.replace(tmp, target)  # a new inode: whatever held the old name is untouched
-                tmp = None
-        except OSError as error:
-            raise BackupError(
-                f'{source.name}: cannot write {target or "stdout"}: {error.strerror}',
-                step='decrypt',
-            ) from error
-        finally:
-            if tmp:
-                remove_path(tmp)
+        gpg = open_gnupg(config.gnupghome)
+
+        def gpg_argv(args: list[str]) -> list[str]:
+            return list(gpg.make_args(args, False))
+
+        gpg_notes = []
+    except BackupError as error:
+
+        def gpg_argv(args: list[str]) -> list[str]:
+            return ['gpg', '--homedir', str(config.gnupghome), *args]
+
+        gpg_notes = [f'gpg cannot be used as it is: {error}']
+    if not all(FINGERPRINT_RE.match(spec) for spec in config.recipients):
+        gpg_notes.append('the run gives each --recipient as its fingerprint')
+    transport = transport_for(config)
+    print('commands:')
+    for artifact in plan_artifacts(config, run_id, rundir):
+        pipeline = shlex.join(artifact.argv) + (
+            ' | ' + shlex.join(compressor) if compressor else ''
+        )
+        print(f'  {mask_secrets(pipeline)} > {rundir.parent / "latest" / artifact.filename}')
+        if artifact.kind == 'psql':
+            print(
+                "    (plus --snapshot=ID: a psql session's, which counts each table's rows in it)"
+            )
+        elif artifact.kind == 'mysql':
+            print(
+                "    (a mysql session starts its snapshot just before, and counts each table's rows)"
+            )
+        final = config.backup_dir / day_name / (artifact.filename + '.gpg')
+        encrypted = final.with_name(f'{TMP_PREFIX}PID-RANDOM-{final.name}')  # see temp_name
+        args = gpg_encrypt_args(config.recipients, rundir / artifact.filename, encrypted)
+        print(f'  {shlex.join(gpg_argv(args))}')
+        for note in gpg_notes:
+            print(f'    ({note})')
+    for argv, given in transport.plan():
+        print(f'  {transport.shown(argv)}')
+        print(f'    ({given})')
+    print('slots: ' + ', '.join(name for name in (day_name, week_name) if name))
+    names = {
+        config.backup_dir / day_name / (a.filename + '.gpg')
+        for a in plan_artifacts(config, run_id, rundir)
+    }
+    names.add(config.backup_dir / day_name / manifest_name(config, run_id))
+    if week_name:
+        names |= {
+            config.backup_dir / week_name / (a.filename + '.gpg')
+            for a in plan_artifacts(config, run_id, rundir)
+            if a.weekly
+        }
+        names.add(config.backup_dir / week_name / manifest_name(config, run_id))
+    doomed = retention_plan(config, when, names)
+    print(f'rotation would remove {len(doomed)} file(s):')
+    for path in doomed:
+        print(f'  {path}')
+    for path in expired_plaintext(config.insecure_dir):
+        print(f'expired plaintext would be removed: {path}')
+    print(f'mail to: {", ".join(config.admin_emails) or "(nobody)"}')
+    if config.ping_url:
+        print(f'ping: {ping_shown(config.ping_url, "start")}, then /... or /.../fail')
+    if config.metrics_file:
+        print(f'metrics: {config.metrics_file}')
     return EXIT_OK
 
 
 # ---------------------------------------------------------------------------------------------------
-# watch: on the backup host, keep what arrived out of the sender's reach, check it, apply retention.
+# The backup host: `watch` keeps what arrived out of the sender's reach, checks it, applies
+# retention.
 #
 # A sender's folder DIR (root's, or the watch user's) holds ``incoming/``, the receiving account's
 # rrsync folder, and ``kept/``, watch's own. Everything under incoming/ is the sender's word and is
@@ -4808,6 +4693,7 @@ def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> 
 # passes the SHA-256 check is made read-only and owned by watch, and hard-linked into kept/, where the
 # receiving account cannot reach it; retention counts from when watch first saw a run.
 # ---------------------------------------------------------------------------------------------------
+
 
 WATCH_INCOMING = 'incoming'
 WATCH_KEPT = 'kept'
@@ -4827,7 +4713,6 @@ WATCH_MAIL_NAMES = 3
 WATCH_MAIL_NAME_WIDTH = 40
 WATCH_MAIL_PROBLEMS = 20
 WATCH_MAIL_LINE_WIDTH = 300
-MANIFEST_MAX_BYTES = 1 << 20
 
 
 def _cut(text: str, width: int) -> str:
@@ -4840,84 +4725,12 @@ def _a_few(items: Sequence[str], limit: int, width: int) -> str:
     return ', '.join(_cut(item, width) for item in items[:limit]) + more
 
 
-def shown(name: str) -> str:
-    """Given a name from the received side, return it safe to print: as is if plain, else quoted."""
-    if name.isprintable() and name.strip() == name and name:
-        return name
-    return repr(name)
-
-
-def plain_name_problem(name: str) -> str:
-    """Given a file name from a manifest, return '' if it is a plain file name, else why not."""
-    if not name or name in ('.', '..'):
-        return 'an empty name, "." or ".."'
-    if '/' in name or '\0' in name or '\n' in name or '\r' in name:
-        return 'a path, not a file name (it holds "/", NUL or a line break)'
-    if name.startswith(('-', '.')):
-        return 'it starts with "-" or "."'
-    return ''
-
-
 def _when(stamp: float) -> str:
     """Given a time from the received side, return it as local time, or the number if absurd."""
     try:
         return f'{dt.datetime.fromtimestamp(stamp):%Y-%m-%d %H:%M}'
     except (OverflowError, ValueError, OSError):
         return f'{stamp:.0f} s after 1970'
-
-
-def _open_in(dir_fd: int, name: str, flags: int = _OPEN_FILE) -> int:
-    """Given a folder fd and a name in it, open it without following a symlink; raise OSError."""
-    return os.open(name, flags, dir_fd=dir_fd)
-
-
-class OpenFolder:
-    """A subfolder's fd, opened O_NOFOLLOW relative to its parent's fd (and made 0700 first if
-    ``create``), for a ``with`` block that closes it. It opens when made, not when entered: an
-    OSError from making it is the folder's, one from inside the block is the block's."""
-
-    def __init__(self, parent_fd: int, name: str, create: bool = False) -> None:
-        if create:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o700, dir_fd=parent_fd)
-        self.fd = _open_in(parent_fd, name, _OPEN_DIR)
-
-    def __enter__(self) -> int:
-        return self.fd
-
-    def __exit__(self, *_: object) -> None:
-        os.close(self.fd)
-
-
-def _read_manifest_fd(fd: int, where: str) -> tuple[dict[str, str], list[str]]:
-    """Given an open manifest, return ({plain file name: sha256}, problems), each problem named."""
-    data = b''
-    while len(data) <= MANIFEST_MAX_BYTES and (block := os.read(fd, MANIFEST_MAX_BYTES + 1)):
-        data += block
-    if len(data) > MANIFEST_MAX_BYTES:
-        return {}, [f'{where}: larger than {MANIFEST_MAX_BYTES} bytes; not a manifest']
-    try:
-        text = data.decode('utf-8')
-    except UnicodeDecodeError:
-        return {}, [f'{where}: not UTF-8 text; not a manifest']
-    entries: dict[str, str] = {}
-    problems = []
-    # Only "\n" ends a line: a name holding "\r" or another separator stays one (refused) name.
-    for number, line in enumerate(text.split('\n'), 1):
-        if not line:
-            continue
-        match = MANIFEST_LINE_RE.fullmatch(line)
-        if not match:
-            problems.append(f'{where}:{number}: not a "SHA-256  name" line: {shown(line[:80])}')
-            continue
-        why = plain_name_problem(match.group(2))
-        if why:
-            problems.append(f'{where}:{number}: refuses the name {shown(match.group(2))}: {why}')
-            continue
-        entries[match.group(2)] = match.group(1)
-    if not entries and not problems:
-        problems.append(f'{where}: names no file')
-    return entries, problems
 
 
 @dataclasses.dataclass
@@ -5846,52 +5659,217 @@ def command_watch(
 
 
 # ---------------------------------------------------------------------------------------------------
-# The key holder: restore a run onto a database server, and drill that a restore brings it all back.
+# The key holder: `decrypt` one file, `restore` a run onto a database server, `drill` that a
+# restore brings it all back. A run is data, never instructions: whatever arrived may be hostile.
 # ---------------------------------------------------------------------------------------------------
 
+
+# -- decrypt: one file, to a file or stdout ---------------------------------------------------------
+
+
+def decompressor_for(name: str) -> tuple[str, ...]:
+    """Given a backup file name, return the argv that decompresses it (empty for none)."""
+    base = name[:-4] if name.endswith('.gpg') else name
+    for _, (_, decompress, ext) in COMPRESSORS.items():
+        if ext and base.endswith(ext):
+            return decompress
+    return ()
+
+
+def check_encrypted_input(source: Path, fd: int) -> None:
+    """Given the open input, raise ConfigError unless it starts as a message encrypted to a public
+    key: a backup always does, and gpg would otherwise "decrypt" a merely stored (gpg --store) or
+    signed file without a word. Armored input is left to gpg's status check after decryption."""
+    head = os.pread(fd, 64, 0)
+    if head.lstrip().startswith(b'-----BEGIN PGP MESSAGE'):
+        return
+    if not head or not head[0] & 0x80:
+        raise ConfigError(f'{source}: not OpenPGP data; nothing was written', step='decrypt')
+    # The packet tag: new format keeps it in the low 6 bits, the old one in bits 2..5.
+    tag = head[0] & 0x3F if head[0] & 0x40 else (head[0] >> 2) & 0x0F
+    if tag != 1:  # 1: a public-key encrypted session key, the start of every backup
+        raise ConfigError(
+            f'{source}: not encrypted to a public key (OpenPGP packet type {tag}), so not a '
+            'ppbackup backup; refusing it, nothing was written',
+            step='decrypt',
+        )
+
+
+def decrypt_target(output: str | None, source_info: os.stat_result) -> Path | None:
+    """Given -o (None or "-" for stdout) and the input's stat, return the file to write, or None.
+
+    Plaintext may go only to a new file or over a regular file that is not the input itself: never
+    onto a device, a folder, a FIFO or through a symlink. Raise ConfigError otherwise.
+    """
+    if not output or output == '-':
+        return None
+    target = Path(output)
+    try:
+        info = target.lstat()
+    except FileNotFoundError:
+        if not target.parent.is_dir():
+            raise ConfigError(
+                f'-o {target}: the folder {target.parent} does not exist', step='decrypt'
+            ) from None
+        return target
+    except OSError as error:
+        raise ConfigError(f'-o {target}: {error.strerror}', step='decrypt') from error
+    if stat.S_ISLNK(info.st_mode):
+        what = 'a symlink; plaintext is never written through one'
+    elif stat.S_ISDIR(info.st_mode):
+        what = 'a folder; name the file to write'
+    elif not stat.S_ISREG(info.st_mode):
+        what = 'not a regular file (a device, FIFO or socket)'
+    elif (info.st_dev, info.st_ino) == (source_info.st_dev, source_info.st_ino):
+        what = 'the encrypted input itself; it would be lost'
+    else:
+        return target
+    raise ConfigError(f'-o {target} is {what}: refusing it, nothing was written', step='decrypt')
+
+
+def terminal_env() -> dict[str, str]:
+    """Return the environment for gpg: GPG_TTY set from our terminal when unset, so that a
+    passphrase prompt (pinentry) can reach the key holder (gpg's stdin is the file, not a tty)."""
+    env = dict(os.environ)
+    if env.get('GPG_TTY'):
+        return env
+    for fd in (0, 2, 1):
+        with contextlib.suppress(OSError):
+            if os.isatty(fd):
+                env['GPG_TTY'] = os.ttyname(fd)
+                return env
+    return env
+
+
+def secret_keyids(gnupghome: str | None) -> set[str]:
+    """Given a GnuPG home (None: gpg's default), return the long key ids of its secret (sub)keys."""
+    home = ['--homedir', gnupghome] if gnupghome else []
+    with contextlib.suppress(BackupError):
+        _, out = run_command(
+            ['gpg', *home, '--batch', '--no-tty', '--with-colons', '--list-secret-keys'],
+            what='gpg --list-secret-keys',
+            step='decrypt',
+            timeout=60,
+        )
+        return {
+            line.split(':')[4].upper()
+            for line in out.splitlines()
+            if line.startswith(('sec:', 'ssb:')) and len(line.split(':')) > 4
+        }
+    return set()
+
+
+def decrypt_failure(
+    source: Path, error: BackupError, status: str, gnupghome: str | None, env: Mapping[str, str]
+) -> BackupError:
+    """Given gpg's failure and its status lines, return the error that says which case it is:
+    no matching private key, a wrong passphrase, a passphrase nobody could be asked for, or a
+    damaged file. gpg says "No secret key" for all of them."""
+    home = gnupghome or os.environ.get('GNUPGHOME') or '~/.gnupg'
+    addressed = sorted(set(re.findall(r'^\[GNUPG:\] ENC_TO ([0-9A-Fa-f]{16})', status, re.M)))
+    held = sorted(set(keyid.upper() for keyid in addressed) & secret_keyids(gnupghome))
+    if not held:
+        return BackupError(
+            f'{source.name}: cannot decrypt: no matching private key in {home} (the file is for '
+            f"key id(s) {', '.join(addressed) or 'unknown'}). Run this where a recipient's "
+            'private key is, or name its GnuPG home with --gnupghome.',
+            step='decrypt',
+            detail=error.detail,
+        )
+    # gpg's error code (the low 16 bits) says what the "No secret key" hides: 11 a bad passphrase.
+    codes = [int(code) & 0xFFFF for code in re.findall(r'ERROR pkdecrypt_failed (\d+)', status)]
+    if 11 in codes:
+        return BackupError(
+            f'{source.name}: the passphrase for your private key {held[0]} was wrong; run again '
+            'and type it carefully.',
+            step='decrypt',
+            detail=error.detail,
+        )
+    if 'PINENTRY_LAUNCHED' in status or re.search(
+        r'(?i)ioctl|pinentry|cancel|no passphrase|timeout', error.detail
+    ):
+        tty = env.get('GPG_TTY')
+        where = f'GPG_TTY is {tty}' if tty else 'there is no terminal and GPG_TTY is unset'
+        return BackupError(
+            f'{source.name}: your private key {held[0]} is in {home}, but gpg could not ask for '
+            f'its passphrase ({where}). Run ppbackup decrypt in a terminal, or run '
+            '`export GPG_TTY=$(tty)` first; without a terminal, set a pinentry-program in '
+            'gpg-agent.conf that can reach you, or unlock the key in gpg-agent beforehand '
+            '(gpg-agent keeps it for its cache time).',
+            step='decrypt',
+            detail=error.detail,
+        )
+    return BackupError(
+        f'{source.name}: gpg could not decrypt it although your private key {held[0]} is in '
+        f'{home}: the file may be damaged; check it against its manifest (sha256sum -c).',
+        step='decrypt',
+        detail=error.detail,
+    )
+
+
+def command_decrypt(source: Path, output: str | None, gnupghome: str | None) -> int:
+    """Given a backup file, decrypt and decompress it to OUT or stdout; needs the private key.
+
+    OUT is written under a temporary name beside it and renamed into place only when gpg said the
+    file decrypted whole. Raise ConfigError for unusable input or output, BackupError if gpg fails.
+    """
+    try:
+        # O_NONBLOCK: a FIFO given as the input must be refused below, not wait for a writer.
+        source_fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as error:
+        raise ConfigError(f'{source}: cannot open it: {error.strerror}', step='decrypt') from error
+    tmp: Path | None = None
+    out_fd = -1
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(os.close, source_fd)
+        source_info = os.fstat(source_fd)
+        if not stat.S_ISREG(source_info.st_mode):
+            raise ConfigError(f'{source}: not a regular file', step='decrypt')
+        check_encrypted_input(source, source_fd)
+        target = decrypt_target(output, source_info)
+        if target:
+            tmp = temp_name(target)
+            out_fd = create_private_file(tmp)
+            cleanup.callback(os.close, out_fd)
+        sink = out_fd if target else sys.stdout.fileno()
+        try:
+            with Pipeline(f'decrypt {source.name}', 'decrypt') as pipe:
+                plain = Plaintext(pipe, source, gnupghome)
+                cleanup.callback(plain.close)
+                # gpg reads the file we opened and checked: no swap between check and use.
+                plain.start(stdin=source_fd, stdout=sink)
+                decrypted = plain.check()  # gpg's failure said plainly; else the decompressor's
+            if not decrypted:
+                raise BackupError(
+                    f'{source.name}: gpg did not report a whole, decrypted message: '
+                    + ('the output was discarded' if target else 'do not use what was written'),
+                    step='decrypt',
+                )
+            if tmp and target:
+                os.fsync(out_fd)
+                os.replace(tmp, target)  # a new inode: whatever held the old name is untouched
+                tmp = None
+        except OSError as error:
+            raise BackupError(
+                f'{source.name}: cannot write {target or "stdout"}: {error.strerror}',
+                step='decrypt',
+            ) from error
+        finally:
+            if tmp:
+                remove_path(tmp)
+    return EXIT_OK
+
+
+# -- Choosing a run: by its name, and by when the backup host first saw it --------------------------
+
+
 INDEX_MAX_BYTES = 64 << 20  # the index is row counts and names: anything bigger is not ours
-PG_MAINTENANCE_DB = 'postgres'
-PG_TABLES_SQL = (
-    'SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace '
-    "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
-    "AND n.nspname NOT LIKE 'pg\\_%'"
-)
-PG_RIGHTS_SQL = (
-    'SELECT rolsuper, rolcreaterole, rolcreatedb, '
-    "current_setting('server_version_num'), current_user FROM pg_roles WHERE rolname = current_user"
-)
-# What the restoring account holds on MariaDB, for one database name: its global privileges and
-# those of database-level grants whose pattern (`site\_before\_restore\_%`) matches that name.
-MYSQL_MY_PRIVILEGES_SQL = """
-SELECT DISTINCT PRIVILEGE_TYPE FROM (
-  SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES
-  UNION ALL SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES
-    WHERE {name} LIKE TABLE_SCHEMA
-) AS p WHERE GRANTEE IN (
-  CONCAT("'", SUBSTRING_INDEX(CURRENT_USER(), '@', 1), "'@'",
-         SUBSTRING_INDEX(CURRENT_USER(), '@', -1), "'"),
-  CONCAT("'", CURRENT_ROLE(), "'"))
-"""
-MYSQL_DEFINERS_SQL = """
-SELECT CONCAT(kind, ' ', name, ' (definer ', DEFINER, ')') FROM (
-  SELECT 'view' AS kind, TABLE_NAME AS name, DEFINER FROM information_schema.VIEWS
-    WHERE TABLE_SCHEMA = DATABASE()
-  UNION ALL SELECT LOWER(ROUTINE_TYPE), ROUTINE_NAME, DEFINER FROM information_schema.ROUTINES
-    WHERE ROUTINE_SCHEMA = DATABASE()
-  UNION ALL SELECT 'trigger', TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS
-    WHERE TRIGGER_SCHEMA = DATABASE()
-  UNION ALL SELECT 'event', EVENT_NAME, DEFINER FROM information_schema.EVENTS
-    WHERE EVENT_SCHEMA = DATABASE()
-) AS objects
-WHERE DEFINER NOT IN (SELECT CONCAT(User, '@', Host) FROM mysql.user) ORDER BY 1
-"""
-TARGET_NAME_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$')
-PG_IDENT = rb'("(?:[^"]|"")*"|[^\s;"]+)'
-PG_ENTRY_RE = re.compile(rb'^-- (?:Data for )?Name: (.*); Type: (.*); Schema: ')
-PG_DATABASE_NAME_RE = re.compile(rb'(?<=DATABASE )' + PG_IDENT)
-PG_OWNER_RE = re.compile(rb'^ALTER [A-Z ]+ .+ OWNER TO .+;\n?$')
-PG_DOLLAR_RE = re.compile(rb'\$[A-Za-z_]*\$')
-MYSQL_CREATE_USER_RE = re.compile(rb'^CREATE USER IF NOT EXISTS (`(?:[^`]|``)*`@`(?:[^`]|``)*`)')
+
+
+FIRST_SEEN_FILE = 'first-seen.json'  # watch's record, beside the slots it keeps
+FIRST_SEEN_FORMAT = 'ppbackup-first-seen'
+FIRST_SEEN_MAX_BYTES = 64 << 20
+_OPEN_GIVEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a folder the key holder named
 
 
 @dataclasses.dataclass
@@ -5903,57 +5881,6 @@ class RunFiles:
     digests: dict[str, str]  # file name in the folder -> SHA-256 (empty for plaintext)
     label: str
     seen: str = ''  # how it was chosen: the backup host's first-seen record, or the sender's word
-
-
-@dataclasses.dataclass
-class Target:
-    """Where a restore goes, and what it made (as the server says: rows of pg_roles and mysql.user
-    before and after, never names from the backup's text)."""
-
-    as_name: str = ''
-    replace: bool = False
-    no_owner: bool = False
-    no_privileges: bool = False
-    mysql_defaults: str | None = None
-    databases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
-    roles: list[str] = dataclasses.field(default_factory=list)
-    users: list[str] = dataclasses.field(default_factory=list)
-    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # original db -> target db
-    drill: bool = False  # onto the drill's own servers
-    pg_loader: str = ''  # the role that loads dumps there: no superuser
-    pg_me: PgRights | None = None  # the restoring role's rights there, asked before any change
-    asides: dict[str, str] = dataclasses.field(default_factory=dict)  # target db -> aside name
-    self_granted: list[str] = dataclasses.field(default_factory=list)  # roles granted to pg_me
-
-    def name_for(self, db: str) -> str:
-        return self.as_name or db
-
-
-@dataclasses.dataclass(frozen=True)
-class PgRights:
-    """What the role a restore connects as may do on the target server, as the server says."""
-
-    user: str
-    superuser: bool
-    createrole: bool
-    createdb: bool
-    version: int  # server_version_num: 150000 for 15.0
-
-
-def aside_name(db: str) -> str:
-    """Given a database --replace replaces, return the name its old contents are kept under."""
-    return f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
-
-
-def pg_ident(name: str) -> str:
-    """Given a PostgreSQL name, return it as a quoted identifier."""
-    return '"' + name.replace('"', '""') + '"'
-
-
-FIRST_SEEN_FILE = 'first-seen.json'  # watch's record, beside the slots it keeps
-FIRST_SEEN_FORMAT = 'ppbackup-first-seen'
-FIRST_SEEN_MAX_BYTES = 64 << 20
-_OPEN_GIVEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC  # a folder the key holder named
 
 
 @dataclasses.dataclass
@@ -6303,6 +6230,9 @@ def verified_path(run: RunFiles, name: str) -> Path:
     return run.folder / name
 
 
+# -- Reading a backup: one way, decrypt, decompress, check the status -------------------------------
+
+
 def gpg_decrypt_argv(gnupghome: str | None, status_fd: int) -> list[str]:
     """Given a GnuPG home (None: gpg's default) and the fd for gpg's status lines, return the argv
     of ``gpg --decrypt`` as every reader of a backup runs it (the input follows, or is stdin)."""
@@ -6383,6 +6313,82 @@ def open_plaintext(
     last = plain.start()
     assert last.stdout is not None
     return last.stdout, plain
+
+
+def feed(
+    source: IO[bytes],
+    sink: subprocess.Popen[bytes],
+    what: str,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> bool:
+    """Given a plaintext stream and a loader process, copy one into the other (line by line
+    through ``transform`` if given). Return True if the loader stopped reading early (it failed:
+    check() then names it, not the decompressor that got EPIPE)."""
+    assert sink.stdin is not None
+    progress = Progress(what)
+    count = 0
+    broken = False
+    try:
+        if transform is None:
+            while block := source.read(BLOCK):
+                sink.stdin.write(block)
+                count += len(block)
+                progress.update(count)
+        else:
+            for lines, line in enumerate(source):
+                count += len(line)
+                out = transform(line)
+                if out:
+                    sink.stdin.write(out)
+                if lines % 10000 == 0:
+                    progress.update(count)
+        sink.stdin.flush()
+    except BrokenPipeError:
+        broken = True
+    finally:
+        progress.done(count)
+        with contextlib.suppress(OSError):
+            sink.stdin.close()
+        if broken:
+            source.close()  # the decompressor and gpg stop too, instead of blocking on a pipe
+    return broken
+
+
+def load_into(
+    what: str,
+    path: Path,
+    gnupghome: str | None,
+    argv: Sequence[str],
+    shown: str | None = None,
+    transform: Callable[[bytes], bytes] | None = None,
+) -> None:
+    """Given a backup file and a loader's argv (the mysql client in its sandbox), decrypt the file
+    and feed it to the loader (line by line through ``transform`` if given); ``shown``: the
+    progress line's name (else ``what``). Raise BackupError naming what failed, and why gpg did."""
+    with Pipeline(what, 'restore') as pipe:
+        source, plain = open_plaintext(pipe, path, gnupghome)
+        loader = pipe.start(argv, stdin=subprocess.PIPE)
+        plain.check(feed(source, loader, shown or what, transform))
+
+
+def read_plaintext(path: Path, gnupghome: str | None, limit: int) -> bytes:
+    """Given a backup file, return its plaintext, cut after ``limit`` + 1 bytes (the caller says
+    what a larger file is). Raise BackupError if it cannot be read."""
+    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
+        stream, plain = open_plaintext(pipe, path, gnupghome)
+        data = stream.read(limit + 1)
+        stream.close()
+        plain.check(broken=len(data) > limit)
+    return data
+
+
+def read_small(path: Path, gnupghome: str | None, what: str, limit: int = INDEX_MAX_BYTES) -> bytes:
+    """Given a small backup file (a roles or users file), return its plaintext. Raise BackupError
+    if it cannot be read or is larger than ``limit``."""
+    data = read_plaintext(path, gnupghome, limit)
+    if len(data) > limit:
+        raise BackupError(f'{what}: larger than {human_size(limit)}: not ours', step='restore')
+    return data
 
 
 def read_index(run: RunFiles, gnupghome: str | None) -> dict[str, Any]:
@@ -6487,131 +6493,8 @@ def index_problem(index: object, listed: set[str] | None) -> str:
     return ''
 
 
-def feed(
-    source: IO[bytes],
-    sink: subprocess.Popen[bytes],
-    what: str,
-    transform: Callable[[bytes], bytes] | None = None,
-) -> bool:
-    """Given a plaintext stream and a loader process, copy one into the other (line by line
-    through ``transform`` if given). Return True if the loader stopped reading early (it failed:
-    check() then names it, not the decompressor that got EPIPE)."""
-    assert sink.stdin is not None
-    progress = Progress(what)
-    count = 0
-    broken = False
-    try:
-        if transform is None:
-            while block := source.read(BLOCK):
-                sink.stdin.write(block)
-                count += len(block)
-                progress.update(count)
-        else:
-            for lines, line in enumerate(source):
-                count += len(line)
-                out = transform(line)
-                if out:
-                    sink.stdin.write(out)
-                if lines % 10000 == 0:
-                    progress.update(count)
-        sink.stdin.flush()
-    except BrokenPipeError:
-        broken = True
-    finally:
-        progress.done(count)
-        with contextlib.suppress(OSError):
-            sink.stdin.close()
-        if broken:
-            source.close()  # the decompressor and gpg stop too, instead of blocking on a pipe
-    return broken
+# -- The roles file: parsed and written again by ppbackup, never fed to psql as it comes ------------
 
-
-def load_into(
-    what: str,
-    path: Path,
-    gnupghome: str | None,
-    argv: Sequence[str],
-    shown: str | None = None,
-    transform: Callable[[bytes], bytes] | None = None,
-) -> None:
-    """Given a backup file and a loader's argv (the mysql client in its sandbox), decrypt the file
-    and feed it to the loader (line by line through ``transform`` if given); ``shown``: the
-    progress line's name (else ``what``). Raise BackupError naming what failed, and why gpg did."""
-    with Pipeline(what, 'restore') as pipe:
-        source, plain = open_plaintext(pipe, path, gnupghome)
-        loader = pipe.start(argv, stdin=subprocess.PIPE)
-        plain.check(feed(source, loader, shown or what, transform))
-
-
-class PgDumpFilter:
-    """A plain pg_dump --create, line by line: the database's own statements renamed to the target,
-    and with --no-owner / --no-privileges its ownership and grants left out. COPY data and function
-    bodies are never touched. The dump's ``\\connect`` is not passed on: ``connect`` turns True and
-    pg_load connects to the target itself. A line left out becomes an empty line, so that psql's
-    line numbers stay the dump's (an error names the dump's own line).
-
-    ``role_settings``: collect the ``ALTER ROLE ... IN DATABASE`` lines instead of passing them on
-    (the drill's loader may not run them; they are parsed and applied apart)."""
-
-    def __init__(
-        self, target: str, no_owner: bool, no_privileges: bool, role_settings: bool = False
-    ) -> None:
-        self.target = target
-        self.no_owner = no_owner
-        self.no_privileges = no_privileges
-        self.in_copy = False
-        self.dollar: bytes | None = None  # the $tag$ of the function body we are in
-        self.entry_type = b''
-        self.entry_name = b''
-        self.connect = False
-        self.role_settings: list[bytes] | None = [] if role_settings else None
-
-    def __call__(self, line: bytes) -> bytes:
-        if self.in_copy:
-            self.in_copy = line not in (b'\\.\n', b'\\.')
-            return line
-        if self.dollar is None:
-            if line.startswith(b'COPY ') and line.rstrip().endswith(b'FROM stdin;'):
-                self.in_copy = True
-                return line
-            entry = PG_ENTRY_RE.match(line)
-            if entry:
-                self.entry_name, self.entry_type = entry.group(1), entry.group(2)
-                return line
-            if line.startswith(b'\\connect '):
-                self.connect = True
-                return b''
-            if line.startswith((b'\\restrict ', b'\\unrestrict ')):
-                return b'\n'  # pg_dump's own key: ours restricts psql instead
-        in_body = self.dollar is not None
-        for tag in PG_DOLLAR_RE.findall(line):
-            if self.dollar is None:
-                self.dollar = tag
-            elif tag == self.dollar:
-                self.dollar = None
-        if in_body or line.startswith(b'--'):
-            return line
-        database_entry = self.entry_type in (b'DATABASE', b'DATABASE PROPERTIES') or (
-            self.entry_type in (b'COMMENT', b'ACL', b'SECURITY LABEL')
-            and self.entry_name.startswith(b'DATABASE ')
-        )
-        if database_entry:  # always the target's name: never a database the run names itself
-            quoted = pg_ident(self.target).encode()
-            line = PG_DATABASE_NAME_RE.sub(lambda _: quoted, line, count=1)
-        if self.no_privileges and self.entry_type in (b'ACL', b'DEFAULT ACL'):
-            return b'\n'
-        if database_entry and line.startswith(b'ALTER ROLE '):
-            if self.no_owner:
-                return b'\n'
-            if self.role_settings is not None:
-                self.role_settings.append(line)
-                return b'\n'
-        if self.no_owner and PG_OWNER_RE.match(line):
-            return b'\n'
-        return line
-
-
-# -- the roles file: parsed and written again by ppbackup, never fed to psql as it comes ----------
 
 PG_TOKEN_RE = re.compile(
     r"""(?P<space>\s+)|(?P<comment>--[^\n]*)|(?P<ident>"(?:[^"]|"")+")|(?P<string>'(?:[^']|'')*')"""
@@ -6846,7 +6729,83 @@ def parse_pg_globals(text: str, source: str) -> list[RoleStatement]:
     return statements
 
 
-# -- loading a backup: psql restricted, the mysql client sandboxed --------------------------------
+# -- Loading a backup: psql restricted, the mysql client sandboxed ----------------------------------
+
+
+PG_ENTRY_RE = re.compile(rb'^-- (?:Data for )?Name: (.*); Type: (.*); Schema: ')
+PG_DATABASE_NAME_RE = re.compile(rb'(?<=DATABASE )' + PG_IDENT)
+PG_OWNER_RE = re.compile(rb'^ALTER [A-Z ]+ .+ OWNER TO .+;\n?$')
+PG_DOLLAR_RE = re.compile(rb'\$[A-Za-z_]*\$')
+MYSQL_CREATE_USER_RE = re.compile(rb'^CREATE USER IF NOT EXISTS (`(?:[^`]|``)*`@`(?:[^`]|``)*`)')
+
+
+class PgDumpFilter:
+    """A plain pg_dump --create, line by line: the database's own statements renamed to the target,
+    and with --no-owner / --no-privileges its ownership and grants left out. COPY data and function
+    bodies are never touched. The dump's ``\\connect`` is not passed on: ``connect`` turns True and
+    pg_load connects to the target itself. A line left out becomes an empty line, so that psql's
+    line numbers stay the dump's (an error names the dump's own line).
+
+    ``role_settings``: collect the ``ALTER ROLE ... IN DATABASE`` lines instead of passing them on
+    (the drill's loader may not run them; they are parsed and applied apart)."""
+
+    def __init__(
+        self, target: str, no_owner: bool, no_privileges: bool, role_settings: bool = False
+    ) -> None:
+        self.target = target
+        self.no_owner = no_owner
+        self.no_privileges = no_privileges
+        self.in_copy = False
+        self.dollar: bytes | None = None  # the $tag$ of the function body we are in
+        self.entry_type = b''
+        self.entry_name = b''
+        self.connect = False
+        self.role_settings: list[bytes] | None = [] if role_settings else None
+
+    def __call__(self, line: bytes) -> bytes:
+        if self.in_copy:
+            self.in_copy = line not in (b'\\.\n', b'\\.')
+            return line
+        if self.dollar is None:
+            if line.startswith(b'COPY ') and line.rstrip().endswith(b'FROM stdin;'):
+                self.in_copy = True
+                return line
+            entry = PG_ENTRY_RE.match(line)
+            if entry:
+                self.entry_name, self.entry_type = entry.group(1), entry.group(2)
+                return line
+            if line.startswith(b'\\connect '):
+                self.connect = True
+                return b''
+            if line.startswith((b'\\restrict ', b'\\unrestrict ')):
+                return b'\n'  # pg_dump's own key: ours restricts psql instead
+        in_body = self.dollar is not None
+        for tag in PG_DOLLAR_RE.findall(line):
+            if self.dollar is None:
+                self.dollar = tag
+            elif tag == self.dollar:
+                self.dollar = None
+        if in_body or line.startswith(b'--'):
+            return line
+        database_entry = self.entry_type in (b'DATABASE', b'DATABASE PROPERTIES') or (
+            self.entry_type in (b'COMMENT', b'ACL', b'SECURITY LABEL')
+            and self.entry_name.startswith(b'DATABASE ')
+        )
+        if database_entry:  # always the target's name: never a database the run names itself
+            quoted = pg_ident(self.target).encode()
+            line = PG_DATABASE_NAME_RE.sub(lambda _: quoted, line, count=1)
+        if self.no_privileges and self.entry_type in (b'ACL', b'DEFAULT ACL'):
+            return b'\n'
+        if database_entry and line.startswith(b'ALTER ROLE '):
+            if self.no_owner:
+                return b'\n'
+            if self.role_settings is not None:
+                self.role_settings.append(line)
+                return b'\n'
+        if self.no_owner and PG_OWNER_RE.match(line):
+            return b'\n'
+        return line
+
 
 # psql's \restrict came with these minor releases (August 2025), and with every release from 18 on.
 PSQL_RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
@@ -6985,24 +6944,85 @@ def _refused_line(
     return None
 
 
-def read_plaintext(path: Path, gnupghome: str | None, limit: int) -> bytes:
-    """Given a backup file, return its plaintext, cut after ``limit`` + 1 bytes (the caller says
-    what a larger file is). Raise BackupError if it cannot be read."""
-    with Pipeline(f'decrypt {path.name}', 'restore', timeout=600) as pipe:
-        stream, plain = open_plaintext(pipe, path, gnupghome)
-        data = stream.read(limit + 1)
-        stream.close()
-        plain.check(broken=len(data) > limit)
-    return data
+# -- restore: onto a server, never over what is there -----------------------------------------------
 
 
-def read_small(path: Path, gnupghome: str | None, what: str, limit: int = INDEX_MAX_BYTES) -> bytes:
-    """Given a small backup file (a roles or users file), return its plaintext. Raise BackupError
-    if it cannot be read or is larger than ``limit``."""
-    data = read_plaintext(path, gnupghome, limit)
-    if len(data) > limit:
-        raise BackupError(f'{what}: larger than {human_size(limit)}: not ours', step='restore')
-    return data
+PG_MAINTENANCE_DB = 'postgres'
+PG_TABLES_SQL = (
+    'SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace '
+    "WHERE c.relkind IN ('r', 'p') AND n.nspname NOT IN ('pg_catalog', 'information_schema') "
+    "AND n.nspname NOT LIKE 'pg\\_%'"
+)
+PG_RIGHTS_SQL = (
+    'SELECT rolsuper, rolcreaterole, rolcreatedb, '
+    "current_setting('server_version_num'), current_user FROM pg_roles WHERE rolname = current_user"
+)
+# What the restoring account holds on MariaDB, for one database name: its global privileges and
+# those of database-level grants whose pattern (`site\_before\_restore\_%`) matches that name.
+MYSQL_MY_PRIVILEGES_SQL = """
+SELECT DISTINCT PRIVILEGE_TYPE FROM (
+  SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.USER_PRIVILEGES
+  UNION ALL SELECT GRANTEE, PRIVILEGE_TYPE FROM information_schema.SCHEMA_PRIVILEGES
+    WHERE {name} LIKE TABLE_SCHEMA
+) AS p WHERE GRANTEE IN (
+  CONCAT("'", SUBSTRING_INDEX(CURRENT_USER(), '@', 1), "'@'",
+         SUBSTRING_INDEX(CURRENT_USER(), '@', -1), "'"),
+  CONCAT("'", CURRENT_ROLE(), "'"))
+"""
+MYSQL_DEFINERS_SQL = """
+SELECT CONCAT(kind, ' ', name, ' (definer ', DEFINER, ')') FROM (
+  SELECT 'view' AS kind, TABLE_NAME AS name, DEFINER FROM information_schema.VIEWS
+    WHERE TABLE_SCHEMA = DATABASE()
+  UNION ALL SELECT LOWER(ROUTINE_TYPE), ROUTINE_NAME, DEFINER FROM information_schema.ROUTINES
+    WHERE ROUTINE_SCHEMA = DATABASE()
+  UNION ALL SELECT 'trigger', TRIGGER_NAME, DEFINER FROM information_schema.TRIGGERS
+    WHERE TRIGGER_SCHEMA = DATABASE()
+  UNION ALL SELECT 'event', EVENT_NAME, DEFINER FROM information_schema.EVENTS
+    WHERE EVENT_SCHEMA = DATABASE()
+) AS objects
+WHERE DEFINER NOT IN (SELECT CONCAT(User, '@', Host) FROM mysql.user) ORDER BY 1
+"""
+TARGET_NAME_RE = re.compile(r'^[A-Za-z0-9_][A-Za-z0-9_.-]{0,62}$')
+
+
+@dataclasses.dataclass
+class Target:
+    """Where a restore goes, and what it made (as the server says: rows of pg_roles and mysql.user
+    before and after, never names from the backup's text)."""
+
+    as_name: str = ''
+    replace: bool = False
+    no_owner: bool = False
+    no_privileges: bool = False
+    mysql_defaults: str | None = None
+    databases: list[tuple[str, str]] = dataclasses.field(default_factory=list)  # (kind, name)
+    roles: list[str] = dataclasses.field(default_factory=list)
+    users: list[str] = dataclasses.field(default_factory=list)
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # original db -> target db
+    drill: bool = False  # onto the drill's own servers
+    pg_loader: str = ''  # the role that loads dumps there: no superuser
+    pg_me: PgRights | None = None  # the restoring role's rights there, asked before any change
+    asides: dict[str, str] = dataclasses.field(default_factory=dict)  # target db -> aside name
+    self_granted: list[str] = dataclasses.field(default_factory=list)  # roles granted to pg_me
+
+    def name_for(self, db: str) -> str:
+        return self.as_name or db
+
+
+@dataclasses.dataclass(frozen=True)
+class PgRights:
+    """What the role a restore connects as may do on the target server, as the server says."""
+
+    user: str
+    superuser: bool
+    createrole: bool
+    createdb: bool
+    version: int  # server_version_num: 150000 for 15.0
+
+
+def aside_name(db: str) -> str:
+    """Given a database --replace replaces, return the name its old contents are kept under."""
+    return f'{db[:40]}_before_restore_{dt.datetime.now():%Y%m%d%H%M%S}'
 
 
 def pg_query(sql: str, db: str = PG_MAINTENANCE_DB, step: str = 'restore') -> str:
@@ -7305,6 +7325,9 @@ def restore_mysql_users(run: RunFiles, name: str, gnupghome: str | None, target:
         load_into('mariadb users', path, gnupghome, client, transform=users_filter)
     finally:
         target.users += sorted(mysql_users_now(target) - before)
+
+
+# -- The files: every archive member extracted as data ----------------------------------------------
 
 
 class ArchiveUnreadable(BackupError):
@@ -7681,6 +7704,9 @@ def extract_archives(
         raise
     finally:
         os.close(root)
+
+
+# -- What a restore needs, and what it will do ------------------------------------------------------
 
 
 def run_lacks(
@@ -8100,6 +8126,36 @@ def command_restore(
     return EXIT_OK
 
 
+# -- drill: throwaway servers of its own, and the row counts, owners and grants compared ------------
+
+
+def pg_row_counts(db: str) -> dict[str, int]:
+    """Given a restored PostgreSQL database, return {schema.table: exact row count} (partitioned
+    parents and populated materialized views included), for the drill; a run counts in its dump's
+    snapshot (DumpSnapshot). Raise BackupError if psql fails."""
+    _, out = run_command(
+        [*pg_client(db), '-c', PG_COUNT_SQL], what=f'row counts of {db}', step='drill', timeout=3600
+    )
+    return parse_counts(out.splitlines())
+
+
+def mysql_row_counts(db: str, defaults: str | None = None) -> dict[str, int]:
+    """Given a restored MariaDB database, return {table: exact row count}, for the drill. Raise
+    BackupError on failure."""
+    client = [*mysql_client(defaults), '--skip-column-names']
+    _, out = run_command(
+        [*client, '-e', MYSQL_TABLES_SQL, '--', db], what=f'tables of {db}', step='drill'
+    )
+    tables = [line for line in out.splitlines() if line]
+    if not tables:
+        return {}
+    query = mysql_count_query(tables)
+    _, out = run_command(
+        [*client, '-e', query, '--', db], what=f'row counts of {db}', step='drill', timeout=3600
+    )
+    return parse_counts(out.splitlines())
+
+
 def drill_checks(
     entry: Mapping[str, Any], name: str, target: Target, users_held: bool = True
 ) -> tuple[list[str], list[str]]:
@@ -8182,8 +8238,6 @@ def grant_differences(
             )
     return problems
 
-
-# -- the drill: throwaway servers of its own ------------------------------------------------------
 
 DRILL_OS_USER = 'ppbackup-drill'  # as root, the drill's servers run as this system user
 DRILL_PG_LOADER = 'ppdrill'  # the drill loads as this role: no superuser, so SQL stays SQL
