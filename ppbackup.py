@@ -1746,89 +1746,22 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
     problems: list[str] = []
     recipients: list[Recipient] = []
     duplicates: list[str] = []
-    now = dt.datetime.now()
     for spec in specs:
-        pinned = bool(FINGERPRINT_RE.match(spec))
-        wanted = spec.upper().removeprefix('0X')
-        if pinned:
-            matches = [key for key in keys if key['fingerprint'] == wanted]
-        else:
-            needle = spec.lower()
-            matches = [key for key in keys if any(needle in uid.lower() for uid in key['uids'])]
-        if not matches:
-            problems.append(f'recipient {spec}: no such public key in the keyring; import it')
-            continue
-        if len(matches) > 1:
-            problems.append(
-                f'recipient {spec}: matches {len(matches)} keys; give a full fingerprint'
-            )
-            continue
-        key = matches[0]
-        twin = next((rec for rec in recipients if rec.fingerprint == key['fingerprint']), None)
+        key, problem = key_named(keys, spec)
+        twin = next(
+            (rec for rec in recipients if key and rec.fingerprint == key['fingerprint']), None
+        )
         if twin is not None:  # gpg encrypts to a key once, however often it is named
             duplicates.append(
                 f'recipients {twin.spec} and {spec} are the same key {twin.fingerprint}: '
                 'it is used once; list it once'
             )
             continue
-        validity = key.get('trust', '')
-        if validity in ('r', 'e', 'i', 'd', 'n'):
-            why = {
-                'r': 'revoked',
-                'e': 'expired',
-                'i': 'invalid',
-                'd': 'disabled',
-                'n': 'not valid',
-            }[validity]
-            problems.append(f'recipient {spec} ({key["fingerprint"]}): key is {why}')
-            continue
-        if not pinned and validity not in ('f', 'u'):
-            problems.append(
-                f'recipient {spec}: key {key["fingerprint"]} is not valid in this keyring '
-                '(gpg would refuse it); give its full fingerprint to pin it, or sign it'
-            )
-            continue
-        subkeys = [sub for sub in key.get('subkey_info', {}).values()] or []
-        usable = [
-            sub
-            for sub in subkeys
-            if 'e' in sub.get('cap', '')
-            and sub.get('trust', '') not in ('r', 'e', 'i', 'd')
-            and not (_timestamp(sub.get('expires', '')) or dt.datetime.max) <= now
-        ]
-        if 'e' in key.get('cap', '') and 'E' in key.get('cap', ''):
-            usable.append(
-                {
-                    'keyid': key['keyid'],
-                    'expires': key.get('expires', ''),
-                    'keygrip': key.get('keygrip', ''),
-                }
-            )
-        if 'E' not in key.get('cap', '') or not usable:
-            problems.append(
-                f'recipient {spec} ({key["fingerprint"]}): no usable encryption key '
-                '(expired, revoked or missing subkey)'
-            )
-            continue
-        primary_expiry = _timestamp(key.get('expires', ''))
-        sub_expiry = [_timestamp(sub.get('expires', '')) for sub in usable]
-        latest_sub = (
-            None
-            if any(exp is None for exp in sub_expiry)
-            else max(exp for exp in sub_expiry if exp is not None)
-        )
-        expiries = [exp for exp in (primary_expiry, latest_sub) if exp is not None]
-        grips = {sub.get('keygrip', '') for sub in subkeys} | {key.get('keygrip', '')}
-        recipients.append(
-            Recipient(
-                spec=spec,
-                fingerprint=key['fingerprint'],
-                uid=(key['uids'] or [''])[0],
-                expires=min(expiries) if expiries else None,
-                encryption_keyids=frozenset(sub['keyid'].upper() for sub in usable),
-                keygrips=frozenset(grip for grip in grips if grip),
-            )
-        )
+        recipient, problem = recipient_of(spec, key) if key else (None, problem)
+        if recipient:
+            recipients.append(recipient)
+        else:
+            problems.append(problem)
     if problems:
         raise BackupError(
             '; '.join(problems),
@@ -1837,6 +1770,72 @@ def resolve_recipients(gpg: GnuPG, specs: Sequence[str]) -> tuple[list[Recipient
             'recipients than configured.',
         )
     return recipients, duplicates + key_warnings(recipients, Path(gpg.gnupghome))
+
+
+def key_named(keys: Sequence[dict[str, Any]], spec: str) -> tuple[dict[str, Any] | None, str]:
+    """Given gpg's public keys and a spec (a full fingerprint, or part of a user id), return (the
+    one key it names, '') or (None, why there is not exactly one)."""
+    if FINGERPRINT_RE.match(spec):
+        wanted = spec.upper().removeprefix('0X')
+        matches = [key for key in keys if key['fingerprint'] == wanted]
+    else:
+        matches = [key for key in keys if any(spec.lower() in uid.lower() for uid in key['uids'])]
+    if not matches:
+        return None, f'recipient {spec}: no such public key in the keyring; import it'
+    if len(matches) > 1:
+        return None, f'recipient {spec}: matches {len(matches)} keys; give a full fingerprint'
+    return matches[0], ''
+
+
+KEY_VALIDITY = {'r': 'revoked', 'e': 'expired', 'i': 'invalid', 'd': 'disabled', 'n': 'not valid'}
+
+
+def recipient_of(spec: str, key: dict[str, Any]) -> tuple[Recipient | None, str]:
+    """Given a spec and the key it names, return (its Recipient, '') or (None, why ppbackup will
+    not encrypt to it): not valid (an unpinned key needs gpg's full or ultimate validity), or no
+    encryption (sub)key that is neither expired nor revoked."""
+    validity = key.get('trust', '')
+    if validity in KEY_VALIDITY:
+        return None, f'recipient {spec} ({key["fingerprint"]}): key is {KEY_VALIDITY[validity]}'
+    if not FINGERPRINT_RE.match(spec) and validity not in ('f', 'u'):
+        return None, (
+            f'recipient {spec}: key {key["fingerprint"]} is not valid in this keyring '
+            '(gpg would refuse it); give its full fingerprint to pin it, or sign it'
+        )
+    now = dt.datetime.now()
+    subkeys = list(key.get('subkey_info', {}).values())
+    usable = [
+        sub
+        for sub in subkeys
+        if 'e' in sub.get('cap', '')
+        and sub.get('trust', '') not in ('r', 'e', 'i', 'd')
+        and not (_timestamp(sub.get('expires', '')) or dt.datetime.max) <= now
+    ]
+    if 'e' in key.get('cap', '') and 'E' in key.get('cap', ''):
+        usable.append(
+            {
+                'keyid': key['keyid'],
+                'expires': key.get('expires', ''),
+                'keygrip': key.get('keygrip', ''),
+            }
+        )
+    if 'E' not in key.get('cap', '') or not usable:
+        return None, (
+            f'recipient {spec} ({key["fingerprint"]}): no usable encryption key '
+            '(expired, revoked or missing subkey)'
+        )
+    sub_expiry = [_timestamp(sub.get('expires', '')) for sub in usable]
+    latest_sub = None if None in sub_expiry else max(exp for exp in sub_expiry if exp is not None)
+    expiries = [exp for exp in (_timestamp(key.get('expires', '')), latest_sub) if exp is not None]
+    grips = {sub.get('keygrip', '') for sub in subkeys} | {key.get('keygrip', '')}
+    return Recipient(
+        spec=spec,
+        fingerprint=key['fingerprint'],
+        uid=(key['uids'] or [''])[0],
+        expires=min(expiries) if expiries else None,
+        encryption_keyids=frozenset(sub['keyid'].upper() for sub in usable),
+        keygrips=frozenset(grip for grip in grips if grip),
+    ), ''
 
 
 def key_warnings(recipients: Sequence[Recipient], gnupghome: Path) -> list[str]:
@@ -4273,134 +4272,159 @@ def command_run(config: Config, dry_run: bool) -> int:
 # -- check, status, verify and the dry run ----------------------------------------------------------
 
 
-def command_check(config: Config) -> int:
-    """Pre-flight: print one line per item with a mark; return 0 only if everything is fine."""
-    failures = 0
+# A line of `check`: True is ok, None a warning, False a problem (check then exits 1).
+CheckLine = tuple[bool | None, str]
 
-    def mark(ok: bool | None, text: str) -> None:
-        nonlocal failures
+
+def command_check(config: Config) -> int:
+    """Pre-flight: print one line per item with a mark; return 0 only if everything is fine. The
+    lines come as each item is checked, a slow remote last but one."""
+    failures = 0
+    for ok, text in itertools.chain(
+        [(True, f'config {config.path}')],
+        run_check_lines(config),
+        program_lines(config),
+        database_lines(config),
+        recipient_lines(config),
+        folder_lines(config),
+        remote_lines(config),
+        report_lines(config),
+    ):
         failures += ok is False
         print(f'{"ok  " if ok else "WARN" if ok is None else "FAIL"}  {mask_secrets(text)}')
+    print('all is well' if not failures else f'{failures} problem(s)')
+    return EXIT_OK if not failures else EXIT_FAILED
 
-    mark(True, f'config {config.path}')
-    # The run's own checks first: if they pass here, the run does not fail on them.
+
+def run_check_lines(config: Config) -> Iterator[CheckLine]:
+    """The run's own checks first: if they pass here, the run does not fail on them."""
     for label, run_check in RUN_CHECKS:
         try:
             run_check(config)
         except BackupError as error:
-            mark(False, f'{label}: {error}')
-    for program in [*needed_programs(config), 'mailx']:
-        if not shutil.which(program):
-            if program == 'mailx':
-                mark(False if config.admin_emails else None, 'mailx: not found on PATH')
-            continue  # the run's own check above named it
-        if program == 'mailx':  # mailx has no harmless version flag: never risk sending a mail
-            mark(True, f'mailx: {shutil.which(program)}')
-            continue
-        flag = '--version'
+            yield False, f'{label}: {error}'
+
+
+def program_lines(config: Config) -> Iterator[CheckLine]:
+    """Each program the run calls, with its version (a missing one the run's own check named)."""
+    for program in needed_programs(config):
+        if shutil.which(program):
+            try:
+                _, out = run_command(
+                    [program, '--version'], what=program, step='check', timeout=20,
+                    ok_codes=range(256),
+                )  # fmt: skip
+                yield True, f'{program}: {(out.strip().splitlines() or ["found"])[0]}'
+            except BackupError as error:
+                yield False, f'{program}: {error}'
+
+
+def database_lines(config: Config) -> Iterator[CheckLine]:
+    """Each database, reached by the client the run's own queries use; what a restore will lack."""
+    clients = [
+        ('PostgreSQL', db, [*pg_client(db), '-c', 'select 1'], client_environ(config))
+        for db in config.psql_dbs
+    ] + [
+        ('MySQL', db, [*mysql_client(None), '-e', 'select 1', '--', db], None)
+        for db in config.mysql_dbs
+    ]
+    for kind, db, argv, env in clients:
         try:
-            _, out = run_command(
-                [program, flag], what=program, step='check', timeout=20, ok_codes=range(256)
-            )
-            mark(True, f'{program}: {(out.strip().splitlines() or ["found"])[0]}')
+            run_command(argv, what=f'{argv[0]} {db}', step='check', timeout=30, env=env)
+            yield True, f'{kind} database {db}: reachable'
         except BackupError as error:
-            mark(False, f'{program}: {error}')
-    for db in config.psql_dbs:
-        try:
-            run_command(
-                ['psql', '--no-password', '-X', '-A', '-t', '-c', 'select 1', f'--dbname={db}'],
-                what=f'psql {db}',
-                step='check',
-                timeout=30,
-                env=client_environ(config),
-            )
-            mark(True, f'PostgreSQL database {db}: reachable')
-        except BackupError as error:
-            mark(False, f'PostgreSQL database {db}: {error} {error.detail.strip()[-200:]}')
+            yield False, f'{kind} database {db}: {error} {error.detail.strip()[-200:]}'
     if config.client_env:
         settings = ', '.join(f'{name}={value}' for name, value in config.client_env)
-        mark(True, f'PostgreSQL client settings from the config, for pg_dump and psql: {settings}')
-    for db in config.mysql_dbs:
-        try:
-            run_command(
-                ['mysql', '--batch', '-e', 'select 1', '--', db],
-                what=f'mysql {db}',
-                step='check',
-                timeout=30,
-            )
-            mark(True, f'MySQL database {db}: reachable')
-        except BackupError as error:
-            mark(False, f'MySQL database {db}: {error} {error.detail.strip()[-200:]}')
+        yield True, f'PostgreSQL client settings from the config, for pg_dump and psql: {settings}'
     # The run's own prediction of what a restore will lack: its mail warns of the same.
     for warning in database_limits(config)[2]:
-        mark(None, f'a run will warn: {warning}')
+        yield None, f'a run will warn: {warning}'
+
+
+def recipient_lines(config: Config) -> Iterator[CheckLine]:
     try:
-        gpg = open_gnupg(config.gnupghome)
-        recipients, warnings = resolve_recipients(gpg, config.recipients)
-        for rec in recipients:
-            expiry = f'expires {rec.expires:%Y-%m-%d}' if rec.expires else 'no expiry'
-            mark(True, f'recipient {rec.spec}: {rec.fingerprint} {rec.uid}, {expiry}')
-        for warning in warnings:
-            mark(None, warning)
+        recipients, warnings = resolve_recipients(open_gnupg(config.gnupghome), config.recipients)
     except BackupError as error:
-        mark(False, f'recipients: {error}')
+        yield False, f'recipients: {error}'
+        return
+    for rec in recipients:
+        expiry = f'expires {rec.expires:%Y-%m-%d}' if rec.expires else 'no expiry'
+        yield True, f'recipient {rec.spec}: {rec.fingerprint} {rec.uid}, {expiry}'
+    for warning in warnings:
+        yield None, warning
+
+
+def folder_lines(config: Config) -> Iterator[CheckLine]:
+    """The two folders (a symlink or a non-folder the run's own check named), expired plaintext,
+    and the configured paths that are symlinks."""
     for folder in (config.insecure_dir, config.backup_dir):
         if not os.path.lexists(folder):  # normal before the first run: nothing to warn about
-            mark(True, f'{folder}: not there yet; the first run creates it (0700)')
-        elif folder.is_symlink() or not folder.is_dir():
-            continue  # the run's own check above named it
-        else:
+            yield True, f'{folder}: not there yet; the first run creates it (0700)'
+        elif not folder.is_symlink() and folder.is_dir():
             mode = stat.S_IMODE(folder.stat().st_mode)
-            mark(
-                mode & 0o077 == 0 or None,
-                f'{folder}: mode {mode:o}'
-                + ('' if mode & 0o077 == 0 else ' (the next run makes it 0700)'),
+            fine = mode & 0o077 == 0
+            yield (
+                fine or None,
+                f'{folder}: mode {mode:o}' + ('' if fine else ' (the next run makes it 0700)'),
             )
     for expired in expired_plaintext(config.insecure_dir):
-        mark(False, f'{expired}: expired plaintext (any invocation but check removes it)')
+        yield False, f'{expired}: expired plaintext (any invocation but check removes it)'
     for path in (*config.files, *config.binaries):
         full = config.home / path
         if os.path.islink(full) and os.path.exists(full):
-            mark(
+            yield (
                 True,
-                f'path {full}: a symlink to {os.path.realpath(full)}; its contents are archived '
-                '(followed here only, never inside)',
+                (
+                    f'path {full}: a symlink to {os.path.realpath(full)}; its contents are archived '
+                    '(followed here only, never inside)'
+                ),
             )
+
+
+def remote_lines(config: Config) -> Iterator[CheckLine]:
     try:
         ok, text = transport_for(config).probe()
         if text:
-            mark(ok, text)
+            yield ok, text
     except BackupError as error:
-        mark(False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}')
-    if config.admin_emails:
-        # check sends no mail: it can only see that mailx is there, and an MTA for it to hand to.
+        yield False, f'remote {config.remote}: {error} {error.detail.strip()[-300:]}'
+
+
+def report_lines(config: Config) -> Iterator[CheckLine]:
+    """Mail, the metrics file and the ping: check sends no mail and neither starts nor ends a run
+    at the ping's end point (URL/log is recorded in the check's log without counting a run)."""
+    mailx = shutil.which('mailx')
+    if not mailx:
+        yield False if config.admin_emails else None, 'mailx: not found on PATH'
+    else:  # mailx has no harmless version flag: never risk sending a mail
+        yield True, f'mailx: {mailx}'
+    if mailx and config.admin_emails:
+        # It can only see that mailx is there, and an MTA for it to hand to.
         mta = Path('/usr/sbin/sendmail')
-        mark(
-            bool(shutil.which('mailx')) and (mta.exists() or None),
-            f'mail to {", ".join(config.admin_emails)}: mailx found'
-            + ('' if mta.exists() else f', but no {mta} (an MTA) for it to hand mail to')
-            + "; no mail was sent, so delivery is untested: the first run's mail shows it",
+        yield (
+            mta.exists() or None,
+            (
+                f'mail to {", ".join(config.admin_emails)}: mailx found'
+                + ('' if mta.exists() else f', but no {mta} (an MTA) for it to hand mail to')
+                + "; no mail was sent, so delivery is untested: the first run's mail shows it"
+            ),
         )
     if config.metrics_file:
         problem = metrics_folder_problem(config.metrics_file)
-        mark(
+        yield (
             not problem,
             f'metrics file {config.metrics_file}: {problem or "its folder is writable"}',
         )
     if config.ping_url:
-        # URL/log: healthchecks.io records the text in the check's log without counting a run,
-        # so check neither starts nor ends one there.
+        node = os.uname().nodename
         problem = send_ping(
-            config.ping_url,
-            'log',
-            f'{config.name}: ppbackup check on {os.uname().nodename} (not a run)',
+            config.ping_url, 'log', f'{config.name}: ppbackup check on {node} (not a run)'
         )
-        mark(
+        yield (
             not problem,
             problem or f'monitoring ping {ping_shown(config.ping_url, "log")}: answers',
         )
-    print('all is well' if not failures else f'{failures} problem(s)')
-    return EXIT_OK if not failures else EXIT_FAILED
 
 
 def describe_slots(config: Config, gnupghome: Path | None = None) -> list[dict[str, Any]]:
