@@ -18,7 +18,8 @@ Three people run it, each with commands of their own:
   ``demo``; the remote is rsync (a folder, or ssh to a write-only rrsync account) or rclone;
 - the backup host: ``watch DIR...``, which keeps what arrived out of the sender's reach, checks it,
   applies retention by its own clock and exports when each run arrived (``first-seen.json``);
-- a key holder, with the private key: ``decrypt``, ``restore`` and the weekly ``drill``, on servers
+- a key holder, with the private key: ``decrypt``, ``list`` (what a run holds), ``restore`` (all,
+  some databases, or only files: ``--files DIR [--path P]``) and the weekly ``drill``, on servers
   of its own. After a break-in every run is the attacker's: a run is data, never instructions.
 
 The configuration is the shell-style ``~/ppbackup.cfg`` (``KEY=value``); it is parsed and never
@@ -7368,6 +7369,18 @@ class Extracted:
     walked: set[str] = dataclasses.field(
         default_factory=set
     )  # every name a symlink's target passes
+    wanted: tuple[str, ...] = ()  # --path: only these members (a folder with all under it)
+    matched: set[str] = dataclasses.field(default_factory=set)  # the wanted that were found
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was left out, and why
+
+    def selects(self, name: str) -> bool:
+        """Given a member's name (normalised), return whether this restore extracts it, and
+        record which --path it matched."""
+        if not self.wanted:
+            return True
+        found = [path for path in self.wanted if name == path or name.startswith(path + '/')]
+        self.matched.update(found)
+        return bool(found)
 
 
 def symlink_walk(folder: str, target: str) -> list[str] | None:
@@ -7425,6 +7438,15 @@ def tar_member_problem(info: tarfile.TarInfo, folder: str) -> str:
     return ''
 
 
+def tar_members(archive: tarfile.TarFile) -> Iterator[tarfile.TarInfo]:
+    """Given a tar archive opened as a stream ("r|"), yield its members one by one, forgetting
+    each as the next comes: memory stays flat however many members the archive holds (tarfile
+    would keep every header)."""
+    while (info := archive.next()) is not None:
+        vars(archive)['members'].clear()  # tarfile keeps every header it read
+        yield info
+
+
 def _open_folder(root: int, parts: Sequence[str]) -> int:
     """Given the restore folder's fd and a folder's components, return that folder's fd, each
     component opened relative to its parent, never through a symlink."""
@@ -7453,6 +7475,7 @@ def read_archive(
     progress = Progress(label)
     count = 0
     here: set[str] = set()  # the regular files of this archive: what its hard links may name
+    passed: set[str] = set()  # its regular files that --path left out
     cached: tuple[str, int] | None = None  # the last parent folder's name and fd
 
     def refuse(name: str, why: str) -> BackupError:
@@ -7493,17 +7516,21 @@ def read_archive(
 
     try:
         with tarfile.open(fileobj=stream, mode='r|', bufsize=BLOCK) as archive:
-            for info in archive:
+            for info in tar_members(archive):
                 count += tarfile.BLOCKSIZE
                 parts = tar_member_parts(info.name) or []
                 name, folder = '/'.join(parts), '/'.join(parts[:-1])
                 why = tar_member_problem(info, folder)
-                if why:
+                if why:  # refused wherever it stands, asked for or not
                     raise refuse(info.name, why)
                 if not parts:
                     if info.isdir():  # "./": the restore folder stays as ppbackup made it
                         continue
                     raise refuse(info.name, 'it names the restore folder itself')
+                if not made.selects(name):
+                    if info.isreg():
+                        passed.add(name)
+                    continue  # tarfile skips its data
                 existing = made.kinds.get(name)
                 if existing == 'folder' and not info.isdir():
                     raise refuse(info.name, 'a folder of that name was extracted before it')
@@ -7512,6 +7539,13 @@ def read_archive(
                 link_parts: list[str] = []
                 if info.islnk():
                     link_parts = tar_member_parts(info.linkname) or []
+                    if '/'.join(link_parts) in passed:
+                        made.notes.append(
+                            f'{label}: {shown(name)} not extracted: a hard link to '
+                            f'{shown(info.linkname)}, which the --path given leave out; ask for '
+                            'that too'
+                        )
+                        continue
                     if '/'.join(link_parts) not in here or link_parts == parts:
                         raise refuse(
                             info.name,
@@ -7617,21 +7651,16 @@ def _extract_file(
     return count
 
 
-def unpack_archive(
-    path: Path,
-    gnupghome: str | None,
-    root: int | None,
-    made: Extracted,
-    verb: str = 'extract',
-    step: str = 'restore',
+def read_tar_file(
+    path: Path, gnupghome: str | None, read: Callable[[IO[bytes]], object], verb: str, step: str
 ) -> None:
     """Given a run's archive, decrypt it in a pipeline of its own (named ``verb`` and the file)
-    and read it with read_archive (into the folder ``root``, or only checked); raise BackupError
-    if gpg, the decompressor or a member fails."""
+    and give its plaintext stream to ``read`` (read_archive, list_members); raise BackupError if
+    gpg, the decompressor or ``read`` fails, gpg's own failure first."""
     with Pipeline(f'{verb} {path.name}', step) as pipe:
         stream, plain = open_plaintext(pipe, path, gnupghome)
         try:
-            read_archive(stream, path.name, root, made, step)
+            read(stream)
         except ArchiveUnreadable:
             plain.check()  # gpg's failure, if it is why
             raise
@@ -7703,20 +7732,48 @@ def remove_extracted(folder: Path, root: int, made_it: bool) -> None:
 
 
 def extract_archives(
-    run: RunFiles, index: Mapping[str, Any], gnupghome: str | None, folder: Path
+    run: RunFiles,
+    index: Mapping[str, Any],
+    gnupghome: str | None,
+    folder: Path,
+    paths: Sequence[str] = (),
 ) -> None:
     """Given a folder that does not exist or is empty, extract the run's file archives into it as
-    data (read_archive). Raise ConfigError for ``/`` or a folder with content, BackupError for an
-    archive refused or unreadable: what this restore extracted is removed then."""
+    data (read_archive): every member, or given ``paths`` (as archived, see wanted_paths) only
+    those, a folder with everything under it. Raise ConfigError for ``/`` or a folder with
+    content, BackupError for an archive refused or unreadable, or a path no archive holds: what
+    this restore extracted is removed then."""
+    archives = index.get('archives', [])
+    if not archives:
+        raise BackupError(
+            f'{run.label} holds no file archive (its BACKUP_FILES and BACKUP_BINARIES were empty)',
+            step='restore',
+        )
     root, made_it = open_restore_folder(folder)
-    made = Extracted()
+    made = Extracted(wanted=tuple(paths))
     try:
-        for name in index.get('archives', []):
+        for name in archives:
             path = run_file(run, name)
             log.info('extract %s into %s', path.name, folder)
-            unpack_archive(path, gnupghome, root, made)
+            read_tar_file(
+                path,
+                gnupghome,
+                lambda stream: read_archive(stream, path.name, root, made),
+                'extract',
+                'restore',
+            )
             print(f'files: {name} extracted into {folder}')
+        missing = [path for path in made.wanted if path not in made.matched]
+        if missing:
+            raise BackupError(
+                f'--path {", ".join(shown(path) for path in missing)}: no such file or folder in '
+                f'{run.label} (a path is given as archived, relative to the home folder; '
+                '"ppbackup list RUN --files" shows them)',
+                step='restore',
+            )
         finish_folders(root, made)
+        for note in made.notes:
+            print(f'note: {note}')
     except BaseException as error:
         try:
             remove_extracted(folder, root, made_it)
@@ -7731,6 +7788,23 @@ def extract_archives(
 
 
 # -- What a restore needs, and what it will do ------------------------------------------------------
+
+
+def wanted_paths(paths: Sequence[str]) -> list[str]:
+    """Given --path values, return them as members are named (``myapp/uploads``: relative, no
+    "." or trailing "/"). Raise ConfigError for one that is absolute or climbs out with "..":
+    no member is named so (a run that holds one is refused whole)."""
+    wanted = []
+    for path in paths:
+        parts = tar_member_parts(path)
+        if not parts:
+            raise ConfigError(
+                f'--path {shown(path)}: give a path as it was archived, relative to the home '
+                'folder (like myapp/uploads/photo.jpg), never absolute or with ".."',
+                step='restore',
+            )
+        wanted.append('/'.join(parts))
+    return wanted
 
 
 def run_lacks(
@@ -8120,9 +8194,15 @@ def command_restore(
     only: Sequence[str],
     files: Path | None,
     arrived_before: dt.datetime | None = None,
+    paths: Sequence[str] = (),
 ) -> int:
-    """Restore a run (a manifest, a slot or ``latest``) onto the database servers the client
-    settings name (PG* variables, ~/.my.cnf or --mysql-defaults), and its files with --files."""
+    """Restore what is asked for from a run (a manifest, a slot or ``latest``): with --files DIR
+    alone its files (no database server is touched), with --database DB those databases onto the
+    servers the client settings name (PG* variables, ~/.my.cnf or --mysql-defaults), both with
+    both, every database with neither. --path (with --files) takes only those members."""
+    if paths and files is None:
+        raise ConfigError('--path needs --files DIR: the folder to extract into', step='restore')
+    wanted = wanted_paths(paths)
     run = find_run(source, config_arg, arrived_before)
     print(f'restoring {run.label}')
     if run.seen:
@@ -8130,11 +8210,13 @@ def command_restore(
     index = read_index(run, gnupghome)
     if files is not None and os.path.lexists(files):  # refused before any database is touched
         os.close(open_restore_folder(files)[0])  # it exists: this checks it, and makes nothing
-    try:
-        lacks = restore_run(run, index, gnupghome, target, only)
-    except BackupError:
-        say_left_behind(target)
-        raise
+    lacks: list[str] = []
+    if only or files is None:
+        try:
+            lacks = restore_run(run, index, gnupghome, target, only)
+        except BackupError:
+            say_left_behind(target)
+            raise
     for kind, name in target.databases:
         print(f'restored {"PostgreSQL" if kind == "psql" else "MariaDB"} database {name}')
     for role in target.roles:
@@ -8142,11 +8224,165 @@ def command_restore(
     for user in target.users:
         print(f'created MariaDB user {user}')
     if files is not None:
-        extract_archives(run, index, gnupghome, files)
+        extract_archives(run, index, gnupghome, files, wanted)
     for name in index.get('not_in_slot', []):
         print(f'note: {name} is not in this slot: a week slot keeps no binaries (see the day slot)')
     for lack in lacks:
         print(f'WARNING: this backup lacks something: {lack}')
+    return EXIT_OK
+
+
+# -- list: what a run holds, from its index and, with --files, its archives' member lists -------
+
+
+def member_entry(info: tarfile.TarInfo) -> dict[str, Any]:
+    """Given an archive member, return what ``list`` says of it: its name as archived, type, size,
+    mtime (UTC, ISO 8601; None if it is no time), a link's target, and why a restore would refuse
+    it (the whole archive then). Names are the sender's: data, shown escaped in text."""
+    parts = tar_member_parts(info.name)
+    why = tar_member_problem(info, '/'.join((parts or [])[:-1]))
+    kind = (
+        'folder' if info.isdir() else 'file' if info.isreg() else 'symlink' if info.issym()
+        else 'hardlink' if info.islnk() else 'other'
+    )  # fmt: skip
+    mtime = None
+    if (
+        isinstance(info.mtime, (int, float))
+        and math.isfinite(info.mtime)
+        and abs(info.mtime) < 1 << 40
+    ):
+        mtime = dt.datetime.fromtimestamp(info.mtime, dt.timezone.utc).strftime(
+            '%Y-%m-%dT%H:%M:%SZ'
+        )
+    return {
+        'name': info.name,
+        'type': kind,
+        'size': info.size if info.isreg() else 0,
+        'mtime': mtime,
+        **({'link': info.linkname} if info.issym() or info.islnk() else {}),
+        **({'refused': why} if why else {}),
+    }
+
+
+def list_members(stream: IO[bytes], label: str, emit: Callable[[dict[str, Any]], None]) -> None:
+    """Given an archive's plaintext, give ``emit`` each member's entry (member_entry) as it comes:
+    streamed, one header in memory at a time, every file's data skipped, never extracted. Raise
+    ArchiveUnreadable if the stream is not a whole tar archive."""
+    progress = Progress(label)
+    count = 0
+    try:
+        with tarfile.open(fileobj=stream, mode='r|', bufsize=BLOCK) as archive:
+            for info in tar_members(archive):
+                emit(member_entry(info))
+                count = info.offset_data + info.size
+                progress.update(count)
+        while stream.read(BLOCK):  # to its end: what follows the archive, and gpg's verdict
+            pass
+    except tarfile.TarError as error:
+        while stream.read(BLOCK):
+            pass
+        raise ArchiveUnreadable(
+            f'{label}: not a tar archive, or a truncated one: {error}', step='list'
+        ) from error
+    finally:
+        progress.done(count)
+
+
+def run_summary(run: RunFiles, index: Mapping[str, Any]) -> dict[str, Any]:
+    """Given a run and its index, return what ``list`` says of it without reading an archive."""
+    databases = [
+        {
+            'kind': entry['kind'],
+            'database': entry['database'],
+            'file': entry['file'],
+            'tables': len(entry.get('rows', {})),
+            'rows': sum(entry.get('rows', {}).values()),
+        }
+        for entry in index.get('databases', [])
+    ]
+    return {
+        'format': 'ppbackup-list',
+        'version': 1,
+        'run': run.label,
+        'seen': run.seen or None,
+        'databases': databases,
+        'pg_roles': index.get('pg_roles'),
+        'mariadb_users': index.get('mariadb_users'),
+        'lacks': list(index.get('lacks', [])),
+        'not_in_slot': list(index.get('not_in_slot', [])),
+    }
+
+
+def command_list(
+    source: str,
+    config_arg: str | None,
+    gnupghome: str | None,
+    files: bool,
+    as_json: bool,
+    arrived_before: dt.datetime | None = None,
+) -> int:
+    """Print what a run holds: its databases (tables and rows, from the index) and its archives,
+    with --files every member (name, size, mtime), streamed; with --json one JSON document,
+    written as it is read. Needs the private key: the index and the archives are encrypted."""
+    run = find_run(source, config_arg, arrived_before)
+    index = read_index(run, gnupghome)
+    summary = run_summary(run, index)
+    out = sys.stdout
+    if as_json:
+        out.write(json.dumps(summary, sort_keys=True)[:-1] + ', "archives": [')
+    else:
+        out.write(f'run {run.label}\n' + (f'{run.seen}\n' if run.seen else ''))
+        for db in summary['databases']:
+            kind = 'PostgreSQL' if db['kind'] == 'psql' else 'MariaDB'
+            out.write(
+                f'database {kind} {db["database"]}: {db["tables"]} table(s), {db["rows"]} row(s) '
+                f'({db["file"]})\n'
+            )
+        for key, what in (('pg_roles', 'PostgreSQL roles'), ('mariadb_users', 'MariaDB users')):
+            if summary[key]:
+                out.write(f'{what}: {summary[key]}\n')
+        for lack in summary['lacks']:
+            out.write(f'lacks: {lack}\n')
+        for name in summary['not_in_slot']:
+            out.write(f'not in this slot: {name} (a week slot keeps no binaries)\n')
+    for number, name in enumerate(index.get('archives', [])):
+        if as_json:
+            out.write((', ' if number else '') + '{"file": ' + json.dumps(name))
+        else:
+            out.write(f'archive {name}\n')
+        if files:
+            path = run_file(run, name)
+            first = [True]
+
+            def emit(entry: dict[str, Any]) -> None:
+                if as_json:
+                    out.write(('' if first[0] else ', ') + json.dumps(entry, sort_keys=True))
+                    first[0] = False
+                    return
+                line = f'  {entry["type"]:<8} {entry["size"]:>12} {entry["mtime"] or "?":<20} '
+                line += shown(entry['name']) + (
+                    f' -> {shown(entry["link"])}' if 'link' in entry else ''
+                )
+                out.write(
+                    line + (f'  (refused: {entry["refused"]})' if 'refused' in entry else '') + '\n'
+                )
+
+            if as_json:
+                out.write(', "members": [')
+            read_tar_file(
+                path,
+                gnupghome,
+                lambda stream: list_members(stream, path.name, emit),
+                'list',
+                'list',
+            )
+            if as_json:
+                out.write(']')
+        if as_json:
+            out.write('}')
+    if as_json:
+        out.write(']}\n')
+    out.flush()
     return EXIT_OK
 
 
@@ -8499,7 +8735,14 @@ def command_drill(
                     warnings += lacking
             checked = Extracted()  # every member as a restore would take it, nothing written
             for name in index.get('archives', []):
-                unpack_archive(run_file(run, name), gnupghome, None, checked, 'tar', 'drill')
+                path = run_file(run, name)
+                read_tar_file(
+                    path,
+                    gnupghome,
+                    lambda stream: read_archive(stream, path.name, None, checked, 'drill'),
+                    'tar',
+                    'drill',
+                )
         except BackupError as error:
             problems.append(str(error))
             details.append(f'{error}\n{mask_secrets(error.detail)}')
@@ -8749,11 +8992,28 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         '--replace', action='store_true', help='keep an existing database aside, then restore'
     )
-    restore.add_argument('--files', type=Path, help='extract the file archives into this folder')
+    restore.add_argument(
+        '--files', type=Path, help='extract the file archives into this folder (alone: only them)'
+    )
+    restore.add_argument(
+        '--path',
+        action='append',
+        default=[],
+        help='with --files: only this file or folder, as archived (repeatable)',
+    )
     restore.add_argument(
         '--no-owner', action='store_true', help='no ownership: everything belongs to you'
     )
     restore.add_argument('--no-privileges', action='store_true', help='no grants')
+    listing = commands.add_parser(
+        'list', help='as a key holder: what a run holds (its databases; with --files, every file)'
+    )
+    listing.add_argument('run', help='a manifest, a slot, a folder of slots, or "latest"')
+    listing.add_argument('--gnupghome', help='GnuPG home with the private key')
+    listing.add_argument(
+        '--files', action='store_true', help="list every archive's members: name, size, mtime"
+    )
+    listing.add_argument('--json', action='store_true', help='print one JSON document, for scripts')
     drill = commands.add_parser(
         'drill', help='as a key holder: restore the newest run onto servers of its own, check it'
     )
@@ -8763,7 +9023,7 @@ def build_parser() -> argparse.ArgumentParser:
     restore.add_argument(
         '--mysql-defaults', help='MariaDB option file naming the target server and user'
     )
-    for sub in (restore, drill):
+    for sub in (restore, listing, drill):
         sub.add_argument(
             '--arrived-before',
             type=parse_arrived_before,
@@ -8771,7 +9031,7 @@ def build_parser() -> argparse.ArgumentParser:
             help='the last run first seen before DATE (ISO date or date-time, UTC unless it names '
             "an offset; without a first-seen record, by run id: the sender's word)",
         )
-    for sub in (run, status, verify, decrypt, watch, restore, drill):
+    for sub in (run, status, verify, decrypt, watch, restore, listing, drill):
         sub.add_argument('--config', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
@@ -8812,6 +9072,10 @@ def dispatch(args: argparse.Namespace) -> int:
         return command_decrypt(args.file, args.output, args.gnupghome)
     if command == 'demo':
         return command_demo()
+    if command == 'list':
+        return command_list(
+            args.run, args.config, args.gnupghome, args.files, args.json, args.arrived_before
+        )
     if command in ('restore', 'drill'):
         target = Target(
             as_name=getattr(args, 'as_name', ''),
@@ -8829,6 +9093,7 @@ def dispatch(args: argparse.Namespace) -> int:
                 args.database,
                 args.files,
                 args.arrived_before,
+                args.path,
             )
         mail = parse_mail_list(args.mail, 'drill')
         return command_drill(

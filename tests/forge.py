@@ -43,6 +43,25 @@ def seal(data: bytes, home: Path, fingerprint: str) -> bytes:
     return sealed.stdout
 
 
+def seal_stream(argv: list[str], home: Path, fingerprint: str, out: Path) -> None:
+    """Seal what ``argv`` writes, as ``seal`` does, streamed through a pipeline into ``out``."""
+    with open(out, 'wb') as sink:
+        maker = subprocess.Popen(argv, stdout=subprocess.PIPE)
+        packer = subprocess.Popen(
+            ['zstd', '-q', '-T0', '-c'], stdin=maker.stdout, stdout=subprocess.PIPE
+        )
+        sealer = subprocess.Popen(
+            ['gpg', '--homedir', str(home), '--batch', '--trust-model', 'always', '--no-tty',
+             '--compress-algo', 'none', '-e', '-r', fingerprint, '-o', '-'],
+            stdin=packer.stdout, stdout=sink,
+        )  # fmt: skip
+        assert maker.stdout and packer.stdout
+        maker.stdout.close()
+        packer.stdout.close()
+        codes = [sealer.wait(), packer.wait(), maker.wait()]
+    assert codes == [0, 0, 0], f'{argv}: exit codes gpg, zstd, maker: {codes}'
+
+
 def tar_bytes(members: Iterable[tuple[tarfile.TarInfo, bytes | None]]) -> bytes:
     """Given (header, data) pairs, return a tar archive holding exactly those members."""
     buffer = io.BytesIO()
@@ -88,11 +107,13 @@ def write_run(
     index: dict[str, Any] | bytes | None = None,
     run_id: str = '20260101-010101',
     manifest_names: dict[str, str] | None = None,
+    archives: dict[str, list[str]] | None = None,
 ) -> Path:
     """Write a run into ``slot``: each of ``files`` (plaintext name -> bytes, e.g. ``psql`` ->
     a dump) sealed as NAME-KIND-ID.EXT.zst.gpg, an index (a dict written as JSON, raw bytes, or by
     default one that lists the files as ppbackup's would), and a sha256sum manifest; return the
     manifest. ``manifest_names`` puts other names in the manifest (name in the slot -> name listed).
+    ``archives`` (kind -> argv, e.g. ``tar -c``) seals what a command writes, streamed: any size.
     """
     slot.mkdir(parents=True, exist_ok=True)
     written: dict[str, str] = {}  # kind -> file name in the slot
@@ -100,6 +121,10 @@ def write_run(
         ext = '.tar' if kind in ('files', 'binaries') else '.sql'
         name = f'{NAME}-{kind}-{run_id}{ext}.zst.gpg'
         (slot / name).write_bytes(seal(data, home, fingerprint))
+        written[kind] = name
+    for kind, argv in (archives or {}).items():
+        name = f'{NAME}-{kind}-{run_id}.tar.zst.gpg'
+        seal_stream(argv, home, fingerprint, slot / name)
         written[kind] = name
     if index is None:
         index = default_index(written)

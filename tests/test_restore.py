@@ -332,9 +332,9 @@ def test_R1_R2_restore_onto_brand_new_servers_brings_everything_back(
     site, fresh_pg, fresh_mariadb = backed_up, brand_new_pg, brand_new_mariadb
     day = next(site.backups.glob('day*'))
     files = site.root / 'restored-files'
-    result = holder_run(
-        site, 'restore', str(day), '--files', str(files), pg=fresh_pg, cnf=fresh_mariadb
-    )
+    # Both databases and the files: --database for each, and --files (alone, --files is files only).
+    both = ['--database', PG_DB, '--database', MY_DB, '--files', str(files)]
+    result = holder_run(site, 'restore', str(day), *both, pg=fresh_pg, cnf=fresh_mariadb)
     assert result.returncode == 0, result.stderr
     assert f'created PostgreSQL role {OWNER}' in result.stdout
     assert f'created MariaDB user `{MY_USER}`@`localhost`' in result.stdout
