@@ -94,6 +94,7 @@ EXIT_LOCKED = 75  # EX_TEMPFAIL: cron may simply try again later
 BLOCK = 1 << 20  # Python touches bytes, where it must, a MiB at a time
 TAIL_BYTES = 4096  # enough of a dump's end to find its trailer
 STDERR_TAIL_LINES = 15
+PROGRESS_EVERY = 3.0  # seconds between two progress lines of a long stream, on a terminal only
 # The promise is no plaintext older than 24 hours. Every invocation removes what is older than an hour
 # under that, so that a daily cron job firing at the same minute removes yesterday's plaintext even
 # when it then fails (at exactly 24 hours, whether it went would be decided by fractions of a
@@ -1118,7 +1119,7 @@ class Progress:
 
     def update(self, count: int) -> None:
         now = time.monotonic()
-        if self.enabled and now - self.last >= 3:
+        if self.enabled and now - self.last >= PROGRESS_EVERY:
             self.last = now
             log.info(
                 '  %s: %s so far, %s/s',
@@ -1128,7 +1129,7 @@ class Progress:
             )
 
     def done(self, count: int) -> None:
-        if self.enabled and time.monotonic() - self.start >= 3:
+        if self.enabled and time.monotonic() - self.start >= PROGRESS_EVERY:
             self.update(count)
 
 
@@ -8983,8 +8984,24 @@ def build_parser() -> argparse.ArgumentParser:
     restore = commands.add_parser(
         'restore', help='as a key holder: load a run into database servers (roles first)'
     )
-    restore.add_argument('run', help='a manifest, a slot, a folder of slots, or "latest"')
-    restore.add_argument('--gnupghome', help='GnuPG home with the private key')
+    listing = commands.add_parser(
+        'list', help='as a key holder: what a run holds (its databases; with --files, every file)'
+    )
+    drill = commands.add_parser(
+        'drill', help='as a key holder: restore the newest run onto servers of its own, check it'
+    )
+    for sub in (restore, listing, drill):  # the key holder's: a run, the private key, a date
+        sub.add_argument(
+            'run', help='a manifest, a slot (its newest run), a folder of slots, or "latest"'
+        )
+        sub.add_argument('--gnupghome', help='GnuPG home with the private key')
+        sub.add_argument(
+            '--arrived-before',
+            type=parse_arrived_before,
+            metavar='DATE',
+            help='the last run first seen before DATE (ISO date or date-time, UTC unless it names '
+            "an offset; without a first-seen record, by run id: the sender's word)",
+        )
     restore.add_argument(
         '--database', action='append', default=[], help='only this database (repeatable)'
     )
@@ -9005,32 +9022,14 @@ def build_parser() -> argparse.ArgumentParser:
         '--no-owner', action='store_true', help='no ownership: everything belongs to you'
     )
     restore.add_argument('--no-privileges', action='store_true', help='no grants')
-    listing = commands.add_parser(
-        'list', help='as a key holder: what a run holds (its databases; with --files, every file)'
+    restore.add_argument(
+        '--mysql-defaults', help='MariaDB option file naming the target server and user'
     )
-    listing.add_argument('run', help='a manifest, a slot, a folder of slots, or "latest"')
-    listing.add_argument('--gnupghome', help='GnuPG home with the private key')
     listing.add_argument(
         '--files', action='store_true', help="list every archive's members: name, size, mtime"
     )
     listing.add_argument('--json', action='store_true', help='print one JSON document, for scripts')
-    drill = commands.add_parser(
-        'drill', help='as a key holder: restore the newest run onto servers of its own, check it'
-    )
-    drill.add_argument('run', help='a folder of slots, a slot, a manifest, or "latest"')
-    drill.add_argument('--gnupghome', help='GnuPG home with the private key')
     drill.add_argument('--mail', default='', help='comma-separated addresses for the report')
-    restore.add_argument(
-        '--mysql-defaults', help='MariaDB option file naming the target server and user'
-    )
-    for sub in (restore, listing, drill):
-        sub.add_argument(
-            '--arrived-before',
-            type=parse_arrived_before,
-            metavar='DATE',
-            help='the last run first seen before DATE (ISO date or date-time, UTC unless it names '
-            "an offset; without a first-seen record, by run id: the sender's word)",
-        )
     for sub in (run, status, verify, decrypt, watch, restore, listing, drill):
         sub.add_argument('--config', default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser

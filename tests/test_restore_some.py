@@ -18,8 +18,9 @@ import tarfile
 from pathlib import Path
 
 import forge
+import ppbackup
 import pytest
-from conftest import REPO, Site
+from conftest import REPO, InProcess, Site
 
 # Where the machine's servers listen: a connect() to one of these is a connection to a database.
 DB_SOCKETS = ('/var/run/postgresql/.s.PGSQL.', '/run/postgresql/.s.PGSQL.', 'mysqld.sock')
@@ -283,3 +284,20 @@ def test_list_of_a_run_without_archives_says_so(site: Site, args: list[str]) -> 
     )
     assert result.returncode == 1
     assert 'holds no file archive' in result.stderr
+
+
+def test_a_long_listing_or_extraction_shows_progress_on_a_terminal_and_is_silent_otherwise(
+    site: Site, in_process: InProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    slot = backed_up(site)
+    holder = ['--gnupghome', str(site.keys.holder)]
+    quiet = site.run('list', str(slot), '--files', *holder)  # no terminal: as under cron
+    assert quiet.returncode == 0 and quiet.stderr == ''
+    monkeypatch.setattr(ppbackup, 'PROGRESS_EVERY', 0.0)  # every member: no long archive needed
+    monkeypatch.setattr(sys.stderr, 'isatty', lambda: True)
+    shown = in_process('list', str(slot), '--files', *holder)
+    assert shown.returncode == 0, shown.stderr
+    assert re.search(r'^ppbackup:   assoc-files-\S+: .+ so far, .+/s$', shown.stderr, re.M)
+    restored = in_process('restore', str(slot), '--files', str(site.root / 'restored'), *holder)
+    assert restored.returncode == 0, restored.stderr
+    assert re.search(r'^ppbackup:   assoc-files-\S+: .+ so far', restored.stderr, re.M)
