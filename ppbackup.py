@@ -2833,6 +2833,22 @@ def make_all(
     # if the backup user was given them (else a warning said so, and the index has none).
     grants: dict[str, dict[str, str]] = {}
     generated = (MYSQL_USERS, RUN_INDEX)
+    # One failed encryption fails the run: the ones queued behind it are skipped, not each left to
+    # run into the same hang (gpg that never returns would cost a timeout per artifact).
+    encryption_failed = threading.Event()
+
+    def encrypt_unless_failed(item: Made) -> Made:
+        if encryption_failed.is_set():
+            raise BackupError(
+                f'{item.artifact.label}: not encrypted: an earlier encryption failed',
+                step=f'encrypt {item.artifact.label}',
+            )
+        try:
+            return encrypt_made(item, config, gpg, report.recipients)
+        except BackupError:
+            encryption_failed.set()
+            raise
+
     main = [artifact for artifact in artifacts if artifact.kind not in generated]
     late = [artifact for artifact in artifacts if artifact.kind in generated]
     with (
@@ -2868,9 +2884,7 @@ def make_all(
                 warnings=warnings,
                 compressed_bytes=plain.stat().st_size,
             )
-            encrypting.append(
-                encryptions.submit(encrypt_made, item, config, gpg, report.recipients)
-            )
+            encrypting.append(encryptions.submit(encrypt_unless_failed, item))
 
         try:
             for artifact, future in zip(main, dumping):

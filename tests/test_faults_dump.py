@@ -176,6 +176,9 @@ def test_D4_a_hanging_encryption_is_killed_by_the_same_timeout(site: Site) -> No
     assert time.monotonic() - started < 30
     mail = site.assert_failed(result, 'encrypt', {})
     assert 'encryption timed out after 3 s' in mail['body']
+    # One timeout, not one per artifact: those queued behind it were never started.
+    assert 'not encrypted: an earlier encryption failed' in mail['body']
+    assert mail['body'].count('encryption timed out') == 1
     assert no_process('sleep 120')
 
 
