@@ -7,6 +7,7 @@ for real are PATH shims written by the tests that need them.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import fcntl
 import json
@@ -26,6 +27,20 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 import ppbackup  # noqa: E402
+
+# How the suite starts the real command: ``python3 -P -m ppbackup``, the same file, compiled once
+# for the session. These machines set PYTHONDONTWRITEBYTECODE, and a script is compiled at every
+# start anyway: a tenth of a second for each of the suite's hundreds of runs. -P keeps the run's
+# own folder (the site's home, which holds folders like "site") off sys.path. The demo, the README
+# walk and CI's Debian runs still start the file itself, as users do.
+PYCACHE = tempfile.mkdtemp(prefix='ppbt-pyc-')
+atexit.register(shutil.rmtree, PYCACHE, True)
+PPBACKUP = [sys.executable, '-P', '-m', 'ppbackup']
+PPBACKUP_ENV = {
+    'PYTHONPATH': str(REPO),
+    'PYTHONPYCACHEPREFIX': PYCACHE,
+    'PYTHONDONTWRITEBYTECODE': '',
+}
 
 # The environment the suite started with: its own credentials, before any test's $HOME or PG*.
 ADMIN_ENV = {k: v for k, v in os.environ.items() if not k.startswith(('PG', 'MYSQL'))}
@@ -273,11 +288,11 @@ class Site:
         stdin: Any = subprocess.DEVNULL,
     ) -> subprocess.CompletedProcess[str]:
         """Run the real ppbackup command in a subprocess, optionally under a faked clock."""
-        argv = [sys.executable, str(REPO / 'ppbackup.py'), *args]
+        argv = [*PPBACKUP, *args]
         if faketime:
             clean_stale_faketime()
             argv = ['faketime', '-f', faketime, *argv]
-        env = {**self.env, **(extra_env or {})}
+        env = {**self.env, **PPBACKUP_ENV, **(extra_env or {})}
         return subprocess.run(
             argv,
             env=env,
@@ -291,8 +306,8 @@ class Site:
     def start(self, *args: str) -> subprocess.Popen[str]:
         """Start the real command in the background, for a fault that strikes mid-run."""
         return subprocess.Popen(
-            [sys.executable, str(REPO / 'ppbackup.py'), *args],
-            env=self.env,
+            [*PPBACKUP, *args],
+            env={**self.env, **PPBACKUP_ENV},
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
