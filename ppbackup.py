@@ -1219,7 +1219,8 @@ def temp_target(name: str) -> str:
 def atomic_temp_name(final: Path) -> Path:
     """The temporary ``write_atomically`` writes: not *.prom (node_exporter's textfile collector
     reads every *.prom file in its folder, a temporary too)."""
-    return temp_name(final).with_name(temp_name(final).name + ATOMIC_SUFFIX)
+    tmp = temp_name(final)
+    return tmp.with_name(tmp.name + ATOMIC_SUFFIX)
 
 
 def write_atomically(
@@ -8771,7 +8772,7 @@ def command_drill(
                 f'what the servers said is in {log_path} (not mailed: it may quote data)'
             )
         except OSError as error:
-            problems.append(f'what the servers said could not be kept: {error}')
+            problems.append(f'what the servers said could not be kept: {os_reason(error)}')
     outcome = 'FAILED' if problems else 'passed'
     if warnings:
         outcome += f' with {len(warnings)} WARNING(s)'
